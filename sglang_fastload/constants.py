@@ -1,0 +1,21 @@
+"""Environment variables and fixed names shared by the hook, the engine and the CLI.
+
+Stdlib-free on purpose: the start-up hook imports this module in every interpreter.
+"""
+
+# "0" turns the overlay off entirely (the hook installs nothing, upstream runs untouched).
+ENV_ENABLE = "SGLANG_FASTLOAD"
+# "1" makes the hook print why it stayed inactive even when that is expected (debugging).
+ENV_VERBOSE = "SGLANG_FASTLOAD_VERBOSE"
+
+# Name of the load format this package adds to SGLang.
+LOAD_FORMAT = "fast"
+# File names placed in site-packages by the wheel.
+PTH_NAME = "sglang_fastload.pth"
+START_NAME = "sglang_fastload.start"
+# Folder (inside the installed package, or at the root of a source checkout) holding the forks.
+OVERLAY_DIR_INSTALLED = "_overlay"
+OVERLAY_DIR_SOURCE = "overlay"
+MANIFEST_NAME = "manifest.json"
+# The one line a process logs once the overlay serves a forked module to SGLang.
+ACTIVE_NOTICE = "sglang-fastload overlay active"
