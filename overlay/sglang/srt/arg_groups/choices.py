@@ -26,6 +26,9 @@ LOAD_FORMAT_CHOICES = [
     "fastsafetensors",
     "private",
     "runai_streamer",
+    # OVERLAY: begin sglang-fastload load format
+    "fast",
+    # OVERLAY: end
 ]
 
 # TODO: this list should likely contain only methods that support online quantization, or that support using custom quantization classes compatible with a given `quant_method` in config.json.

@@ -50,6 +50,9 @@ class LoadFormat(str, enum.Enum):
     PRIVATE = "private"
     RUNAI_STREAMER = "runai_streamer"
     IPC_CACHE = "ipc_cache"
+    # OVERLAY: begin sglang-fastload load format
+    FAST = "fast"
+    # OVERLAY: end
 
 
 @dataclass

@@ -503,6 +503,9 @@ class DefaultModelLoader(BaseModelLoader):
             LoadFormat.SAFETENSORS,
             LoadFormat.FASTSAFETENSORS,
             LoadFormat.INSTANTTENSOR,
+            # OVERLAY: begin sglang-fastload: `fast` reads safetensors only
+            LoadFormat.FAST,
+            # OVERLAY: end
         ):
             use_safetensors = True
             allow_patterns = ["*.safetensors"]
@@ -4164,6 +4167,16 @@ def get_model_loader(
     load_config: LoadConfig, model_config: Optional[ModelConfig] = None
 ) -> BaseModelLoader:
     """Get a model loader based on the load format."""
+
+    # OVERLAY: begin sglang-fastload dispatch (the notice proves the overlay is live here)
+    from sglang_fastload.overlay_notice import log_overlay_active_once
+
+    log_overlay_active_once(logger)
+    if load_config.load_format == LoadFormat.FAST:
+        from sglang_fastload.loader.fast_model_loader import FastModelLoader
+
+        return FastModelLoader(load_config)
+    # OVERLAY: end
 
     if load_config.load_format == LoadFormat.DUMMY:
         return DummyModelLoader(load_config)

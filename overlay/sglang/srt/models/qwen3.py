@@ -542,6 +542,9 @@ class Qwen3Model(Qwen2Model):
 
 
 class Qwen3ForCausalLM(nn.Module):
+    # OVERLAY: begin sglang-fastload: load_weights below is plannable by `fast` (verified by tests)
+    supports_fast_load = True
+    # OVERLAY: end
     # BitandBytes specific attributes
     default_bitsandbytes_target_modules = [
         ".gate_proj.",

@@ -993,6 +993,9 @@ class Qwen3MoeModel(Qwen2MoeModel):
 
 class Qwen3MoeForCausalLM(nn.Module):
     fall_back_to_pt_during_load = False
+    # OVERLAY: begin sglang-fastload: load_weights below is plannable by `fast` (verified by tests)
+    supports_fast_load = True
+    # OVERLAY: end
 
     # Mapping from fused module names to their component weight names.
     # Required for quantization configs (e.g., ModelOpt FP4) to correctly identify
@@ -1176,6 +1179,11 @@ class Qwen3MoeForCausalLM(nn.Module):
 
         # Pre-define `params_dict` to avoid repeated expensive traversal of model parameters.
         params_dict = dict(self.named_parameters())
+        # OVERLAY: begin sglang-fastload: index expert mappings (O(1) per tensor, not a scan)
+        from sglang_fastload.expert_mapping import ExpertMappingIndex
+
+        expert_mapping_index = ExpertMappingIndex(expert_params_mapping)
+        # OVERLAY: end
 
         for name, loaded_weight in weights:
             if is_mtp:
@@ -1233,7 +1241,9 @@ class Qwen3MoeForCausalLM(nn.Module):
                 # Track if this is an expert weight to enable early skipping
                 is_expert_weight = False
 
-                for mapping in expert_params_mapping:
+                # OVERLAY: begin sglang-fastload: only the mappings that match this name
+                for mapping in expert_mapping_index.candidates(name):
+                    # OVERLAY: end
                     param_name, weight_name, expert_id, shard_id = mapping
                     if weight_name not in name:
                         continue

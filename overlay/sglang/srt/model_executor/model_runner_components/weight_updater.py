@@ -191,14 +191,28 @@ class WeightUpdater:
         )
 
         target_device = torch.device(self.device)
+        # OVERLAY: begin sglang-fastload: remember what serves now, to roll back to it
+        from sglang_fastload import update_guard
+
+        previous_path = self.model_config.model_path
+        previous_load_config = self.load_config
+        # OVERLAY: end
         self.model_config.model_path = model_path
         # PP stages handle disk updates sequentially, unlike cold startup.
-        load_config = LoadConfig(
-            load_format=load_format, load_group=get_pp_stage_load_group()
-        )
+        # OVERLAY: begin sglang-fastload: updates honour --model-loader-extra-config
+        try:
+            load_config = LoadConfig(
+                load_format=load_format,
+                load_group=get_pp_stage_load_group(),
+                model_loader_extra_config=get_model().model_loader_extra_config,
+            )
 
-        # Only support DefaultModelLoader for now
-        loader = get_model_loader(load_config, self.model_config)
+            # Only support DefaultModelLoader for now
+            loader = get_model_loader(load_config, self.model_config)
+        except Exception as e:
+            self.model_config.model_path = previous_path
+            return False, f"Failed to get model loader: {e}."
+        # OVERLAY: end
         if not isinstance(loader, DefaultModelLoader):
             message = f"Failed to get model loader: {loader}."
             return False, message
@@ -223,20 +237,47 @@ class WeightUpdater:
         with set_default_torch_dtype(self.model_config.dtype):
             try:
                 iter = get_weight_iter(self.model_config)
+                # OVERLAY: begin sglang-fastload: validate before any parameter is written
+                update_guard.validate_before_writing(iter, self.get_model(), target_device)
+                # OVERLAY: end
             except Exception as e:
                 message = f"Failed to get weights iterator: {e}."
+                # OVERLAY: begin sglang-fastload: nothing was written; keep the old path
+                self.model_config.model_path = previous_path
+                # OVERLAY: end
                 return False, message
             try:
                 model = model_load_weights(self.get_model(), iter)
             except Exception as e:
-                message = (
-                    f"Failed to update weights: {e}.\nRolling back to original weights."
-                )
+                # OVERLAY: begin sglang-fastload: roll back to the *previous* checkpoint
                 del iter
                 gc.collect()
-                iter = get_weight_iter(self.model_config)
-                model_load_weights(self.get_model(), iter)
+                self.model_config.model_path = previous_path
+
+                def load_previous():
+                    previous_loader = get_model_loader(
+                        previous_load_config, self.model_config
+                    )
+                    previous_weights = previous_loader._get_weights_iterator(
+                        DefaultModelLoader.Source.init_new(
+                            self.model_config, self.get_model()
+                        )
+                    )
+                    DefaultModelLoader.restore_weights_before_loading(
+                        self.get_model(), target_device
+                    )
+                    previous_loader.load_weights_and_postprocess(
+                        self.get_model(), previous_weights, target_device
+                    )
+
+                message = update_guard.roll_back(
+                    load_previous,
+                    previous_path,
+                    previous_load_config.load_format,
+                    e,
+                )
                 return False, message
+                # OVERLAY: end
 
         self.update_model_fields(
             model,

@@ -1,0 +1,54 @@
+"""What a model remembers between fast loads: its reference tensor set and cached plans.
+
+Kept on the model object itself, so it lives and dies with the model.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Dict, Optional, Tuple
+
+from sglang_fastload.loader.plan import LoadPlan
+
+_ATTR = "_sglang_fastload_state"
+_MAX_PLANS = 2  # RL alternates between checkpoints of one layout; keep a spare
+
+
+@dataclasses.dataclass
+class ModelLoadState:
+    """Per-model fast-load memory.
+
+    Attributes:
+        reference: ``{tensor name: (shape, safetensors dtype)}`` of the checkpoint the model
+            was first loaded from with ``fast``; updates must match it.
+        plans: layout key -> plan, most recent last.
+        plan_builds / plan_hits: counters (observable in logs and tests).
+    """
+
+    reference: Optional[Dict[str, Tuple[Tuple[int, ...], str]]] = None
+    plans: "collections.OrderedDict" = dataclasses.field(default_factory=collections.OrderedDict)
+    plan_builds: int = 0
+    plan_hits: int = 0
+
+    def cached_plan(self, key) -> Optional[LoadPlan]:
+        plan = self.plans.get(key)
+        if plan is not None:
+            self.plans.move_to_end(key)
+            self.plan_hits += 1
+        return plan
+
+    def remember_plan(self, key, plan: LoadPlan) -> None:
+        self.plan_builds += 1
+        self.plans[key] = plan
+        while len(self.plans) > _MAX_PLANS:
+            self.plans.popitem(last=False)
+
+
+def state_of(model) -> ModelLoadState:
+    """Return (creating if needed) the fast-load state attached to ``model``."""
+    state = model.__dict__.get(_ATTR)
+    if state is None:
+        state = ModelLoadState()
+        model.__dict__[_ATTR] = state
+    return state

@@ -1,0 +1,295 @@
+"""Execute a load plan: a pool of readers filling reused (pinned) buffers, copies overlapped.
+
+Each worker thread owns two host buffers (pinned when the parameters live on an
+accelerator) and, on CUDA, its own stream: while the device copies one buffer the thread
+reads the next chunk into the other. On CPU, slices whose bytes are exactly the
+destination's elements are read straight into the parameter's memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from sglang_fastload.errors import CheckpointError
+from sglang_fastload.loader.plan import CopyStep, LoadPlan, is_contiguous
+
+_ALIGN = 64
+
+
+@dataclasses.dataclass
+class ExecutionStats:
+    bytes_read: int = 0
+    read_calls: int = 0
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class _Chunk:
+    path: str
+    steps: List[CopyStep]
+    nbytes: int
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def _chunks(plan: LoadPlan, chunk_bytes: int) -> List[_Chunk]:
+    out: List[_Chunk] = []
+    for fp in plan.files:
+        cur: List[CopyStep] = []
+        size = 0
+        for step in fp.steps:
+            need = _align(step.nbytes, _ALIGN)
+            if cur and size + need > chunk_bytes:
+                out.append(_Chunk(fp.path, cur, size))
+                cur, size = [], 0
+            cur.append(step)
+            size += need
+        if cur:
+            out.append(_Chunk(fp.path, cur, size))
+    return out
+
+
+def _writable_view(address: int, nbytes: int) -> memoryview:
+    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
+
+
+def _read_exact(fd: int, view: memoryview, offset: int, path: str, stats: ExecutionStats) -> None:
+    done = 0
+    total = len(view)
+    while done < total:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        stats.read_calls += 1
+        if n <= 0:
+            raise CheckpointError(
+                path,
+                f"file ended at byte {offset + done} while {total - done} more bytes were "
+                "expected (truncated or changed during the load)",
+            )
+        done += n
+    stats.bytes_read += total
+
+
+def _param_view(param: torch.Tensor, geometry) -> torch.Tensor:
+    off, sizes, strides = geometry
+    return param.as_strided(sizes, strides, param.storage_offset() + off)
+
+
+class _Worker:
+    """Per-thread resources: two host buffers, their events, a stream and a device scratch."""
+
+    def __init__(self, device: torch.device, chunk_bytes: int):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.buffers: List[Optional[torch.Tensor]] = [None, None]
+        self.events: List[Optional[object]] = [None, None]
+        self.turn = 0
+        self.stream = torch.cuda.Stream(device=device) if self.cuda else None
+        self.scratch: Optional[torch.Tensor] = None
+        self.chunk_bytes = chunk_bytes
+        self.stats = ExecutionStats()
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        i = self.turn
+        self.turn ^= 1
+        if self.events[i] is not None:
+            self.events[i].synchronize()  # the device is done with this buffer
+            self.events[i] = None
+        buf = self.buffers[i]
+        if buf is None or buf.numel() < nbytes:
+            size = max(nbytes, self.chunk_bytes)
+            buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda)
+            self.buffers[i] = buf
+        self._current = i
+        return buf
+
+    def mark_in_use(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+            self.events[self._current] = ev
+
+    def device_scratch(self, nbytes: int) -> torch.Tensor:
+        if self.scratch is None or self.scratch.numel() < nbytes:
+            self.scratch = torch.empty(max(nbytes, self.chunk_bytes), dtype=torch.uint8, device=self.device)
+        return self.scratch
+
+    def finish(self) -> None:
+        if self.cuda:
+            self.stream.synchronize()
+
+
+# Host buffers are kept between loads: pinning memory is slow, updates are frequent.
+_WORKER_POOL: Dict[Tuple[str, int], List[_Worker]] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _workers(device: torch.device, count: int, chunk_bytes: int) -> List[_Worker]:
+    key = (str(device), chunk_bytes)
+    with _POOL_LOCK:
+        pool = _WORKER_POOL.setdefault(key, [])
+        while len(pool) < count:
+            pool.append(_Worker(device, chunk_bytes))
+        return pool[:count]
+
+
+def _run_chunk(
+    chunk: _Chunk,
+    fd: int,
+    params: Dict[str, torch.Tensor],
+    worker: _Worker,
+    on_bytes: Optional[Callable[[int], None]],
+) -> None:
+    stats = worker.stats
+    direct: List[CopyStep] = []
+    staged: List[Tuple[CopyStep, int]] = []
+    for step in chunk.steps:
+        dst = params[step.param]
+        if not worker.cuda and step.view_is_dense and is_contiguous(step.dst):
+            direct.append(step)
+        else:
+            staged.append((step, 0))
+    # CPU: bytes that are exactly the destination's go straight into the parameter.
+    for step in direct:
+        dst = params[step.param]
+        address = dst.data_ptr() + step.dst[0] * step.itemsize
+        for off, n in step.reads:
+            _read_exact(fd, _writable_view(address, n), off, chunk.path, stats)
+            address += n
+    if not staged:
+        if on_bytes:
+            on_bytes(chunk.nbytes)
+        return
+    # Lay out staged steps in one buffer; file-contiguous neighbours share one read.
+    layout: List[Tuple[CopyStep, int]] = []
+    pos = 0
+    prev_end = None
+    for step, _ in staged:
+        if prev_end == step.reads[0][0] and pos % step.itemsize == 0:
+            start = pos
+        else:
+            start = _align(pos, _ALIGN)
+        layout.append((step, start))
+        pos = start + step.nbytes
+        prev_end = step.reads[-1][0] + step.reads[-1][1]
+    buf = worker.buffer(pos)
+    base = buf.data_ptr()
+    segments: List[List[int]] = []  # [file offset, nbytes, buffer position]
+    for step, start in layout:
+        p = start
+        for off, n in step.reads:
+            if segments and segments[-1][0] + segments[-1][1] == off and segments[-1][2] + segments[-1][1] == p:
+                segments[-1][1] += n
+            else:
+                segments.append([off, n, p])
+            p += n
+    for off, n, p in segments:
+        _read_exact(fd, _writable_view(base + p, n), off, chunk.path, stats)
+
+    ctx = torch.cuda.stream(worker.stream) if worker.cuda else _null_context()
+    with ctx:
+        for step, start in layout:
+            dst = _param_view(params[step.param], step.dst)
+            host = buf.narrow(0, start, step.nbytes).view(dst.dtype)
+            if worker.cuda and not step.view_is_dense:
+                # Strided gather on the device: one H2D of the read bytes, then a D2D view copy.
+                dev = worker.device_scratch(step.nbytes).narrow(0, 0, step.nbytes)
+                dev.copy_(buf.narrow(0, start, step.nbytes), non_blocking=True)
+                host = dev.view(dst.dtype)
+            off, sizes, strides = step.view
+            src = host.as_strided(sizes, strides, host.storage_offset() + off)
+            dst.copy_(src, non_blocking=worker.cuda)
+    worker.mark_in_use()
+    if on_bytes:
+        on_bytes(chunk.nbytes)
+
+
+class _null_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def execute_plan(
+    plan: LoadPlan,
+    params: Dict[str, torch.Tensor],
+    *,
+    device: torch.device,
+    num_threads: int,
+    chunk_bytes: int = 64 << 20,
+    on_bytes: Optional[Callable[[int], None]] = None,
+) -> ExecutionStats:
+    """Read the plan's bytes and write them into the parameters.
+
+    Args:
+        plan: the plan for this checkpoint layout.
+        params: ``{name: parameter data}`` of the live model (already checked against
+            ``plan.param_meta``).
+        device: where the parameters live.
+        num_threads: reader threads.
+        chunk_bytes: size of each reused host buffer.
+        on_bytes: called with the bytes of each finished chunk (progress).
+
+    Returns:
+        Bytes read, read calls and seconds.
+
+    Raises:
+        CheckpointError: a file ended early (changed or truncated under us).
+    """
+    t0 = time.perf_counter()
+    for z in plan.zeros:
+        _param_view(params[z.param], z.dst).zero_()
+    chunks = _chunks(plan, chunk_bytes)
+    threads = max(1, min(num_threads, len(chunks)))
+    workers = _workers(device, threads, chunk_bytes)
+    for w in workers:
+        w.stats = ExecutionStats()
+    fds = {path: os.open(path, os.O_RDONLY) for path in {c.path for c in chunks}}
+    try:
+        if device.type == "cuda":
+            # Side streams must see the parameters as they are now (zero-fills above).
+            current = torch.cuda.current_stream(device)
+            for w in workers:
+                w.stream.wait_stream(current)
+        local = threading.local()
+        assign = iter(range(threads))
+        assign_lock = threading.Lock()
+
+        def worker_for_thread() -> _Worker:
+            if not hasattr(local, "worker"):
+                with assign_lock:
+                    local.worker = workers[next(assign)]
+            return local.worker
+
+        def task(chunk: _Chunk) -> None:
+            _run_chunk(chunk, fds[chunk.path], params, worker_for_thread(), on_bytes)
+
+        if threads == 1:
+            for chunk in chunks:
+                task(chunk)
+        else:
+            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastload-reader") as pool:
+                for f in [pool.submit(task, c) for c in chunks]:
+                    f.result()
+        for w in workers:
+            w.finish()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    stats = ExecutionStats(
+        bytes_read=sum(w.stats.bytes_read for w in workers),
+        read_calls=sum(w.stats.read_calls for w in workers),
+        seconds=time.perf_counter() - t0,
+    )
+    return stats

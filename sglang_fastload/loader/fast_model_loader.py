@@ -1,0 +1,315 @@
+"""SGLang glue for ``--load-format fast``: a ``DefaultModelLoader`` that plans, validates, reads.
+
+Upstream's update path only accepts ``DefaultModelLoader`` subclasses and calls
+``_get_weights_iterator`` then ``load_weights_and_postprocess``; start-up calls
+``load_model``. So the loader hands out a ``FastCheckpoint`` in place of the iterator, and
+recognises it when asked to load. Iterating a ``FastCheckpoint`` yields upstream's own
+threaded iterator, so anything that does not know it still works.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from sglang.srt.configs.load_config import LoadConfig
+from sglang.srt.model_loader.loader import BaseModelLoader, DefaultModelLoader
+
+from sglang_fastload import constants
+from sglang_fastload.checkpoint.checkpoint_files import check_weight_map, resolve_checkpoint_files
+from sglang_fastload.checkpoint.safetensors_header import read_header, torch_dtype_name
+from sglang_fastload.errors import CheckpointError, UnsupportedModelError
+from sglang_fastload.loader import validate
+from sglang_fastload.loader.checkpoint_state import state_of
+from sglang_fastload.loader.executor import execute_plan
+from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, build_plan
+from sglang_fastload.loader.replay import replay_load_weights
+from sglang_fastload.loader.summary import LoadSummary
+
+logger = logging.getLogger(__name__)
+
+EXTRA_CONFIG_KEYS = {"enable_multithread_load", "num_threads", "chunk_mb", "min_segment_bytes"}
+DEFAULT_NUM_THREADS = 8
+
+
+def _rank_suffix() -> str:
+    try:
+        from sglang.srt.distributed import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+
+        size = get_tensor_model_parallel_world_size()
+        return f" [tp rank {get_tensor_model_parallel_rank()}/{size}]" if size > 1 else ""
+    except Exception:
+        return ""
+
+
+def _is_first_rank() -> bool:
+    try:
+        from sglang.srt.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank() == 0
+    except Exception:
+        return True
+
+
+def unsupported_reason(model, load_config: LoadConfig) -> Optional[str]:
+    """Return why ``model`` cannot be fast-loaded, or None when it can."""
+    if not getattr(type(model), "supports_fast_load", False):
+        return f"{type(model).__name__} does not declare fast-load support"
+    if getattr(model, "quant_config", None) is not None:
+        return "quantized models are loaded by upstream"
+    if load_config.draft_model_idx is not None:
+        return "draft (MTP) models are loaded by upstream"
+    inner = getattr(model, "model", None)
+    start, end = getattr(inner, "start_layer", 0), getattr(inner, "end_layer", None)
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", end)
+    if start != 0 or (end is not None and end != layers):
+        return "pipeline-parallel stages are loaded by upstream"
+    return None
+
+
+class FastCheckpoint:
+    """A checkpoint source the fast loader can plan; iterates like upstream's iterator."""
+
+    def __init__(self, loader: "FastModelLoader", source, iterator_kwargs: dict):
+        self.loader = loader
+        self.source = source
+        self.iterator_kwargs = iterator_kwargs
+        self._prepared = None  # (model id, prepared state)
+
+    def __iter__(self):
+        return iter(DefaultModelLoader._get_weights_iterator(self.loader, self.source, **self.iterator_kwargs))
+
+    # --- phase 1+2: headers, plan, validation (no parameter written) ---------------------
+    def directory(self) -> str:
+        path = self.source.model_or_path
+        if os.path.isdir(path) or os.path.isabs(path) or os.path.exists(path):
+            return path
+        # A hub id: let upstream download (or find in cache) the files first.
+        hf_folder, _, _ = self.loader._prepare_weights(
+            path, self.source.revision, False, self.source.allow_patterns_overrides
+        )
+        return hf_folder
+
+    def prepare(self, model, target_device) -> "PreparedLoad":
+        """Parse headers, build or reuse the plan and validate the checkpoint against it.
+
+        Raises:
+            CheckpointError: any problem with the checkpoint, naming file and tensor.
+            UnsupportedModelError: the model's loaders cannot be planned.
+        """
+        if self._prepared is not None and self._prepared[0] == id(model):
+            return self._prepared[1]
+        prepared = PreparedLoad.build(self, model, target_device)
+        self._prepared = (id(model), prepared)
+        return prepared
+
+
+class PreparedLoad:
+    """A validated plan for one checkpoint and one model, ready to execute."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    @classmethod
+    def build(cls, ckpt: FastCheckpoint, model, target_device) -> "PreparedLoad":
+        t0 = time.perf_counter()
+        directory = ckpt.directory()
+        validate.check_config(directory, type(model).__name__)
+        files = resolve_checkpoint_files(directory)
+        headers = {path: read_header(path) for path in files.files}
+        check_weight_map(files, headers)
+        tensors: Dict[str, Tuple[str, Tuple[int, ...], str]] = {}
+        for path, header in headers.items():
+            for name, entry in header.tensors.items():
+                if name in tensors:
+                    raise CheckpointError(path, f"also stored in {tensors[name][0]}", tensor=name)
+                tensors[name] = (path, entry.shape, entry.dtype)
+        state = state_of(model)
+        if state.reference is not None:
+            validate.check_against_reference(tensors, state.reference, directory)
+        t1 = time.perf_counter()
+
+        key = (str(target_device), tuple((os.path.basename(p), h.layout_key()) for p, h in sorted(headers.items())))
+        plan = state.cached_plan(key)
+        cached = plan is not None
+        if plan is None:
+            plan = cls._make_plan(ckpt, model, headers, tensors, directory)
+            state.remember_plan(key, plan)
+        t2 = time.perf_counter()
+        return cls(
+            directory=directory,
+            headers=headers,
+            tensors=tensors,
+            plan=plan,
+            plan_cached=cached,
+            validate_seconds=t1 - t0,
+            plan_seconds=t2 - t1,
+            stats=[(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in sorted(headers)],
+        )
+
+    @staticmethod
+    def _make_plan(ckpt, model, headers, tensors, directory):
+        loader = ckpt.loader
+        order = []  # upstream order: files sorted, tensors in file order
+        locations = {}
+        for path in sorted(headers):
+            for name, entry in headers[path].tensors.items():
+                order.append((name, entry.shape, getattr(torch, torch_dtype_name(entry.dtype))))
+                locations[name] = (path, entry.start, entry.itemsize)
+        try:
+            result = replay_load_weights(model, order, lambda m, it: m.load_weights(it))
+        except CheckpointError as exc:
+            if exc.tensor in tensors:
+                raise type(exc)(tensors[exc.tensor][0], exc.reason, tensor=exc.tensor) from exc
+            raise type(exc)(directory, exc.reason, tensor=exc.tensor) from exc
+        params = dict(model.named_parameters(remove_duplicate=False))
+        written: Dict[str, int] = {}
+        for c in result.copies:
+            written[c.param] = written.get(c.param, 0) + _numel(c.dst)
+        for z in result.zeros:
+            written[z.param] = written.get(z.param, 0) + _numel(z.dst)
+        # Tied parameters share storage; a write under one name feeds them all.
+        by_storage: Dict[int, int] = {}
+        for name, p in params.items():
+            key = p.untyped_storage()._cdata
+            by_storage[key] = by_storage.get(key, 0) + written.get(name, 0)
+        unique = {}
+        for name, p in params.items():
+            unique.setdefault(p.untyped_storage()._cdata, name)
+        validate.check_coverage(
+            {name: params[name].numel() for name in unique.values()},
+            {name: by_storage[k] for k, name in unique.items()},
+            directory,
+        )
+        unused = [n for n in tensors if n not in result.tensors_used and not validate.is_known_skip(n)]
+        if unused:
+            logger.warning(
+                "sglang-fastload: %d checkpoint tensors feed no parameter on this rank%s (e.g. %s)",
+                len(unused), _rank_suffix(), unused[:3],
+            )
+        return build_plan(
+            result.copies,
+            result.zeros,
+            locations,
+            {n: (tuple(p.shape), p.dtype) for n, p in params.items()},
+            frozenset(result.tensors_used),
+            len(tensors),
+            min_segment_bytes=loader.min_segment_bytes,
+            max_step_bytes=loader.chunk_bytes,
+        )
+
+
+def _numel(geometry) -> int:
+    n = 1
+    for s in geometry[1]:
+        n *= s
+    return n
+
+
+class FastModelLoader(DefaultModelLoader):
+    """``--load-format fast``: plan → validate → pipelined reads → device copies."""
+
+    def __init__(self, load_config: LoadConfig):
+        BaseModelLoader.__init__(self, load_config)
+        extra = dict(load_config.model_loader_extra_config or {})
+        unexpected = set(extra) - EXTRA_CONFIG_KEYS
+        if unexpected:
+            raise ValueError(
+                f"Unexpected extra config keys for load format {constants.LOAD_FORMAT}: "
+                f"{sorted(unexpected)} (allowed: {sorted(EXTRA_CONFIG_KEYS)})"
+            )
+        threads = int(extra.get("num_threads", DEFAULT_NUM_THREADS))
+        if not extra.get("enable_multithread_load", True):
+            threads = 1
+        if threads < 1:
+            raise ValueError("num_threads in --model-loader-extra-config must be >= 1")
+        self.num_threads = threads
+        self.chunk_bytes = int(float(extra.get("chunk_mb", 64)) * (1 << 20))
+        self.min_segment_bytes = int(extra.get("min_segment_bytes", DEFAULT_MIN_SEGMENT_BYTES))
+        self.last_summary: Optional[LoadSummary] = None
+
+    def _get_weights_iterator(self, source, **kwargs):
+        return FastCheckpoint(self, source, kwargs)
+
+    def _get_all_weights(self, model_config, model):
+        if getattr(model, "secondary_weights", ()):
+            return DefaultModelLoader._get_all_weights(self, model_config, model)
+        return self._get_weights_iterator(DefaultModelLoader.Source.init_new(model_config, model))
+
+    def load_weights_and_postprocess(self, model, weights, target_device):
+        if isinstance(weights, FastCheckpoint):
+            reason = unsupported_reason(model, self.load_config)
+            if reason is None:
+                try:
+                    prepared = weights.prepare(model, target_device)
+                except UnsupportedModelError as exc:
+                    reason = str(exc)
+                else:
+                    self._load_prepared(model, prepared, target_device)
+                    DefaultModelLoader.postprocess_weights(model, target_device)
+                    return
+            logger.info(
+                "sglang-fastload: %s has no fast-load plan (%s); loading through upstream's "
+                "threaded default path",
+                type(model).__name__, reason,
+            )
+        DefaultModelLoader.load_weights_and_postprocess(model, weights, target_device)
+
+    def _load_prepared(self, model, prepared: PreparedLoad, target_device) -> None:
+        plan = prepared.plan
+        params = {}
+        named = dict(model.named_parameters(remove_duplicate=False))
+        for name, (shape, dtype) in plan.param_meta.items():
+            p = named.get(name)
+            if p is None or tuple(p.shape) != shape or p.dtype != dtype:
+                raise UnsupportedModelError(f"parameter {name} changed since the plan was made")
+            params[name] = p.data
+        device = torch.device(target_device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        progress = None
+        startup = state_of(model).reference is None
+        if startup and _is_first_rank():
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="Loading safetensors (fast)")
+        try:
+            stats = execute_plan(
+                plan,
+                params,
+                device=device,
+                num_threads=self.num_threads,
+                chunk_bytes=self.chunk_bytes,
+                on_bytes=progress.update if progress is not None else None,
+            )
+        finally:
+            if progress is not None:
+                progress.close()
+        after = [(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in sorted(prepared.headers)]
+        if after != prepared.stats:
+            raise CheckpointError(prepared.directory, "a checkpoint file changed while it was being loaded")
+        if startup:
+            state_of(model).reference = {n: (tuple(s), d) for n, (_, s, d) in prepared.tensors.items()}
+        summary = LoadSummary(
+            directory=prepared.directory,
+            files=len(prepared.headers),
+            tensors=plan.tensor_count,
+            tensors_used=len(plan.tensors_used),
+            checkpoint_bytes=sum(h.file_size for h in prepared.headers.values()),
+            bytes_read=stats.bytes_read,
+            plan_seconds=prepared.plan_seconds,
+            plan_cached=prepared.plan_cached,
+            validate_seconds=prepared.validate_seconds,
+            copy_seconds=stats.seconds,
+            threads=self.num_threads,
+            rank=_rank_suffix(),
+        )
+        self.last_summary = summary
+        logger.info(summary.line())

@@ -1,0 +1,241 @@
+"""Load plans: for every parameter slice, which byte ranges of which file feed it.
+
+A plan is built once per checkpoint layout from a replay (``replay.py``) and the parsed
+safetensors headers, then executed by ``executor.py`` for every load of that layout.
+Offsets are absolute file offsets; geometries are ``(offset, sizes, strides)`` in elements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from sglang_fastload.loader.replay import Geometry, RecordedCopy, RecordedZero
+
+# Below this many bytes per contiguous run, a strided slice (e.g. a row-parallel shard) is
+# read as one span and gathered in memory: smaller reads would cost more in system calls
+# than they save, and the kernel reads whole pages anyway.
+DEFAULT_MIN_SEGMENT_BYTES = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyStep:
+    """Read ``reads`` back to back into a buffer, then copy ``view`` of it into ``dst``.
+
+    Attributes:
+        tensor: checkpoint tensor name (for messages).
+        param: destination parameter name.
+        dst: destination geometry within the parameter.
+        reads: ``(file offset, nbytes)`` pieces, concatenated in the buffer in this order.
+        view: geometry of the destination's elements within the concatenated bytes.
+        itemsize: bytes per element.
+    """
+
+    tensor: str
+    param: str
+    dst: Geometry
+    reads: Tuple[Tuple[int, int], ...]
+    view: Geometry
+    itemsize: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, n in self.reads)
+
+    @property
+    def view_is_dense(self) -> bool:
+        """True when the read bytes are exactly the destination's elements in row-major order."""
+        return is_contiguous(self.view) and self.view[0] == 0 and numel(self.view) * self.itemsize == self.nbytes
+
+
+@dataclasses.dataclass
+class FilePlan:
+    path: str
+    steps: List[CopyStep]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.steps)
+
+
+@dataclasses.dataclass
+class LoadPlan:
+    """Everything needed to load one checkpoint layout into one rank's parameters.
+
+    Attributes:
+        files: per-file steps, each list sorted by file offset.
+        zeros: parameter regions to zero-fill (padding), applied before the copies.
+        param_meta: ``{name: (shape, dtype)}`` of every parameter the plan writes, checked
+            before each execution (a plan is only valid for the parameters it was made for).
+        tensors_used: checkpoint tensors that feed this rank.
+    """
+
+    files: List[FilePlan]
+    zeros: List[RecordedZero]
+    param_meta: Dict[str, Tuple[Tuple[int, ...], object]]
+    tensors_used: frozenset
+    tensor_count: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    @property
+    def step_count(self) -> int:
+        return sum(len(f.steps) for f in self.files)
+
+
+def numel(geometry: Geometry) -> int:
+    return math.prod(geometry[1])
+
+
+def is_contiguous(geometry: Geometry) -> bool:
+    """True when a geometry's elements are consecutive in row-major order."""
+    expected = 1
+    for size, stride in zip(reversed(geometry[1]), reversed(geometry[2])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def contiguous_runs(geometry: Geometry) -> Tuple[int, List[int]]:
+    """Split a view of a row-major tensor into runs of consecutive elements.
+
+    Args:
+        geometry: ``(offset, sizes, strides)`` of the view, in elements.
+
+    Returns:
+        ``(run length, run start offsets in row-major order of the view)``.
+    """
+    offset, sizes, strides = geometry
+    if 0 in sizes:
+        return 0, []
+    run = 1
+    dim = len(sizes)
+    while dim > 0 and (sizes[dim - 1] == 1 or strides[dim - 1] == run):
+        run *= sizes[dim - 1]
+        dim -= 1
+    starts = [offset]
+    for size, stride in zip(sizes[:dim], strides[:dim]):
+        starts = [s + i * stride for s in starts for i in range(size)]
+    # Row-major enumeration above iterates the outer dimension slowest, as required.
+    return run, starts
+
+
+def _span(geometry: Geometry) -> Tuple[int, int]:
+    offset, sizes, strides = geometry
+    last = offset + sum((n - 1) * s for n, s in zip(sizes, strides))
+    return offset, last + 1
+
+
+def contiguous_strides(sizes: Sequence[int]) -> Tuple[int, ...]:
+    strides, acc = [], 1
+    for n in reversed(sizes):
+        strides.append(acc)
+        acc *= n
+    return tuple(reversed(strides))
+
+
+def make_step(
+    tensor: str,
+    param: str,
+    src: Geometry,
+    dst: Geometry,
+    data_start: int,
+    itemsize: int,
+    min_segment_bytes: int,
+) -> Optional[CopyStep]:
+    """Turn one recorded copy into a step that reads only this rank's bytes where worthwhile.
+
+    Args:
+        tensor, param: names, for messages and execution.
+        src: the checkpoint elements copied (geometry in the checkpoint tensor).
+        dst: the parameter elements written.
+        data_start: absolute file offset of the checkpoint tensor's first byte.
+        itemsize: bytes per element.
+        min_segment_bytes: strided runs shorter than this are read as one span.
+
+    Returns:
+        The step, or None when the copy moves no element.
+    """
+    run, starts = contiguous_runs(src)
+    if run == 0:
+        return None
+    sizes = src[1]
+    if len(starts) == 1 or run * itemsize >= min_segment_bytes:
+        reads: List[Tuple[int, int]] = []
+        for s in starts:
+            off = data_start + s * itemsize
+            if reads and reads[-1][0] + reads[-1][1] == off:
+                reads[-1] = (reads[-1][0], reads[-1][1] + run * itemsize)
+            else:
+                reads.append((off, run * itemsize))
+        view = (0, tuple(sizes), contiguous_strides(sizes))
+    else:
+        lo, hi = _span(src)
+        reads = [(data_start + lo * itemsize, (hi - lo) * itemsize)]
+        view = (src[0] - lo, tuple(sizes), tuple(src[2]))
+    return CopyStep(tensor, param, dst, tuple(reads), view, itemsize)
+
+
+def split_rows(step: CopyStep, src: Geometry, data_start: int, max_bytes: int, min_segment_bytes: int) -> List[CopyStep]:
+    """Split a step larger than ``max_bytes`` along its first dimension (bounded buffers)."""
+    if step.nbytes <= max_bytes or len(src[1]) == 0 or src[1][0] <= 1:
+        return [step]
+    rows = src[1][0]
+    row_bytes = max(1, step.nbytes // rows)
+    per = max(1, max_bytes // row_bytes)
+    out = []
+    for r0 in range(0, rows, per):
+        n = min(per, rows - r0)
+        s = (src[0] + r0 * src[2][0], (n, *src[1][1:]), src[2])
+        d = (step.dst[0] + r0 * step.dst[2][0], (n, *step.dst[1][1:]), step.dst[2])
+        piece = make_step(step.tensor, step.param, s, d, data_start, step.itemsize, min_segment_bytes)
+        if piece is not None:
+            out.append(piece)
+    return out
+
+
+def build_plan(
+    copies: Sequence[RecordedCopy],
+    zeros: Sequence[RecordedZero],
+    locations: Dict[str, Tuple[str, int, int]],
+    param_meta: Dict[str, Tuple[Tuple[int, ...], object]],
+    tensors_used: frozenset,
+    tensor_count: int,
+    *,
+    min_segment_bytes: int = DEFAULT_MIN_SEGMENT_BYTES,
+    max_step_bytes: int = 64 << 20,
+) -> LoadPlan:
+    """Assemble a plan from recorded copies.
+
+    Args:
+        copies, zeros: the replay's records.
+        locations: ``{tensor name: (file path, absolute data start, itemsize)}``.
+        param_meta: shape and dtype of every parameter (to re-check before executing).
+        tensors_used: names that feed this rank.
+        tensor_count: number of tensors in the checkpoint.
+        min_segment_bytes: see ``make_step``.
+        max_step_bytes: steps larger than this are split so buffers stay bounded.
+
+    Returns:
+        The plan, with each file's steps in file-offset order.
+    """
+    by_file: Dict[str, List[CopyStep]] = {}
+    for c in copies:
+        path, data_start, itemsize = locations[c.tensor]
+        step = make_step(c.tensor, c.param, c.src, c.dst, data_start, itemsize, min_segment_bytes)
+        if step is None:
+            continue
+        by_file.setdefault(path, []).extend(
+            split_rows(step, c.src, data_start, max_step_bytes, min_segment_bytes)
+        )
+    files = [
+        FilePlan(path, sorted(steps, key=lambda s: s.reads[0][0]))
+        for path, steps in sorted(by_file.items())
+    ]
+    used_meta = {c.param: param_meta[c.param] for c in copies}
+    used_meta.update({z.param: param_meta[z.param] for z in zeros})
+    return LoadPlan(files, list(zeros), used_meta, tensors_used, tensor_count)

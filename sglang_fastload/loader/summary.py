@@ -1,0 +1,34 @@
+"""The one summary log line of each fast load."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class LoadSummary:
+    directory: str
+    files: int = 0
+    tensors: int = 0
+    tensors_used: int = 0
+    checkpoint_bytes: int = 0
+    bytes_read: int = 0
+    plan_seconds: float = 0.0
+    plan_cached: bool = False
+    validate_seconds: float = 0.0
+    copy_seconds: float = 0.0
+    threads: int = 0
+    rank: str = ""
+
+    def line(self) -> str:
+        total = self.plan_seconds + self.validate_seconds + self.copy_seconds
+        gbps = self.bytes_read / self.copy_seconds / 1e9 if self.copy_seconds > 0 else 0.0
+        return (
+            f"sglang-fastload: loaded {self.directory}{self.rank}: {self.files} files, "
+            f"{self.tensors} tensors ({self.tensors_used} used here), "
+            f"read {self.bytes_read} of {self.checkpoint_bytes} bytes "
+            f"({self.bytes_read / 1e9:.3f} GB) with {self.threads} threads; "
+            f"plan {self.plan_seconds:.3f} s ({'cached' if self.plan_cached else 'built'}), "
+            f"validate {self.validate_seconds:.3f} s, read/copy {self.copy_seconds:.3f} s, "
+            f"total {total:.3f} s, {gbps:.2f} GB/s"
+        )
