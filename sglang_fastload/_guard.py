@@ -46,6 +46,19 @@ def check_installed_sglang(manifest):
         manifest: the parsed overlay ``manifest.json``.
 
     Returns:
+        See ``check_installed_sglang_at``.
+    """
+    return check_installed_sglang_at(manifest, upstream_package_dir())
+
+
+def check_installed_sglang_at(manifest, pkg_dir):
+    """Compare the sglang package at ``pkg_dir`` with the overlay manifest.
+
+    Args:
+        manifest: the parsed overlay ``manifest.json``.
+        pkg_dir: directory of the installed ``sglang`` package (None if not installed).
+
+    Returns:
         ``(True, "active ...")`` when version and every forked module's upstream file match,
         else ``(False, reason)`` with the reason and the command that fixes it.
     """
@@ -58,7 +71,6 @@ def check_installed_sglang(manifest):
             f"installed sglang {installed} is not the overlay's base {base}; "
             f"running pure upstream. To rebase the overlay, {hint}.",
         )
-    pkg_dir = upstream_package_dir()
     if pkg_dir is None:
         return False, "sglang is not importable; running pure upstream."
     site_dir = os.path.dirname(pkg_dir)
