@@ -66,7 +66,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["sglang_fastload", "sglang_fastload.*"]),
-    install_requires=["sglang==0.5.23", "torch", "safetensors", "numpy", "tqdm"],
+    # Unpinned on purpose: the start-up guard checks the exact sglang release at run time.
+    install_requires=["sglang"],
     entry_points={"console_scripts": ["sglang-fastload=sglang_fastload.cli:main"]},
     cmdclass={"build_py": BuildWithOverlay},
     zip_safe=False,

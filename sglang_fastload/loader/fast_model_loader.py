@@ -9,6 +9,7 @@ threaded iterator, so anything that does not know it still works.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -26,7 +27,7 @@ from sglang_fastload.errors import CheckpointError, UnsupportedModelError
 from sglang_fastload.loader import validate
 from sglang_fastload.loader.checkpoint_state import state_of
 from sglang_fastload.loader.executor import execute_plan
-from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, build_plan
+from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, build_plan
 from sglang_fastload.loader.replay import replay_load_weights
 from sglang_fastload.loader.summary import LoadSummary
 
@@ -263,7 +264,13 @@ class FastModelLoader(DefaultModelLoader):
         DefaultModelLoader.load_weights_and_postprocess(model, weights, target_device)
 
     def _load_prepared(self, model, prepared: PreparedLoad, target_device) -> None:
-        plan = prepared.plan
+        # A cached plan may come from another checkpoint of the same layout: bind its files
+        # (matched by name, as in the layout key) to this checkpoint's.
+        by_name = {os.path.basename(p): p for p in prepared.headers}
+        plan = dataclasses.replace(
+            prepared.plan,
+            files=[FilePlan(by_name[os.path.basename(f.path)], f.steps) for f in prepared.plan.files],
+        )
         params = {}
         named = dict(model.named_parameters(remove_duplicate=False))
         for name, (shape, dtype) in plan.param_meta.items():

@@ -195,7 +195,11 @@ class WeightUpdater:
         from sglang_fastload import update_guard
 
         previous_path = self.model_config.model_path
-        previous_load_config = self.load_config
+        previous_load_config = LoadConfig(
+            load_format=get_model().load_format,
+            load_group=get_pp_stage_load_group(),
+            model_loader_extra_config=get_model().model_loader_extra_config,
+        )
         # OVERLAY: end
         self.model_config.model_path = model_path
         # PP stages handle disk updates sequentially, unlike cold startup.
