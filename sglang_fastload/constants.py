@@ -19,3 +19,8 @@ OVERLAY_DIR_SOURCE = "overlay"
 MANIFEST_NAME = "manifest.json"
 # The one line a process logs once the overlay serves a forked module to SGLang.
 ACTIVE_NOTICE = "sglang-fastload overlay active"
+
+# Fault injection for tests of the rollback path: when this variable names a file that
+# exists at the start of a fast load, that load fails with an I/O error after copying the
+# number of bytes written in the file, and the file is removed (one fault per file).
+ENV_FAULT_FILE = "SGLANG_FASTLOAD_FAULT_FILE"

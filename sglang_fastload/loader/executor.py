@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import errno
 import os
 import threading
 import time
@@ -18,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from sglang_fastload import constants
 from sglang_fastload.errors import CheckpointError
 from sglang_fastload.loader.plan import CopyStep, LoadPlan, is_contiguous
 
@@ -29,6 +31,34 @@ class ExecutionStats:
     bytes_read: int = 0
     read_calls: int = 0
     seconds: float = 0.0
+
+
+def take_injected_fault() -> Optional[int]:
+    """Return the byte count after which this load must fail, if a test armed a fault."""
+    path = os.environ.get(constants.ENV_FAULT_FILE)
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            limit = int(f.read().strip() or 0)
+        os.remove(path)
+    except (OSError, ValueError):
+        return None
+    return limit
+
+
+class _FaultBudget:
+    def __init__(self, limit: Optional[int]):
+        self.left = limit
+        self.lock = threading.Lock()
+
+    def spend(self, n: int) -> None:
+        if self.left is None:
+            return
+        with self.lock:
+            self.left -= n
+            if self.left < 0:
+                raise OSError(errno.EIO, "injected I/O fault (" + constants.ENV_FAULT_FILE + ")")
 
 
 @dataclasses.dataclass
@@ -148,6 +178,7 @@ def _run_chunk(
     params: Dict[str, torch.Tensor],
     worker: _Worker,
     on_bytes: Optional[Callable[[int], None]],
+    fault: _FaultBudget,
 ) -> None:
     stats = worker.stats
     direct: List[CopyStep] = []
@@ -165,6 +196,7 @@ def _run_chunk(
         for off, n in step.reads:
             _read_exact(fd, _writable_view(address, n), off, chunk.path, stats)
             address += n
+    fault.spend(sum(s.nbytes for s in direct))
     if not staged:
         if on_bytes:
             on_bytes(chunk.nbytes)
@@ -209,6 +241,7 @@ def _run_chunk(
             src = host.as_strided(sizes, strides, host.storage_offset() + off)
             dst.copy_(src, non_blocking=worker.cuda)
     worker.mark_in_use()
+    fault.spend(sum(s.nbytes for s, _ in layout))
     if on_bytes:
         on_bytes(chunk.nbytes)
 
@@ -248,6 +281,7 @@ def execute_plan(
         CheckpointError: a file ended early (changed or truncated under us).
     """
     t0 = time.perf_counter()
+    fault = _FaultBudget(take_injected_fault())
     for z in plan.zeros:
         _param_view(params[z.param], z.dst).zero_()
     chunks = _chunks(plan, chunk_bytes)
@@ -273,7 +307,7 @@ def execute_plan(
             return local.worker
 
         def task(chunk: _Chunk) -> None:
-            _run_chunk(chunk, fds[chunk.path], params, worker_for_thread(), on_bytes)
+            _run_chunk(chunk, fds[chunk.path], params, worker_for_thread(), on_bytes, fault)
 
         if threads == 1:
             for chunk in chunks:

@@ -241,47 +241,32 @@ class WeightUpdater:
         with set_default_torch_dtype(self.model_config.dtype):
             try:
                 iter = get_weight_iter(self.model_config)
-                # OVERLAY: begin sglang-fastload: validate before any parameter is written
+                # OVERLAY: begin sglang-fastload: validate on every rank before any write
                 update_guard.validate_before_writing(iter, self.get_model(), target_device)
-                # OVERLAY: end
+                error = None
             except Exception as e:
-                message = f"Failed to get weights iterator: {e}."
-                # OVERLAY: begin sglang-fastload: nothing was written; keep the old path
+                error = e
+            if not update_guard.all_ranks_ok(error is None):
                 self.model_config.model_path = previous_path
-                # OVERLAY: end
-                return False, message
+                return False, update_guard.rejected_message(error)
             try:
                 model = model_load_weights(self.get_model(), iter)
+                error = None
             except Exception as e:
-                # OVERLAY: begin sglang-fastload: roll back to the *previous* checkpoint
+                error = e
+            if not update_guard.all_ranks_ok(error is None):
+                # Roll back to the *previous* checkpoint, on every rank.
                 del iter
                 gc.collect()
                 self.model_config.model_path = previous_path
-
-                def load_previous():
-                    previous_loader = get_model_loader(
-                        previous_load_config, self.model_config
-                    )
-                    previous_weights = previous_loader._get_weights_iterator(
-                        DefaultModelLoader.Source.init_new(
-                            self.model_config, self.get_model()
-                        )
-                    )
-                    DefaultModelLoader.restore_weights_before_loading(
-                        self.get_model(), target_device
-                    )
-                    previous_loader.load_weights_and_postprocess(
-                        self.get_model(), previous_weights, target_device
-                    )
-
-                message = update_guard.roll_back(
-                    load_previous,
-                    previous_path,
-                    previous_load_config.load_format,
-                    e,
+                return False, update_guard.roll_back(
+                    self.get_model(),
+                    self.model_config,
+                    previous_load_config,
+                    target_device,
+                    error,
                 )
-                return False, message
-                # OVERLAY: end
+            # OVERLAY: end
 
         self.update_model_fields(
             model,

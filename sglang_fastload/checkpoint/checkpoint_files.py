@@ -1,0 +1,330 @@
+"""Find the safetensors shards of a checkpoint directory and check its index.
+
+With a ``model.safetensors.index.json`` the shards are exactly the files its
+``weight_map`` names (as SGLang does, other ``*.safetensors`` files in the directory are
+ignored); without one, every ``*.safetensors`` file directly in the directory is a shard.
+
+Shard names in an index must be plain file names of the directory. Symlinks are followed
+only when they stay inside the checkpoint directory, or when the directory is a Hugging
+Face cache snapshot (``<cache>/models--ORG--NAME/snapshots/<rev>``) and the link points
+to a file directly in that repository's ``blobs/`` folder. ``docs/checkpoint-safety.md``
+has the details.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Tuple
+
+from sglang_fastload.checkpoint.safetensors_header import SafetensorsHeader
+from sglang_fastload.errors import CheckpointIndexError
+
+__all__ = [
+    "INDEX_NAME",
+    "MAX_INDEX_BYTES",
+    "SHARD_SUFFIX",
+    "CheckpointFiles",
+    "parse_index",
+    "resolve_checkpoint_files",
+    "check_weight_map",
+]
+
+INDEX_NAME = "model.safetensors.index.json"
+#: Largest index file read (checked before reading).
+MAX_INDEX_BYTES = 100_000_000
+SHARD_SUFFIX = ".safetensors"
+
+_HF_SNAPSHOTS = "snapshots"
+_HF_REPO_PREFIX = "models--"
+_HF_BLOBS = "blobs"
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The shards of one checkpoint directory."""
+
+    directory: str
+    files: Tuple[str, ...]
+    weight_map: Optional[Dict[str, str]]
+    index_path: Optional[str]
+
+
+# ------------------------------------------------------------------------- index
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs):
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_shard_name(index_path: str, tensor: str, shard) -> None:
+    def bad(reason: str):
+        return CheckpointIndexError(index_path, f"weight_map entry {_short(shard)}: {reason}", tensor)
+
+    if type(shard) is not str:
+        raise CheckpointIndexError(
+            index_path, f"weight_map value must be a shard file name (string), got {_short(shard)}", tensor
+        )
+    if not _is_unicode(shard):
+        raise bad("shard name is not valid Unicode")
+    if "\x00" in shard:
+        raise bad("shard name contains a NUL character")
+    if "/" in shard or "\\" in shard:
+        raise bad(
+            "shard name contains a path separator; shards must be plain file names in the "
+            "checkpoint directory"
+        )
+    if shard in ("", ".", ".."):
+        raise bad("shard name is not a file name")
+    if shard.startswith("."):
+        raise bad("shard name is a hidden file name (starts with '.')")
+    if not shard.endswith(SHARD_SUFFIX) or shard == SHARD_SUFFIX:
+        raise bad(f"shard name must end with {SHARD_SUFFIX!r}")
+
+
+def parse_index(index_path: str, data: bytes) -> Dict[str, str]:
+    """Validate the bytes of a ``model.safetensors.index.json``.
+
+    Returns its ``weight_map``: tensor name -> shard file name (checked to be a plain
+    ``*.safetensors`` file name, not yet checked to exist). Raises CheckpointIndexError.
+    """
+    index_path = os.fspath(index_path)
+    if len(data) > MAX_INDEX_BYTES:
+        raise CheckpointIndexError(
+            index_path, f"index is {len(data)} bytes, more than the limit of {MAX_INDEX_BYTES}"
+        )
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointIndexError(
+            index_path, f"index is not valid UTF-8 (bad byte at offset {e.start})"
+        ) from None
+    try:
+        root = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise CheckpointIndexError(index_path, f"duplicate key {_short(e.key)} in index JSON") from None
+    except RecursionError:
+        raise CheckpointIndexError(index_path, "index is not valid JSON: nested too deeply") from None
+    except ValueError as e:
+        raise CheckpointIndexError(index_path, f"index is not valid JSON: {_short(str(e), 200)}") from None
+    if type(root) is not dict:
+        raise CheckpointIndexError(index_path, f"index JSON must be an object, got {type(root).__name__}")
+    if "weight_map" not in root:
+        raise CheckpointIndexError(index_path, "index has no 'weight_map'")
+    weight_map = root["weight_map"]
+    if type(weight_map) is not dict:
+        raise CheckpointIndexError(
+            index_path,
+            f"'weight_map' must be an object mapping tensor names to shard file names, got "
+            f"{type(weight_map).__name__}",
+        )
+    if not weight_map:
+        raise CheckpointIndexError(index_path, "'weight_map' is empty")
+    for tensor, shard in weight_map.items():
+        if not _is_unicode(tensor):
+            raise CheckpointIndexError(index_path, "tensor name is not valid Unicode", tensor)
+        _check_shard_name(index_path, tensor, shard)
+    return dict(weight_map)
+
+
+# ----------------------------------------------------------------------- symlinks
+
+
+def _is_inside(path: str, directory: str) -> bool:
+    try:
+        return path != directory and os.path.commonpath([path, directory]) == directory
+    except ValueError:
+        return False
+
+
+def _hf_blobs_dir(real_dir: str) -> Optional[str]:
+    """The real path of ``<repo>/blobs`` when ``real_dir`` lies in a HF cache snapshot."""
+    current = real_dir
+    while True:
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        grandparent = os.path.dirname(parent)
+        if (
+            os.path.basename(parent) == _HF_SNAPSHOTS
+            and os.path.basename(grandparent).startswith(_HF_REPO_PREFIX)
+            and len(os.path.basename(grandparent)) > len(_HF_REPO_PREFIX)
+        ):
+            try:
+                return os.path.realpath(os.path.join(grandparent, _HF_BLOBS), strict=True)
+            except (OSError, RuntimeError):
+                return None
+        current = parent
+
+
+def _check_member(directory: str, real_dir: str, name: str, err_path: str, label: str) -> str:
+    """Check that ``directory/name`` is a regular file we may read; returns its path.
+
+    ``label`` names the file in messages, e.g. "shard 'a.safetensors'".
+    """
+    path = os.path.join(directory, name)
+    try:
+        lst = os.lstat(path)
+    except FileNotFoundError:
+        raise CheckpointIndexError(err_path, f"{label} does not exist in {directory}") from None
+    except OSError as e:
+        raise CheckpointIndexError(err_path, f"cannot access {label} ({path}): {e.strerror or e}") from None
+    if stat.S_ISLNK(lst.st_mode):
+        try:
+            target = os.path.realpath(path, strict=True)
+            st = os.stat(target)
+        except (OSError, RuntimeError):
+            raise CheckpointIndexError(
+                err_path, f"{label} ({path}) is a symlink that does not resolve (dangling or a loop)"
+            ) from None
+        if not _is_inside(target, real_dir):
+            blobs = _hf_blobs_dir(real_dir)
+            if blobs is None or os.path.dirname(target) != blobs:
+                raise CheckpointIndexError(
+                    err_path,
+                    f"{label} ({path}) is a symlink to {target}, outside the checkpoint "
+                    f"directory; only symlinks to files inside the directory, or from a Hugging "
+                    f"Face cache snapshot into its own blobs/ folder, are followed",
+                )
+    else:
+        st = lst
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointIndexError(err_path, f"{label} ({path}) is not a regular file")
+    return path
+
+
+# ----------------------------------------------------------------------- resolve
+
+
+def _read_index(directory: str, real_dir: str) -> Tuple[str, Dict[str, str]]:
+    index_path = _check_member(
+        directory, real_dir, INDEX_NAME, os.path.join(directory, INDEX_NAME), f"index file {INDEX_NAME!r}"
+    )
+    try:
+        with open(index_path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_INDEX_BYTES:
+                raise CheckpointIndexError(
+                    index_path, f"index is {size} bytes, more than the limit of {MAX_INDEX_BYTES}"
+                )
+            data = f.read(MAX_INDEX_BYTES + 1)
+    except OSError as e:
+        raise CheckpointIndexError(index_path, f"cannot read index: {e.strerror or e}") from None
+    return index_path, parse_index(index_path, data)
+
+
+def resolve_checkpoint_files(directory: str) -> CheckpointFiles:
+    """List the shards to load from ``directory`` and the index's weight map, if any."""
+    directory = os.path.abspath(os.fspath(directory))
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        raise CheckpointIndexError(directory, "checkpoint directory does not exist") from None
+    except OSError as e:
+        raise CheckpointIndexError(directory, f"cannot access checkpoint directory: {e.strerror or e}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CheckpointIndexError(directory, "checkpoint path is not a directory")
+    real_dir = os.path.realpath(directory)
+
+    if os.path.lexists(os.path.join(directory, INDEX_NAME)):
+        index_path, names = _read_index(directory, real_dir)
+        shards = sorted(set(names.values()))
+        for shard in shards:
+            _check_member(directory, real_dir, shard, index_path, f"shard {shard!r} named by the index")
+        files = tuple(os.path.join(directory, s) for s in shards)
+        weight_map = {tensor: os.path.join(directory, shard) for tensor, shard in names.items()}
+        return CheckpointFiles(directory, files, weight_map, index_path)
+
+    try:
+        entries = os.listdir(directory)
+    except OSError as e:
+        raise CheckpointIndexError(directory, f"cannot list checkpoint directory: {e.strerror or e}") from None
+    shards = sorted(
+        n for n in entries if n.endswith(SHARD_SUFFIX) and not n.startswith(".")
+    )
+    if not shards:
+        raise CheckpointIndexError(
+            directory, f"no safetensors files (*{SHARD_SUFFIX}) and no {INDEX_NAME} in the directory"
+        )
+    files = tuple(
+        _check_member(directory, real_dir, s, os.path.join(directory, s), f"shard {s!r}") for s in shards
+    )
+    return CheckpointFiles(directory, files, None, None)
+
+
+def check_weight_map(files: CheckpointFiles, headers: Mapping[str, SafetensorsHeader]) -> None:
+    """Check that the index and the shard headers agree, tensor by tensor.
+
+    ``headers`` maps each path of ``files.files`` to its header. With an index, every tensor
+    it maps to a shard must be in that shard's header, and every tensor in a header must be
+    mapped by the index to that same shard. Without an index, a tensor name may appear in
+    only one shard. Mismatches raise CheckpointIndexError naming the index (or the shard)
+    and the tensor.
+    """
+    missing = [f for f in files.files if f not in headers]
+    if missing:
+        raise ValueError(f"check_weight_map: no header given for {missing}")
+
+    if files.weight_map is None:
+        owner: Dict[str, str] = {}
+        for shard in files.files:
+            for name in headers[shard].tensors:
+                if name in owner:
+                    raise CheckpointIndexError(
+                        shard,
+                        f"tensor is also in {owner[name]}; without {INDEX_NAME} a tensor may "
+                        f"appear in only one shard",
+                        name,
+                    )
+                owner[name] = shard
+        return
+
+    index_path = files.index_path or os.path.join(files.directory, INDEX_NAME)
+    weight_map = files.weight_map
+    for shard in files.files:
+        for name in headers[shard].tensors:
+            mapped = weight_map.get(name)
+            if mapped is None:
+                raise CheckpointIndexError(
+                    index_path, f"tensor is in shard {shard} but the index does not name it", name
+                )
+            if mapped != shard:
+                raise CheckpointIndexError(
+                    index_path,
+                    f"tensor is in shard {shard} but the index maps it to {mapped}",
+                    name,
+                )
+    for name, shard in weight_map.items():
+        header = headers.get(shard)
+        if header is None:
+            raise ValueError(f"check_weight_map: no header given for {shard}")
+        if name not in header.tensors:
+            raise CheckpointIndexError(
+                index_path, f"index maps tensor to shard {shard}, which does not contain it", name
+            )
