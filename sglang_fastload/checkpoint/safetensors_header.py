@@ -412,10 +412,9 @@ def parse_header(path: str, prefix: bytes, file_size: int) -> SafetensorsHeader:
     if not isinstance(root, _Pairs):
         raise HeaderError(path, f"header JSON must be an object, got {_json_type(root)}")
 
+    # Names first, so a duplicate is reported as such whatever its entries hold.
     seen = set()
-    metadata: Optional[Dict[str, str]] = None
-    raw = []
-    for name, value in root:
+    for name, _ in root:
         if not _is_unicode(name):
             raise HeaderError(path, "tensor name is not valid Unicode (lone surrogate escape)", name)
         if name in seen:
@@ -423,6 +422,10 @@ def parse_header(path: str, prefix: bytes, file_size: int) -> SafetensorsHeader:
                 raise HeaderError(path, "'__metadata__' appears more than once in the header")
             raise HeaderError(path, "tensor name appears more than once in the header", name)
         seen.add(name)
+
+    metadata: Optional[Dict[str, str]] = None
+    raw = []
+    for name, value in root:
         if name == _METADATA_KEY:
             metadata = _parse_metadata(path, value)
         else:

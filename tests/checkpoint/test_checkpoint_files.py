@@ -1,0 +1,501 @@
+"""Checkpoint directories: shard discovery, the index, symlink policy, index/header agreement."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sglang_fastload.checkpoint import checkpoint_files as cf
+from sglang_fastload.checkpoint.checkpoint_files import (
+    INDEX_NAME,
+    CheckpointFiles,
+    check_weight_map,
+    parse_index,
+    resolve_checkpoint_files,
+)
+from sglang_fastload.checkpoint.safetensors_header import read_header
+from sglang_fastload.errors import CheckpointError, CheckpointIndexError
+
+SHARD1 = "model-00001-of-00002.safetensors"
+SHARD2 = "model-00002-of-00002.safetensors"
+SHARD1_TENSORS = ("embed.weight", "layers.0.weight")
+SHARD2_TENSORS = ("layers.1.weight", "lm_head.weight")
+
+
+def write_shard(path, names):
+    save_file({n: torch.full((2, 2), float(i), dtype=torch.bfloat16) for i, n in enumerate(names)}, str(path))
+    return path
+
+
+def write_index(directory, weight_map, extra=None):
+    body = {"metadata": {"total_size": 32}, "weight_map": weight_map}
+    body.update(extra or {})
+    path = directory / INDEX_NAME
+    path.write_text(json.dumps(body))
+    return path
+
+
+def default_map():
+    wm = {n: SHARD1 for n in SHARD1_TENSORS}
+    wm.update({n: SHARD2 for n in SHARD2_TENSORS})
+    return wm
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    """A two-shard checkpoint with an index, as Hugging Face writes it."""
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    write_shard(d / SHARD1, SHARD1_TENSORS)
+    write_shard(d / SHARD2, SHARD2_TENSORS)
+    write_index(d, default_map())
+    return d
+
+
+def headers_of(files: CheckpointFiles):
+    return {f: read_header(f) for f in files.files}
+
+
+# ------------------------------------------------------------------------- happy paths
+
+
+def test_single_file_without_index(tmp_path):
+    write_shard(tmp_path / "model.safetensors", ["w"])
+    files = resolve_checkpoint_files(str(tmp_path))
+    assert files == CheckpointFiles(str(tmp_path), (str(tmp_path / "model.safetensors"),), None, None)
+    check_weight_map(files, headers_of(files))
+
+
+def test_files_sorted_and_filtered_without_index(tmp_path):
+    for name in ["b.safetensors", "a.safetensors", "c.safetensors"]:
+        write_shard(tmp_path / name, [name])
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    (tmp_path / ".hidden.safetensors").write_bytes(b"junk")
+    (tmp_path / "sub").mkdir()
+    write_shard(tmp_path / "sub" / "deep.safetensors", ["deep"])
+    files = resolve_checkpoint_files(str(tmp_path))
+    assert files.files == tuple(str(tmp_path / n) for n in ["a.safetensors", "b.safetensors", "c.safetensors"])
+    assert files.weight_map is None and files.index_path is None
+
+
+def test_with_index(sharded):
+    (sharded / "consolidated.safetensors").write_bytes(b"not even a safetensors file")
+    files = resolve_checkpoint_files(str(sharded))
+    assert files.directory == str(sharded)
+    assert files.index_path == str(sharded / INDEX_NAME)
+    # Only the shards the index names, like SGLang; sorted by name.
+    assert files.files == (str(sharded / SHARD1), str(sharded / SHARD2))
+    assert files.weight_map == {n: str(sharded / s) for n, s in default_map().items()}
+    check_weight_map(files, headers_of(files))
+
+
+def test_relative_directory_becomes_absolute(sharded, monkeypatch):
+    monkeypatch.chdir(sharded.parent)
+    files = resolve_checkpoint_files("ckpt")
+    assert files.directory == str(sharded)
+    assert all(os.path.isabs(f) for f in files.files)
+
+
+def test_index_with_one_shard_among_several(tmp_path):
+    write_shard(tmp_path / SHARD1, ["a"])
+    write_shard(tmp_path / SHARD2, ["b"])
+    write_index(tmp_path, {"a": SHARD1})
+    files = resolve_checkpoint_files(str(tmp_path))
+    assert files.files == (str(tmp_path / SHARD1),)
+
+
+# ------------------------------------------------------------------ directory errors
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointIndexError, match="checkpoint directory does not exist") as info:
+        resolve_checkpoint_files(str(tmp_path / "nope"))
+    assert info.value.path == str(tmp_path / "nope")
+
+
+def test_not_a_directory(tmp_path):
+    f = write_shard(tmp_path / "model.safetensors", ["w"])
+    with pytest.raises(CheckpointIndexError, match="not a directory"):
+        resolve_checkpoint_files(str(f))
+
+
+@pytest.mark.parametrize("contents", [[], ["model.bin", "config.json"], [".hidden.safetensors"]])
+def test_no_safetensors_files(tmp_path, contents):
+    for name in contents:
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(CheckpointIndexError, match="no safetensors files") as info:
+        resolve_checkpoint_files(str(tmp_path))
+    assert info.value.path == str(tmp_path)
+
+
+def test_safetensors_name_that_is_a_directory(tmp_path):
+    (tmp_path / "weird.safetensors").mkdir()
+    with pytest.raises(CheckpointIndexError, match="is not a regular file"):
+        resolve_checkpoint_files(str(tmp_path))
+
+
+# ----------------------------------------------------------------------- index rules
+#
+# Rows: id, index file bytes (or a JSON-able object), expected fragment, tensor named.
+
+INDEX_RULES = [
+    ("not-utf8", b'{"weight_map": {"\xff": "a.safetensors"}}', "index is not valid UTF-8", None),
+    ("not-json", b"{weight_map: 1}", "index is not valid JSON", None),
+    ("empty-file", b"", "index is not valid JSON", None),
+    ("too-deep", b"[" * 100000 + b"]" * 100000, "nested too deeply", None),
+    ("array", [], "index JSON must be an object, got list", None),
+    ("no-weight-map", {"metadata": {}}, "index has no 'weight_map'", None),
+    ("weight-map-list", {"weight_map": [SHARD1]}, "'weight_map' must be an object", None),
+    ("weight-map-null", {"weight_map": None}, "'weight_map' must be an object", None),
+    ("weight-map-empty", {"weight_map": {}}, "'weight_map' is empty", None),
+    ("value-not-string", {"weight_map": {"a": 1}}, "weight_map value must be a shard file name (string), got 1", "a"),
+    ("value-list", {"weight_map": {"a": [SHARD1]}}, "must be a shard file name", "a"),
+    ("duplicate-tensor", b'{"weight_map": {"a": "x.safetensors", "a": "y.safetensors"}}', "duplicate key 'a' in index JSON", None),
+    ("duplicate-weight-map", b'{"weight_map": {}, "weight_map": {"a": "x.safetensors"}}', "duplicate key 'weight_map'", None),
+    ("parent-dir", {"weight_map": {"a": "../x.safetensors"}}, "contains a path separator", "a"),
+    ("absolute", {"weight_map": {"a": "/etc/x.safetensors"}}, "contains a path separator", "a"),
+    ("subfolder", {"weight_map": {"a": "sub/x.safetensors"}}, "contains a path separator", "a"),
+    ("backslash", {"weight_map": {"a": "..\\x.safetensors"}}, "contains a path separator", "a"),
+    ("dotdot", {"weight_map": {"a": ".."}}, "not a file name", "a"),
+    ("dot", {"weight_map": {"a": "."}}, "not a file name", "a"),
+    ("empty-name", {"weight_map": {"a": ""}}, "not a file name", "a"),
+    ("hidden", {"weight_map": {"a": ".x.safetensors"}}, "hidden file name", "a"),
+    ("bare-suffix", {"weight_map": {"a": ".safetensors"}}, "hidden file name", "a"),
+    ("not-safetensors", {"weight_map": {"a": "pytorch_model-00001.bin"}}, "must end with '.safetensors'", "a"),
+    ("nul", {"weight_map": {"a": "x\x00.safetensors"}}, "NUL character", "a"),
+    ("surrogate-shard", b'{"weight_map": {"a": "\\udc80.safetensors"}}', "shard name is not valid Unicode", "a"),
+    ("surrogate-tensor", b'{"weight_map": {"\\ud800": "x.safetensors"}}', "tensor name is not valid Unicode", "\ud800"),
+    ("missing-shard", {"weight_map": {"a": SHARD1, "b": "model-00003-of-00002.safetensors"}}, "shard 'model-00003-of-00002.safetensors' named by the index does not exist", None),
+    ("shard-is-directory", {"weight_map": {"a": "dir.safetensors"}}, "shard 'dir.safetensors' named by the index", None),
+]
+
+
+@pytest.mark.parametrize("content, fragment, tensor", [pytest.param(*r[1:], id=r[0]) for r in INDEX_RULES])
+def test_index_rule(tmp_path, content, fragment, tensor):
+    write_shard(tmp_path / SHARD1, ["a"])
+    (tmp_path / "dir.safetensors").mkdir()
+    index = tmp_path / INDEX_NAME
+    index.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+    with pytest.raises(CheckpointIndexError) as info:
+        resolve_checkpoint_files(str(tmp_path))
+    err = info.value
+    assert fragment in str(err), str(err)
+    assert err.path == str(index)
+    assert err.tensor == tensor
+    assert str(err).startswith(str(index) + ": ")
+
+
+def test_index_rule_ids_unique():
+    assert len({r[0] for r in INDEX_RULES}) == len(INDEX_RULES)
+
+
+def test_parse_index_directly():
+    assert parse_index("i.json", b'{"weight_map": {"a": "x.safetensors"}, "metadata": {"total_size": NaN}}') == {
+        "a": "x.safetensors"
+    }
+    with pytest.raises(CheckpointIndexError, match="not valid JSON"):
+        parse_index("i.json", b'{"weight_map": {"a": "x.safetensors"}, "n": ' + b"9" * 5000 + b"}")
+
+
+def test_index_size_bound_checked_before_reading(tmp_path, monkeypatch):
+    write_shard(tmp_path / SHARD1, ["a"])
+    write_index(tmp_path, {"a": SHARD1}, extra={"padding": "x" * 1000})
+    monkeypatch.setattr(cf, "MAX_INDEX_BYTES", 100)
+    read_calls = []
+    real_open = open
+
+    def spy_open(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        if str(path).endswith(INDEX_NAME):
+            real_read = f.read
+
+            class Spy:
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    f.close()
+
+                def fileno(self):
+                    return f.fileno()
+
+                def read(self, *a):
+                    read_calls.append(a)
+                    return real_read(*a)
+
+            return Spy()
+        return f
+
+    monkeypatch.setattr("builtins.open", spy_open)
+    with pytest.raises(CheckpointIndexError, match="more than the limit of 100") as info:
+        resolve_checkpoint_files(str(tmp_path))
+    assert info.value.path == str(tmp_path / INDEX_NAME)
+    assert read_calls == []
+
+
+def test_index_errors_are_checkpoint_errors(tmp_path):
+    (tmp_path / INDEX_NAME).write_text("[]")
+    with pytest.raises(CheckpointError):
+        resolve_checkpoint_files(str(tmp_path))
+
+
+# --------------------------------------------------------------------------- symlinks
+
+
+def test_symlink_to_file_inside_directory_accepted(tmp_path):
+    write_shard(tmp_path / "real.bin", ["w"])  # not *.safetensors: only the link is listed
+    os.symlink("real.bin", tmp_path / "model.safetensors")
+    files = resolve_checkpoint_files(str(tmp_path))
+    # The path stays the link's path (not resolved).
+    assert files.files == (str(tmp_path / "model.safetensors"),)
+    read_header(files.files[0])
+
+
+def test_absolute_symlink_inside_directory_accepted(tmp_path):
+    (tmp_path / "store").mkdir()
+    write_shard(tmp_path / "store" / "blob", ["w"])
+    os.symlink(str(tmp_path / "store" / "blob"), tmp_path / "model.safetensors")
+    assert resolve_checkpoint_files(str(tmp_path)).files == (str(tmp_path / "model.safetensors"),)
+
+
+def test_symlink_outside_directory_rejected(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    write_shard(tmp_path / "elsewhere.safetensors", ["w"])
+    os.symlink("../elsewhere.safetensors", ckpt / "model.safetensors")
+    with pytest.raises(CheckpointIndexError, match="outside the checkpoint directory") as info:
+        resolve_checkpoint_files(str(ckpt))
+    assert info.value.path == str(ckpt / "model.safetensors")
+    assert str(tmp_path / "elsewhere.safetensors") in str(info.value)
+
+
+def test_symlink_to_system_file_rejected(tmp_path):
+    os.symlink("/etc/hostname" if os.path.exists("/etc/hostname") else "/etc/passwd", tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointIndexError, match="outside the checkpoint directory"):
+        resolve_checkpoint_files(str(tmp_path))
+
+
+def test_symlink_chain_leaving_directory_rejected(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    write_shard(tmp_path / "outside.safetensors", ["w"])
+    os.symlink("../outside.safetensors", ckpt / "hop.bin")
+    os.symlink("hop.bin", ckpt / "model.safetensors")
+    with pytest.raises(CheckpointIndexError, match="outside the checkpoint directory"):
+        resolve_checkpoint_files(str(ckpt))
+
+
+def test_index_symlinked_outside_rejected(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    write_shard(ckpt / SHARD1, ["a"])
+    write_index(tmp_path, {"a": SHARD1})
+    os.symlink("../" + INDEX_NAME, ckpt / INDEX_NAME)
+    with pytest.raises(CheckpointIndexError, match="index file 'model.safetensors.index.json'.*outside"):
+        resolve_checkpoint_files(str(ckpt))
+
+
+def test_shard_named_by_index_symlinked_outside_rejected(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    write_shard(tmp_path / "x.safetensors", ["a"])
+    os.symlink("../x.safetensors", ckpt / SHARD1)
+    write_index(ckpt, {"a": SHARD1})
+    with pytest.raises(CheckpointIndexError, match="named by the index .*outside the checkpoint directory") as info:
+        resolve_checkpoint_files(str(ckpt))
+    assert info.value.path == str(ckpt / INDEX_NAME)
+
+
+def test_dangling_symlink(tmp_path):
+    os.symlink("missing.bin", tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointIndexError, match="does not resolve"):
+        resolve_checkpoint_files(str(tmp_path))
+
+
+def test_symlink_loop(tmp_path):
+    os.symlink("b.safetensors", tmp_path / "a.safetensors")
+    os.symlink("a.safetensors", tmp_path / "b.safetensors")
+    with pytest.raises(CheckpointIndexError, match="does not resolve"):
+        resolve_checkpoint_files(str(tmp_path))
+
+
+def test_symlink_to_directory_inside_rejected_as_not_file(tmp_path):
+    (tmp_path / "d").mkdir()
+    os.symlink("d", tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointIndexError, match="not a regular file"):
+        resolve_checkpoint_files(str(tmp_path))
+
+
+def test_directory_given_through_symlink(tmp_path, sharded):
+    link = tmp_path / "link-to-ckpt"
+    os.symlink(str(sharded), link)
+    files = resolve_checkpoint_files(str(link))
+    assert files.directory == str(link)
+    assert files.files == (str(link / SHARD1), str(link / SHARD2))
+
+
+def make_hf_cache(root, repo="models--org--name", rev="0123abcd", subfolder=None, absolute=False):
+    """A Hugging Face hub cache entry: snapshots/<rev>/<file> -> ../../blobs/<hash>."""
+    repo_dir = root / repo
+    blobs = repo_dir / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    snapshot = repo_dir / "snapshots" / rev
+    if subfolder:
+        snapshot = snapshot / subfolder
+    snapshot.mkdir(parents=True)
+    depth = 2 + (1 if subfolder else 0)
+    up = "/".join([".."] * depth)
+
+    def link(name, blob_hash, write):
+        write(blobs / blob_hash)
+        target = str(blobs / blob_hash) if absolute else f"{up}/blobs/{blob_hash}"
+        os.symlink(target, snapshot / name)
+
+    link(SHARD1, "a" * 64, lambda p: write_shard(p, SHARD1_TENSORS))
+    link(SHARD2, "b" * 64, lambda p: write_shard(p, SHARD2_TENSORS))
+    index_text = json.dumps({"metadata": {}, "weight_map": default_map()})
+    link(INDEX_NAME, "c" * 40, lambda p: p.write_text(index_text))
+    return snapshot
+
+
+@pytest.mark.parametrize("absolute", [False, True], ids=["relative-links", "absolute-links"])
+def test_hf_cache_layout_accepted(tmp_path, absolute):
+    snapshot = make_hf_cache(tmp_path / "hub", absolute=absolute)
+    files = resolve_checkpoint_files(str(snapshot))
+    assert files.files == (str(snapshot / SHARD1), str(snapshot / SHARD2))
+    assert files.index_path == str(snapshot / INDEX_NAME)
+    check_weight_map(files, headers_of(files))
+
+
+def test_hf_cache_subfolder_accepted(tmp_path):
+    snapshot = make_hf_cache(tmp_path / "hub", subfolder="transformer")
+    files = resolve_checkpoint_files(str(snapshot))
+    assert len(files.files) == 2
+
+
+def test_hf_cache_blobs_dir_on_other_disk(tmp_path):
+    """<repo>/blobs itself a symlink (cache spread over disks) is still the repo's blobs."""
+    snapshot = make_hf_cache(tmp_path / "hub")
+    blobs = tmp_path / "hub" / "models--org--name" / "blobs"
+    os.rename(blobs, tmp_path / "other-disk")
+    os.symlink(str(tmp_path / "other-disk"), blobs)
+    assert len(resolve_checkpoint_files(str(snapshot)).files) == 2
+
+
+def test_hf_cache_link_into_other_repo_rejected(tmp_path):
+    hub = tmp_path / "hub"
+    snapshot = make_hf_cache(hub)
+    other = make_hf_cache(hub, repo="models--evil--repo")
+    evil_blob = other.parent.parent / "blobs" / ("a" * 64)
+    os.remove(snapshot / SHARD1)
+    os.symlink(f"../../../models--evil--repo/blobs/{evil_blob.name}", snapshot / SHARD1)
+    with pytest.raises(CheckpointIndexError, match="outside the checkpoint directory"):
+        resolve_checkpoint_files(str(snapshot))
+
+
+def test_hf_cache_blob_that_links_further_rejected(tmp_path):
+    hub = tmp_path / "hub"
+    snapshot = make_hf_cache(hub)
+    blob = hub / "models--org--name" / "blobs" / ("a" * 64)
+    write_shard(tmp_path / "secret.safetensors", SHARD1_TENSORS)
+    os.remove(blob)
+    os.symlink(str(tmp_path / "secret.safetensors"), blob)
+    with pytest.raises(CheckpointIndexError, match="outside the checkpoint directory"):
+        resolve_checkpoint_files(str(snapshot))
+
+
+def test_hf_cache_link_to_nested_blob_path_rejected(tmp_path):
+    hub = tmp_path / "hub"
+    snapshot = make_hf_cache(hub)
+    nested = hub / "models--org--name" / "blobs" / "sub"
+    nested.mkdir()
+    write_shard(nested / "x", SHARD1_TENSORS)
+    os.remove(snapshot / SHARD1)
+    os.symlink("../../blobs/sub/x", snapshot / SHARD1)
+    with pytest.raises(CheckpointIndexError, match="outside the checkpoint directory"):
+        resolve_checkpoint_files(str(snapshot))
+
+
+def test_hf_lookalike_without_snapshots_rejected(tmp_path):
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    ckpt = repo / "not-snapshots" / "rev"
+    ckpt.mkdir(parents=True)
+    write_shard(repo / "blobs" / ("a" * 64), ["w"])
+    os.symlink("../../blobs/" + "a" * 64, ckpt / "model.safetensors")
+    with pytest.raises(CheckpointIndexError, match="outside the checkpoint directory"):
+        resolve_checkpoint_files(str(ckpt))
+
+
+def test_hf_lookalike_dataset_repo_rejected(tmp_path):
+    snapshot = make_hf_cache(tmp_path / "hub", repo="datasets--org--name")
+    with pytest.raises(CheckpointIndexError, match="outside the checkpoint directory"):
+        resolve_checkpoint_files(str(snapshot))
+
+
+# ----------------------------------------------------------------- check_weight_map
+
+
+def test_check_weight_map_tensor_missing_from_index(tmp_path):
+    write_shard(tmp_path / SHARD1, SHARD1_TENSORS + ("extra.weight",))
+    write_shard(tmp_path / SHARD2, SHARD2_TENSORS)
+    write_index(tmp_path, default_map())
+    files = resolve_checkpoint_files(str(tmp_path))
+    with pytest.raises(CheckpointIndexError, match="tensor is in shard .* but the index does not name it") as info:
+        check_weight_map(files, headers_of(files))
+    assert info.value.path == str(tmp_path / INDEX_NAME)
+    assert info.value.tensor == "extra.weight"
+
+
+def test_check_weight_map_tensor_missing_from_shard(tmp_path):
+    write_shard(tmp_path / SHARD1, SHARD1_TENSORS[:1])
+    write_shard(tmp_path / SHARD2, SHARD2_TENSORS)
+    write_index(tmp_path, default_map())
+    files = resolve_checkpoint_files(str(tmp_path))
+    with pytest.raises(CheckpointIndexError, match=f"index maps tensor to shard .*{SHARD1}, which does not contain it") as info:
+        check_weight_map(files, headers_of(files))
+    assert info.value.tensor == SHARD1_TENSORS[1]
+    assert info.value.path == str(tmp_path / INDEX_NAME)
+
+
+def test_check_weight_map_tensor_in_wrong_shard(tmp_path):
+    write_shard(tmp_path / SHARD1, SHARD1_TENSORS)
+    write_shard(tmp_path / SHARD2, SHARD2_TENSORS)
+    wm = default_map()
+    wm["embed.weight"] = SHARD2
+    write_index(tmp_path, wm)
+    files = resolve_checkpoint_files(str(tmp_path))
+    with pytest.raises(CheckpointIndexError, match="but the index maps it to .*" + SHARD2) as info:
+        check_weight_map(files, headers_of(files))
+    assert info.value.tensor == "embed.weight"
+
+
+def test_check_weight_map_tensor_in_two_shards_with_index(tmp_path):
+    write_shard(tmp_path / SHARD1, SHARD1_TENSORS)
+    write_shard(tmp_path / SHARD2, SHARD2_TENSORS + ("embed.weight",))
+    write_index(tmp_path, default_map())
+    files = resolve_checkpoint_files(str(tmp_path))
+    with pytest.raises(CheckpointIndexError, match="index maps it to") as info:
+        check_weight_map(files, headers_of(files))
+    assert info.value.tensor == "embed.weight"
+
+
+def test_check_weight_map_duplicate_without_index(tmp_path):
+    write_shard(tmp_path / "a.safetensors", ["w", "x"])
+    write_shard(tmp_path / "b.safetensors", ["w"])
+    files = resolve_checkpoint_files(str(tmp_path))
+    with pytest.raises(CheckpointIndexError, match="tensor is also in .*a.safetensors") as info:
+        check_weight_map(files, headers_of(files))
+    assert info.value.tensor == "w"
+    assert info.value.path == str(tmp_path / "b.safetensors")
+
+
+def test_check_weight_map_needs_every_header(sharded):
+    files = resolve_checkpoint_files(str(sharded))
+    headers = headers_of(files)
+    headers.pop(files.files[0])
+    with pytest.raises(ValueError, match="no header given"):
+        check_weight_map(files, headers)
