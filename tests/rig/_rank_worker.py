@@ -48,6 +48,13 @@ def main(spec_path: str, rank: int) -> int:
     result = {"rank": rank, "params": None, "params_before": None, "error": None, "update_results": [], "timings": {}}
     timings = result["timings"]
     t0 = time.perf_counter()
+    shown = ("SGLANG_FASTLOAD", "GPU_IMPORT_STANDINS_FOR_TESTS", "TORCHDYNAMO_DISABLE", "OMP_NUM_THREADS", "HF_HUB_OFFLINE")
+    log.info(
+        "rig rank %d/%d env: %s",
+        rank,
+        world,
+        " ".join(f"{k}={os.environ[k]}" for k in sorted(os.environ) if k in shown or k.startswith("SGLANG_RIG_")),
+    )
 
     import torch
 
@@ -160,6 +167,8 @@ def main(spec_path: str, rank: int) -> int:
             timings["update_s"].append(time.perf_counter() - t2)
             log.info("update to %s (%s): ok=%s message=%s", upd["model_path"], upd["load_format"], ok, message)
             result["update_results"].append((bool(ok), str(message)))
+            if spec.get("keep_history"):
+                result.setdefault("params_history", []).append(_snapshot(runner.model))
             if not ok and result["error"] is None:
                 result["error"] = str(message)
         model = runner.model

@@ -54,6 +54,7 @@ class RankResult:
     error: Optional[str] = None  # first failed update's message (None: all updates succeeded)
     update_results: List[Tuple[bool, str]] = field(default_factory=list)  # (ok, message) per update
     params_before: Optional[Dict[str, torch.Tensor]] = None  # after the initial load (keep_initial=True)
+    params_history: Optional[List[Dict[str, torch.Tensor]]] = None  # after each update (keep_history=True)
     timings: dict = field(default_factory=dict)  # imports_s, distributed_s, load_s, update_s[], total_s
 
 
@@ -139,6 +140,7 @@ def load_params(
     env: Optional[Mapping[str, Optional[str]]] = None,
     timeout: float = 300,
     keep_initial: bool = False,
+    keep_history: bool = False,
     server_args: Optional[dict] = None,
     log_level: str = "INFO",
 ) -> RankResults:
@@ -154,6 +156,7 @@ def load_params(
         extra_config: ``--model-loader-extra-config`` (a dict, sent as JSON).
         env: extra environment of the rank processes (``None`` values unset a variable).
         keep_initial: also return the parameters after the initial load (``params_before``).
+        keep_history: also return the parameters after each update (``params_history``).
         server_args: further ``ServerArgs`` fields.
     Returns:
         ``RankResults``; a failed update is reported in ``.error`` (not raised).
@@ -176,6 +179,7 @@ def load_params(
         "updates": [{"model_path": p, "load_format": update_load_format or load_format} for p in updates],
         "extra_config": extra_config,
         "keep_initial": keep_initial,
+        "keep_history": keep_history,
         "server_args": server_args or {},
         "log_level": log_level,
         "threads_per_rank": max(1, (os.cpu_count() or 1) // tp_size),
@@ -275,6 +279,7 @@ def _run_ranks(spec: dict, environ: Dict[str, str], *, timeout: float) -> "RankR
                     error=data["error"],
                     update_results=[tuple(x) for x in data["update_results"]],
                     params_before=data["params_before"],
+                    params_history=data.get("params_history"),
                     timings=data["timings"],
                 )
             )

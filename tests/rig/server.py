@@ -102,7 +102,7 @@ class SGLangServer:
         extra_args: Sequence[str] = (),
         env: Optional[Mapping[str, Optional[str]]] = None,
         extra_config: Optional[dict] = None,
-        timeout: float = 180,
+        timeout: Optional[float] = None,
         request_timeout: float = 120,
         log_dir: Optional[Union[str, os.PathLike]] = None,
     ):
@@ -112,7 +112,8 @@ class SGLangServer:
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
         self.extra_config = extra_config
-        self.timeout = timeout
+        # Start-up deadline; SGLANG_RIG_SERVER_TIMEOUT raises it on a crowded machine.
+        self.timeout = float(timeout if timeout is not None else os.environ.get("SGLANG_RIG_SERVER_TIMEOUT", 180))
         self.request_timeout = request_timeout
         self._log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="sglang-rig-server-"))
         self.log_path = self._log_dir / "server.log"

@@ -20,10 +20,11 @@ installed; it then answers for a short, fixed list of GPU-only packages:
 * ``vllm`` fallbacks that SGLang's layer code reaches on a CPU without AMX: these are
   mapped onto SGLang's own pure-torch implementations (see ``_vllm_fallbacks``).
 
-Everything handed out is a placeholder: attribute access yields further placeholders,
-calls with arguments yield placeholders (so decorators such as ``@triton.jit`` and
-``@triton.autotune(...)`` work at import time), and anything that would need a real
-value (a zero-argument call, ``int()``, arithmetic) raises :class:`StandinUsedError`.
+Everything handed out is a placeholder: a class (so ``isinstance`` checks against it and
+subclassing work) whose attributes are further placeholders; calls with arguments yield
+placeholders (so decorators such as ``@triton.jit`` and ``@triton.autotune(...)`` work at
+import time), and anything that would need a real value (a zero-argument call, ``int()``,
+arithmetic) raises :class:`StandinUsedError`.
 
 Set ``GPU_IMPORT_STANDINS_FOR_TESTS=0`` to switch the finder off in a process.
 """
@@ -60,78 +61,76 @@ def _fail(qualname: str, what: str):
     )
 
 
-class _Standin:
-    """A placeholder value: any attribute is another placeholder."""
+class _StandinMeta(type):
+    """Metaclass of the placeholder values.
 
-    __slots__ = ("_qualname", "__weakref__")
+    Placeholders are classes, so ``isinstance(x, triton.runtime.jit.JITFunction)`` and
+    ``class K(triton.runtime.KernelInterface)`` work (torch does the former at import
+    time); every other behaviour comes from this metaclass.
+    """
 
-    def __init__(self, qualname: str):
-        object.__setattr__(self, "_qualname", qualname)
-
-    def __getattr__(self, name: str):
+    def __getattr__(cls, name: str):
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
-        return _Standin(f"{self._qualname}.{name}")
+        child = _make_standin(f"{cls._standin_qualname}.{name}")
+        type.__setattr__(cls, name, child)  # stable identity: tl.constexpr is tl.constexpr
+        return child
 
-    def __setattr__(self, name, value):
-        # Assignments (e.g. ``triton.Config.__init__ = ...`` style patches) are ignored.
-        pass
+    def __setattr__(cls, name, value):
+        type.__setattr__(cls, name, value)
 
-    def __call__(self, *args, **kwargs):
+    def __call__(cls, *args, **kwargs):
         if not args and not kwargs:
-            _fail(self._qualname, "zero-argument call")
-        return _Standin(f"{self._qualname}(...)")
+            _fail(cls._standin_qualname, "zero-argument call")
+        # Decorators (@triton.jit, @triton.autotune(...)), Config(...), kernel[grid](...).
+        return _make_standin(f"{cls._standin_qualname}(...)")
 
-    def __getitem__(self, key):
-        # ``kernel[grid]`` and ``tl.tensor[...]`` style subscripts.
-        return _Standin(f"{self._qualname}[...]")
-
-    def __mro_entries__(self, bases):
-        # ``class X(triton.runtime.KernelInterface)``: subclass a fresh empty base instead.
-        return (type(self._qualname.rpartition(".")[2] or "Standin", (), {}),)
+    def __getitem__(cls, key):
+        return _make_standin(f"{cls._standin_qualname}[...]")
 
     # A placeholder behaves as an empty, false container.
-    def __iter__(self):
+    def __iter__(cls):
         return iter(())
 
-    def __len__(self):
+    def __len__(cls):
         return 0
 
-    def __contains__(self, item):
+    def __contains__(cls, item):
         return False
 
-    def __bool__(self):
+    def __bool__(cls):
         return False
 
-    def __index__(self):
-        _fail(self._qualname, "integer conversion")
+    def __index__(cls):
+        _fail(cls._standin_qualname, "integer conversion")
 
-    def __int__(self):
-        _fail(self._qualname, "integer conversion")
+    def __int__(cls):
+        _fail(cls._standin_qualname, "integer conversion")
 
-    def __float__(self):
-        _fail(self._qualname, "float conversion")
+    def __float__(cls):
+        _fail(cls._standin_qualname, "float conversion")
 
-    def __repr__(self):
-        return f"<test stand-in {self._qualname}>"
-
-    def __eq__(self, other):
-        return self is other
-
-    def __hash__(self):
-        return id(self)
+    def __repr__(cls):
+        own = cls.__dict__.get("_standin_qualname")
+        return f"<test stand-in {own}>" if own else f"<subclass {cls.__qualname__} of a test stand-in>"
 
 
-def _arith(self, *args):
-    _fail(self._qualname, "arithmetic")
+def _arith(cls, *args):
+    _fail(cls._standin_qualname, "arithmetic")
 
 
-for _op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "lshift", "rshift", "and", "or", "xor", "lt", "le", "gt", "ge"):
-    for _name in (f"__{_op}__", f"__r{_op}__"):
-        if _name in ("__rlt__", "__rle__", "__rgt__", "__rge__"):
-            continue
-        setattr(_Standin, _name, _arith)
-del _op, _name
+# ``|`` stays type's (``X | None`` annotations must keep working).
+for _op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "lshift", "rshift", "and", "xor", "matmul"):
+    setattr(_StandinMeta, f"__{_op}__", _arith)
+    setattr(_StandinMeta, f"__r{_op}__", _arith)
+for _op in ("lt", "le", "gt", "ge", "neg", "pos", "abs"):
+    setattr(_StandinMeta, f"__{_op}__", _arith)
+del _op
+
+
+def _make_standin(qualname: str):
+    short = qualname.rpartition(".")[2] or "standin"
+    return _StandinMeta(short, (), {"_standin_qualname": qualname, _STANDIN_MARK: True, "__module__": qualname.partition(".")[0]})
 
 
 class _StandinModule(types.ModuleType):
@@ -140,7 +139,9 @@ class _StandinModule(types.ModuleType):
     def __getattr__(self, name: str):
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
-        return _Standin(f"{self.__name__}.{name}")
+        child = _make_standin(f"{self.__name__}.{name}")
+        setattr(self, name, child)
+        return child
 
 
 # Attributes a placeholder module must carry with a concrete value.
@@ -152,7 +153,7 @@ _SPECIAL_ATTRS = {
 
 def is_standin(obj) -> bool:
     """True when ``obj`` is a module or value handed out by these stand-ins."""
-    return isinstance(obj, _Standin) or bool(getattr(obj, _STANDIN_MARK, False))
+    return isinstance(obj, (_StandinMeta, _StandinModule)) or getattr(obj, _STANDIN_MARK, False) is True
 
 
 def _top(fullname: str) -> str:
