@@ -1,0 +1,180 @@
+"""Ways to damage a copy of a checkpoint, each the way a real bad checkpoint looks on disk."""
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def copy_checkpoint(src, dst) -> Path:
+    dst = Path(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def shards(ckpt) -> list:
+    return sorted(Path(ckpt).glob("*.safetensors"))
+
+
+def read_raw(path):
+    data = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def write_raw(path, header, body):
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    Path(path).write_bytes(struct.pack("<Q", len(text)) + text + body)
+
+
+def first_tensor(header):
+    return next(k for k in header if k != "__metadata__")
+
+
+def rewrite_tensors(path, mutate):
+    """Load a shard, let ``mutate(dict)`` change it, save it back (valid safetensors)."""
+    tensors = load_file(str(path))
+    mutate(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def update_index(ckpt, mutate):
+    index = Path(ckpt) / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        mutate(data["weight_map"])
+        index.write_text(json.dumps(data))
+
+
+def truncate(ckpt):
+    path = shards(ckpt)[-1]
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size - 64)
+    return path.name, None
+
+
+def header_length_too_large(ckpt):
+    path = shards(ckpt)[0]
+    data = bytearray(path.read_bytes())
+    data[:8] = struct.pack("<Q", len(data) * 4)
+    path.write_bytes(bytes(data))
+    return path.name, None
+
+
+def header_not_json(ckpt):
+    path = shards(ckpt)[0]
+    data = bytearray(path.read_bytes())
+    data[8] = ord("x")
+    path.write_bytes(bytes(data))
+    return path.name, None
+
+
+def offsets_past_end(ckpt):
+    path = shards(ckpt)[0]
+    header, body = read_raw(path)
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    last = names[-1]
+    begin, end = header[last]["data_offsets"]
+    header[last]["data_offsets"] = [begin + 1024, end + 1024]
+    write_raw(path, header, body)
+    return path.name, last
+
+
+def overlapping_offsets(ckpt):
+    path = shards(ckpt)[0]
+    header, body = read_raw(path)
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    a, b = names[0], names[1]
+    header[b] = dict(header[b], data_offsets=list(header[a]["data_offsets"]), shape=header[a]["shape"], dtype=header[a]["dtype"])
+    write_raw(path, header, body)
+    return path.name, None
+
+
+def missing_tensor(ckpt):
+    path = shards(ckpt)[0]
+    name = sorted(load_file(str(path)))[0]
+    rewrite_tensors(path, lambda t: t.pop(name))
+    update_index(ckpt, lambda m: m.pop(name, None))
+    return None, name
+
+
+def unknown_tensor(ckpt):
+    path = shards(ckpt)[0]
+    name = "model.layers.0.mlp.surprise.weight"
+    rewrite_tensors(path, lambda t: t.__setitem__(name, torch.zeros(4, 4, dtype=torch.bfloat16)))
+    update_index(ckpt, lambda m: m.__setitem__(name, path.name))
+    return path.name, name
+
+
+def _matrix(tensors):
+    return next(k for k in sorted(tensors) if tensors[k].dim() == 2 and "norm" not in k)
+
+
+def wrong_shape(ckpt):
+    path = shards(ckpt)[0]
+    tensors = load_file(str(path))
+    name = _matrix(tensors)
+
+    def grow(t):
+        t[name] = torch.cat([t[name], t[name][:1]], dim=0)
+
+    rewrite_tensors(path, grow)
+    return path.name, name
+
+
+def wrong_dtype(ckpt):
+    path = shards(ckpt)[0]
+    name = _matrix(load_file(str(path)))
+    rewrite_tensors(path, lambda t: t.__setitem__(name, t[name].to(torch.float16)))
+    return path.name, name
+
+
+def index_names_missing_shard(ckpt):
+    shard = "model-99999-of-99999.safetensors"
+    index = Path(ckpt) / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    name = next(iter(data["weight_map"]))
+    data["weight_map"][name] = shard
+    index.write_text(json.dumps(data))
+    return shard, None
+
+
+def empty_directory(ckpt):
+    for p in Path(ckpt).iterdir():
+        p.unlink()
+    return None, None
+
+
+def missing_config(ckpt):
+    (Path(ckpt) / "config.json").unlink()
+    return "config.json", None
+
+
+def other_architecture(ckpt):
+    path = Path(ckpt) / "config.json"
+    config = json.loads(path.read_text())
+    config["architectures"] = ["LlamaForCausalLM"]
+    path.write_text(json.dumps(config))
+    return "config.json", None
+
+
+DAMAGES = {
+    "truncated_shard": truncate,
+    "header_length_larger_than_file": header_length_too_large,
+    "header_not_json": header_not_json,
+    "offsets_past_end_of_file": offsets_past_end,
+    "overlapping_offsets": overlapping_offsets,
+    "missing_tensor": missing_tensor,
+    "unknown_extra_tensor": unknown_tensor,
+    "wrong_shape": wrong_shape,
+    "wrong_dtype": wrong_dtype,
+    "index_names_missing_shard": index_names_missing_shard,
+    "empty_directory": empty_directory,
+    "missing_config": missing_config,
+    "config_of_another_architecture": other_architecture,
+}
