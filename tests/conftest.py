@@ -9,8 +9,9 @@ their random weights, so B is the update target of A):
     llama_a, qwen2_a                other architectures
     checkpoint_factory(kind, seed=..., layout=..., **sizes) -> Path (cached per arguments)
 
-Also ``venv_python`` (the interpreter running pytest, i.e. the test venv's) and the
-``slow`` and ``server`` markers.
+Also ``venv_python`` (the interpreter running pytest, i.e. the test venv's),
+``start_server(model_path, **SGLangServer kwargs) -> started SGLangServer`` (stopped at the
+end of the test, pass or fail), and the ``slow`` and ``server`` markers.
 """
 
 from __future__ import annotations
@@ -121,3 +122,20 @@ def qwen2_a(checkpoint_factory):
 def venv_python():
     """The interpreter running the tests (the test venv's python, with sglang installed)."""
     return sys.executable
+
+
+@pytest.fixture
+def start_server():
+    """``start(model_path, **kwargs) -> SGLangServer`` (started); all are stopped at teardown."""
+    from tests.rig.server import SGLangServer
+
+    started = []
+
+    def start(model_path, **kwargs):
+        srv = SGLangServer(model_path, **kwargs)
+        started.append(srv)
+        return srv.start()
+
+    yield start
+    for srv in reversed(started):
+        srv.stop()
