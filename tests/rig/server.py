@@ -7,7 +7,8 @@
 
 The server runs in its own session (process group) with the CPU flags of
 /work/shared/notes/cpu-rig.md, logs to a file, and is always stopped: on ``__exit__``, by
-a finalizer, at interpreter exit (``atexit``), from ``pytest_sessionfinish`` (see
+a finalizer, at interpreter exit (``atexit``, which also deletes the temporary log folders
+unless ``SGLANG_RIG_KEEP_LOGS=1``), from ``pytest_sessionfinish`` (see
 tests/conftest.py) and, when started from the main thread, by the kernel if the test
 process dies (``PR_SET_PDEATHSIG``; SGLang's own children already die with the launcher).
 """
@@ -65,7 +66,18 @@ def stop_all_servers() -> None:
             pass
 
 
-atexit.register(stop_all_servers)
+_TEMP_LOG_DIRS: List[Path] = []
+
+
+def _at_exit() -> None:
+    stop_all_servers()
+    import shutil
+
+    for d in _TEMP_LOG_DIRS:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+atexit.register(_at_exit)
 
 
 def _set_pdeathsig():  # runs in the child between fork and exec
@@ -115,7 +127,12 @@ class SGLangServer:
         # Start-up deadline; SGLANG_RIG_SERVER_TIMEOUT raises it on a crowded machine.
         self.timeout = float(timeout if timeout is not None else os.environ.get("SGLANG_RIG_SERVER_TIMEOUT", 180))
         self.request_timeout = request_timeout
-        self._log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="sglang-rig-server-"))
+        if log_dir:
+            self._log_dir = Path(log_dir)
+        else:
+            self._log_dir = Path(tempfile.mkdtemp(prefix="sglang-rig-server-"))
+            if os.environ.get("SGLANG_RIG_KEEP_LOGS", "0") != "1":
+                _TEMP_LOG_DIRS.append(self._log_dir)  # removed at exit (after every server stopped)
         self.log_path = self._log_dir / "server.log"
         self.port: Optional[int] = None
         self.proc: Optional[subprocess.Popen] = None
