@@ -27,10 +27,13 @@ dtype attribute for each dtype string.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import os
 import stat
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -147,11 +150,15 @@ class SafetensorsHeader:
 
     def layout_key(self) -> tuple:
         """Hashable identity of the file's byte layout (sizes, names, dtypes, shapes, offsets)."""
-        return (
-            self.file_size,
-            self.data_start,
-            tuple((t.name, t.dtype, t.shape, t.start, t.end) for t in self.tensors.values()),
-        )
+        key = self.__dict__.get("_layout_key")
+        if key is None:
+            key = (
+                self.file_size,
+                self.data_start,
+                tuple((t.name, t.dtype, t.shape, t.start, t.end) for t in self.tensors.values()),
+            )
+            object.__setattr__(self, "_layout_key", key)  # computed once per parsed header
+        return key
 
 
 # --------------------------------------------------------------------------- JSON
@@ -515,4 +522,31 @@ def read_header(path: str) -> SafetensorsHeader:
         raise HeaderError(path, f"cannot read safetensors file: {e.strerror or e}") from e
     finally:
         os.close(fd)
-    return parse_header(path, head + body, file_size)
+    return _parse_header_memoized(path, head + body, file_size)
+
+
+# Parsing is a pure function of (header bytes, file size); RL updates re-read byte-identical
+# headers every step (same writer, same shapes), so validated results are reused. Only the
+# path differs between checkpoints, and it is replaced on a hit.
+_MEMO: "collections.OrderedDict[tuple, SafetensorsHeader]" = collections.OrderedDict()
+_MEMO_SIZE = 512
+_MEMO_LOCK = threading.Lock()
+
+
+def _parse_header_memoized(path: str, prefix: bytes, file_size: int) -> SafetensorsHeader:
+    key = (file_size, prefix)
+    with _MEMO_LOCK:
+        hit = _MEMO.get(key)
+        if hit is not None:
+            _MEMO.move_to_end(key)
+    if hit is not None:
+        header = dataclasses.replace(hit, path=path)
+        object.__setattr__(header, "_layout_key", hit.layout_key())
+        return header
+    header = parse_header(path, prefix, file_size)
+    header.layout_key()
+    with _MEMO_LOCK:
+        _MEMO[key] = header
+        while len(_MEMO) > _MEMO_SIZE:
+            _MEMO.popitem(last=False)
+    return header

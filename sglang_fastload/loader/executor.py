@@ -163,6 +163,19 @@ _WORKER_POOL: Dict[Tuple[str, int], List[_Worker]] = {}
 _POOL_LOCK = threading.Lock()
 
 
+_READER_POOLS: Dict[int, ThreadPoolExecutor] = {}
+
+
+def _reader_pool(threads: int) -> ThreadPoolExecutor:
+    """A thread pool kept between loads (starting threads on every update costs time)."""
+    with _POOL_LOCK:
+        pool = _READER_POOLS.get(threads)
+        if pool is None:
+            pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastload-reader")
+            _READER_POOLS[threads] = pool
+        return pool
+
+
 def _workers(device: torch.device, count: int, chunk_bytes: int) -> List[_Worker]:
     key = (str(device), chunk_bytes)
     with _POOL_LOCK:
@@ -313,9 +326,16 @@ def execute_plan(
             for chunk in chunks:
                 task(chunk)
         else:
-            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastload-reader") as pool:
-                for f in [pool.submit(task, c) for c in chunks]:
+            futures = [_reader_pool(threads).submit(task, c) for c in chunks]
+            try:
+                for f in futures:
                     f.result()
+            finally:
+                for f in futures:  # never return while a reader still writes into parameters
+                    f.cancel()
+                for f in futures:
+                    if not f.cancelled():
+                        f.exception()
         for w in workers:
             w.finish()
     finally:

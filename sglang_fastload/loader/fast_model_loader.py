@@ -126,21 +126,21 @@ class PreparedLoad:
         files = resolve_checkpoint_files(directory)
         headers = {path: read_header(path) for path in files.files}
         check_weight_map(files, headers)
-        tensors: Dict[str, Tuple[str, Tuple[int, ...], str]] = {}
-        for path, header in headers.items():
-            for name, entry in header.tensors.items():
-                if name in tensors:
-                    raise CheckpointError(path, f"also stored in {tensors[name][0]}", tensor=name)
-                tensors[name] = (path, entry.shape, entry.dtype)
         state = state_of(model)
-        if state.reference is not None:
-            validate.check_against_reference(tensors, state.reference, directory)
-        t1 = time.perf_counter()
-
         key = (str(target_device), tuple((os.path.basename(p), h.layout_key()) for p, h in sorted(headers.items())))
         plan = state.cached_plan(key)
         cached = plan is not None
-        if plan is None:
+        tensors: Dict[str, Tuple[str, Tuple[int, ...], str]] = {}
+        if not cached:
+            # A cached plan's layout (names, dtypes, shapes, offsets, sizes) was checked when
+            # the plan was made; only a new layout needs the per-tensor checks.
+            for path, header in headers.items():
+                for name, entry in header.tensors.items():
+                    tensors[name] = (path, entry.shape, entry.dtype)
+            if state.reference is not None:
+                validate.check_against_reference(tensors, state.reference, directory)
+        t1 = time.perf_counter()
+        if not cached:
             plan = cls._make_plan(ckpt, model, headers, tensors, directory)
             state.remember_plan(key, plan)
         t2 = time.perf_counter()
@@ -303,7 +303,9 @@ class FastModelLoader(DefaultModelLoader):
         if after != prepared.stats:
             raise CheckpointError(prepared.directory, "a checkpoint file changed while it was being loaded")
         if startup:
-            state_of(model).reference = {n: (tuple(s), d) for n, (_, s, d) in prepared.tensors.items()}
+            state_of(model).reference = {
+                n: (tuple(e.shape), e.dtype) for h in prepared.headers.values() for n, e in h.tensors.items()
+            }
         summary = LoadSummary(
             directory=prepared.directory,
             files=len(prepared.headers),
