@@ -102,9 +102,12 @@ CONTENDERS: Dict[str, Contender] = {
         Contender(
             "fastsafetensors", "fastsafetensors", requires="fastsafetensors", description="SGLang's fastsafetensors format"
         ),
-        Contender("fast", "fast", upstream_scan=False, description="sglang-fastload (8 threads)"),
+        Contender("fast", "fast", upstream_scan=False, description="sglang-fastload (default: 8-16 threads by CPU count, 64 MiB buffers)"),
         Contender("fast1", "fast", {"num_threads": 1}, upstream_scan=False, description="sglang-fastload, 1 thread"),
         Contender("fast16", "fast", {"num_threads": 16}, upstream_scan=False, description="sglang-fastload, 16 threads"),
+        Contender("fast8", "fast", {"num_threads": 8}, upstream_scan=False, description="sglang-fastload, 8 threads"),
+        Contender("fast-c32", "fast", {"chunk_mb": 32}, upstream_scan=False, description="sglang-fastload, 32 MiB buffers"),
+        Contender("fast-c16", "fast", {"chunk_mb": 16}, upstream_scan=False, description="sglang-fastload, 16 MiB buffers"),
     )
 }
 REFERENCE = "auto"
@@ -461,13 +464,14 @@ def _free_port() -> int:
 class Session:
     """Imports SGLang once, owns the one-rank process group, builds and updates models."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, rank: int = 0, world: int = 1):
         self.device = device
+        self.rank, self.world = rank, world  # tensor-parallel rank and size (one GPU each)
         t0 = time.perf_counter()
         import torch
 
         if device == "cuda":
-            torch.cuda.set_device(0)
+            torch.cuda.set_device(rank)
             torch.set_num_threads(1)  # as ModelRunner.load_model does off CPU
         from sglang.srt.configs.device_config import DeviceConfig
         from sglang.srt.configs.model_config import ModelConfig
@@ -514,7 +518,7 @@ class Session:
         kwargs = dict(
             model_path=model_path,
             device=self.device,
-            tp_size=1,
+            tp_size=self.world,
             dtype="bfloat16",
             load_format=contender.load_format,
             attention_backend="torch_native",
@@ -527,20 +531,21 @@ class Session:
         if contender.extra is not None:
             kwargs["model_loader_extra_config"] = json.dumps(contender.extra)
         server_args = m["ServerArgs"](**kwargs)
-        m["publish"](server_args, role="scheduler", ranks=m["SpawnRanks"](world_rank=0, gpu_id=0))
+        m["publish"](server_args, role="scheduler", ranks=m["SpawnRanks"](world_rank=self.rank, gpu_id=self.rank))
         m["initialize_moe_config"]()
         if not self.dist_ready:
             t0 = time.perf_counter()
             ps = m["parallel_state"]
             ps.set_custom_all_reduce(False)
+            port = os.environ.get("MASTER_PORT") if self.world > 1 else None
             ps.init_distributed_environment(
                 backend="nccl" if self.device == "cuda" else "gloo",
-                world_size=1,
-                rank=0,
-                local_rank=0,
-                distributed_init_method=f"tcp://127.0.0.1:{_free_port()}",
+                world_size=self.world,
+                rank=self.rank,
+                local_rank=self.rank,
+                distributed_init_method=f"tcp://127.0.0.1:{port or _free_port()}",
             )
-            ps.initialize_model_parallel()
+            ps.initialize_model_parallel()  # widths come from the published ServerArgs
             self.dist_ready = True
             self.dist_s = time.perf_counter() - t0
         model_config = m["ModelConfig"].from_server_args(server_args)
@@ -548,7 +553,7 @@ class Session:
         m["init_layer_runtime"](model_config=model_config)
         load_config = m["build_load_config"](
             server_args=server_args,
-            tp_rank=0,
+            tp_rank=self.rank,
             remote_instance_weight_transporter_engine=None,
             remote_instance_weight_transporter_session_id="",
             draft_model_idx=None,
@@ -578,7 +583,7 @@ class Session:
         loader._get_all_weights = _get_all_weights
         loader.load_weights_and_postprocess = load_weights_and_postprocess
         t0 = time.perf_counter()
-        model = loader.load_model(model_config=model_config, device_config=m["DeviceConfig"](self.device, 0))
+        model = loader.load_model(model_config=model_config, device_config=m["DeviceConfig"](self.device, self.rank))
         sync(self.device)
         total = time.perf_counter() - t0
         load_s = marks["load_end"] - marks["load_start"] if "load_end" in marks else total
@@ -604,9 +609,9 @@ class Session:
             raise AssertionError("no CUDA graph is captured in this benchmark")
 
         updater = m["WeightUpdater"](
-            tp_rank=0,
+            tp_rank=self.rank,
             device=self.device,
-            gpu_id=0,
+            gpu_id=self.rank,
             model_config=model_config,
             custom_weight_loaders={},
             get_model=lambda: runner.model,

@@ -13,6 +13,7 @@ has the details.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import stat
@@ -236,7 +237,23 @@ def _read_index(directory: str, real_dir: str) -> Tuple[str, Dict[str, str]]:
             data = f.read(MAX_INDEX_BYTES + 1)
     except OSError as e:
         raise CheckpointIndexError(index_path, f"cannot read index: {e.strerror or e}") from None
-    return index_path, parse_index(index_path, data)
+    return index_path, _parse_index_memoized(index_path, data)
+
+
+# Like headers, an RL job's index files are byte-identical from step to step; parsing is a
+# pure function of the bytes, so the validated result is reused (callers never mutate it).
+_INDEX_MEMO: "collections.OrderedDict[bytes, Dict[str, str]]" = collections.OrderedDict()
+_INDEX_MEMO_SIZE = 8
+
+
+def _parse_index_memoized(index_path: str, data: bytes) -> Dict[str, str]:
+    names = _INDEX_MEMO.get(data)
+    if names is None:
+        names = parse_index(index_path, data)
+        _INDEX_MEMO[data] = names
+        while len(_INDEX_MEMO) > _INDEX_MEMO_SIZE:
+            _INDEX_MEMO.popitem(last=False)
+    return names
 
 
 def resolve_checkpoint_files(directory: str) -> CheckpointFiles:

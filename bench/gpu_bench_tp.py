@@ -1,0 +1,143 @@
+"""Tensor-parallel weight-update benchmark: one process per GPU (torchrun), same run.
+
+    python3 bench/gpu_bench_tp.py --nproc 2 --site-dir /tmp/site --out $OUT/tp.json
+
+Per rank, on one synthetic Qwen3-30B-A3B-shaped checkpoint (written once by rank 0):
+upstream ``auto`` and ``fast`` — initial load, two warm updates and a cold update through
+SGLang's real ``WeightUpdater`` — seconds per rank, bytes read per rank, and a bit-exact
+check of ``fast`` against ``auto`` on every rank. Rank 0 also measures the host's raw
+page-cache read ceiling (16 threads) in the same run. Reuses ``gpu_bench.py``'s pieces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import gpu_bench as gb  # noqa: E402
+
+GB = 10**9
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--nproc", type=int, default=2, help="tensor-parallel size (one process per GPU)")
+    p.add_argument("--site-dir", default=None)
+    p.add_argument("--moe-layers", type=int, default=16)
+    p.add_argument("--size", choices=("full", "tiny"), default="full")
+    p.add_argument("--workdir", default="/var/tmp/sglang-fastload-bench-tp")
+    p.add_argument("--contenders", type=lambda s: s.split(","), default=["auto", "fast"])
+    p.add_argument("--cold", action="store_true", help="also one cold update per contender")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: dry run over gloo")
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_bench_tp.json"))
+    return p.parse_args(argv)
+
+
+def launch(nproc: int) -> int:
+    """Start one process per rank (RANK/WORLD_SIZE/MASTER_PORT set) and wait for all."""
+    import subprocess
+
+    port = gb._free_port()
+    procs = [
+        subprocess.Popen([sys.executable, *sys.argv], env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(nproc), MASTER_PORT=str(port)))
+        for r in range(nproc)
+    ]
+    codes = [p.wait() for p in procs]
+    return max(codes)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if "RANK" not in os.environ:
+        return launch(args.nproc)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    gb.activate_site(args.site_dir)
+    import torch
+
+    import synthetic_checkpoints as sc
+
+    if args.device == "cuda":
+        import import_standins_for_bench
+
+        import_standins_for_bench.activate()
+    spec = sc.moe_spec(args.size, layers=args.moe_layers)
+    directory = os.path.join(args.workdir, "moe")
+    ready = os.path.join(args.workdir, f"ready-{os.environ.get('MASTER_PORT', '0')}")
+    ceiling = None
+    if rank == 0:
+        os.makedirs(directory, exist_ok=True)
+        info = sc.write_checkpoint(directory, spec, shard_bytes=5 * GB if args.size == "full" else 10**6, log=gb.log)
+        ceiling = gb.raw_read(info.files, 16)
+        open(ready, "w").close()
+    else:
+        while not os.path.exists(ready):
+            time.sleep(0.2)
+        info = sc.write_checkpoint(directory, spec, shard_bytes=5 * GB if args.size == "full" else 10**6, log=lambda *_: None)
+    session = gb.Session(args.device, rank=rank, world=world)
+    summaries = gb.FastSummaries()
+    rows, models = [], {}
+    for name in args.contenders:
+        cont = gb.CONTENDERS[name]
+        with gb.upstream_expert_scan(cont.upstream_scan, {}):
+            _, model_config, load_config = session.configure(info.directory, cont)
+            torch.distributed.barrier()
+            n = len(summaries.items)
+            model, t = session.load(model_config, load_config)
+            updater, runner = session.updater(model, model_config, load_config)
+            phases = [("load", "warm", t["load_s"], summaries.items[-1] if len(summaries.items) > n else None)]
+            for phase, cache in [("update1", "warm"), ("update2", "warm")] + ([("update3", "cold")] if args.cold else []):
+                if cache == "cold" and rank == 0:
+                    gb.drop_page_cache(info.files)
+                torch.distributed.barrier()
+                n = len(summaries.items)
+                t0 = time.perf_counter()
+                ok, message = updater.update_weights_from_disk(info.directory, cont.load_format)
+                gb.sync(args.device)
+                seconds = time.perf_counter() - t0
+                assert ok, message
+                fs = summaries.items[-1] if len(summaries.items) > n else None
+                phases.append((phase, cache, seconds, fs))
+        for phase, cache, seconds, fs in phases:
+            bytes_read = fs["bytes_read"] if fs else info.nbytes  # upstream maps and iterates every file
+            rows.append(dict(rank=rank, contender=name, phase=phase, cache=cache, seconds=round(seconds, 4),
+                             bytes_read=bytes_read, gbps_of_checkpoint=round(info.nbytes / seconds / GB, 2)))
+        models[name] = runner.model
+    verdict = None
+    if "auto" in models and "fast" in models:
+        verdict = gb.compare_models(models["auto"], models["fast"])
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, dict(rows=rows, verdict=verdict))
+    if rank == 0:
+        data = dict(
+            date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), command=" ".join(["python3"] + sys.argv),
+            world=world, gpu=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", checkpoint=dict(layers=args.moe_layers, gb=round(info.nbytes / GB, 3), tensors=info.tensors, files=len(info.files)),
+            ceiling_page_cache_16_threads=ceiling, ranks=gathered,
+        )
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+        print(f"TP={world}, {data['gpu']}, checkpoint {data['checkpoint']}, page-cache ceiling {ceiling and ceiling.get('gbps')} GB/s")
+        print("| contender | phase | cache | " + " | ".join(f"rank {r} s | rank {r} GB read" for r in range(world)) + " |")
+        print("|---|---|---|" + "---|---|" * world)
+        keys = [(r["contender"], r["phase"], r["cache"]) for r in gathered[0]["rows"]]
+        for key in keys:
+            cells = []
+            for g in gathered:
+                r = next(x for x in g["rows"] if (x["contender"], x["phase"], x["cache"]) == key)
+                cells += [f"{r['seconds']:.3f}", f"{r['bytes_read'] / GB:.2f}"]
+            print(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+        for r, g in enumerate(gathered):
+            print(f"rank {r}: fast vs auto: {g['verdict']}")
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
