@@ -20,7 +20,7 @@ import stat
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
-from sglang_fastload.checkpoint.safetensors_header import SafetensorsHeader
+from sglang_fastload.checkpoint.safetensors_header import SafetensorsHeader, _is_unicode, _short
 from sglang_fastload.errors import CheckpointIndexError
 
 __all__ = [
@@ -69,19 +69,6 @@ def _no_duplicates(pairs):
             raise _DuplicateKey(key)
         result[key] = value
     return result
-
-
-def _short(value, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _check_shard_name(index_path: str, tensor: str, shard) -> None:
