@@ -63,7 +63,8 @@ def _is_first_rank() -> bool:
 
 def unsupported_reason(model, load_config: LoadConfig) -> Optional[str]:
     """Return why ``model`` cannot be fast-loaded, or None when it can."""
-    if not getattr(type(model), "supports_fast_load", False):
+    # Only the classes that declare it themselves: a subclass may load differently.
+    if not type(model).__dict__.get("supports_fast_load", False):
         return f"{type(model).__name__} does not declare fast-load support"
     if getattr(model, "quant_config", None) is not None:
         return "quantized models are loaded by upstream"
@@ -154,7 +155,7 @@ class PreparedLoad:
             plan_cached=cached,
             validate_seconds=t1 - t0,
             plan_seconds=t2 - t1,
-            stats=[(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in sorted(headers)],
+            stats=_file_stamps(headers),
         )
 
     @staticmethod
@@ -207,6 +208,15 @@ class PreparedLoad:
             min_segment_bytes=loader.min_segment_bytes,
             max_step_bytes=loader.chunk_bytes,
         )
+
+
+def _file_stamps(paths) -> list:
+    """(size, mtime) of each file: equal before and after a load, or the files changed."""
+    stamps = []
+    for p in sorted(paths):
+        st = os.stat(p)
+        stamps.append((st.st_size, st.st_mtime_ns))
+    return stamps
 
 
 def _numel(geometry) -> int:
@@ -301,8 +311,7 @@ class FastModelLoader(DefaultModelLoader):
         finally:
             if progress is not None:
                 progress.close()
-        after = [(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in sorted(prepared.headers)]
-        if after != prepared.stats:
+        if _file_stamps(prepared.headers) != prepared.stats:
             raise CheckpointError(prepared.directory, "a checkpoint file changed while it was being loaded")
         if startup:
             state_of(model).reference = {
