@@ -150,6 +150,8 @@ class _Worker:
 
     def device_scratch(self, nbytes: int) -> torch.Tensor:
         if self.scratch is None or self.scratch.numel() < nbytes:
+            if self.scratch is not None:
+                self.stream.synchronize()  # the old buffer may still feed queued copies
             self.scratch = torch.empty(max(nbytes, self.chunk_bytes), dtype=torch.uint8, device=self.device)
         return self.scratch
 
@@ -240,31 +242,32 @@ def _run_chunk(
     for off, n, p in segments:
         _read_exact(fd, _writable_view(base + p, n), off, chunk.path, stats)
 
-    ctx = torch.cuda.stream(worker.stream) if worker.cuda else _null_context()
-    with ctx:
+    if worker.cuda:
+        with torch.cuda.stream(worker.stream):
+            # One host->device copy of the whole buffer, then every step's (possibly strided)
+            # view copied on the device in one batched call: per-step copies from the host
+            # cost a driver call each, which dominates on checkpoints of many small tensors.
+            dev = worker.device_scratch(pos).narrow(0, 0, pos)
+            dev.copy_(buf.narrow(0, 0, pos), non_blocking=True)
+            dsts, srcs = [], []
+            for step, start in layout:
+                dst = _param_view(params[step.param], step.dst)
+                src = dev.narrow(0, start, step.nbytes).view(dst.dtype)
+                off, sizes, strides = step.view
+                dsts.append(dst)
+                srcs.append(src.as_strided(sizes, strides, src.storage_offset() + off))
+            torch._foreach_copy_(dsts, srcs)
+    else:
         for step, start in layout:
             dst = _param_view(params[step.param], step.dst)
             host = buf.narrow(0, start, step.nbytes).view(dst.dtype)
-            if worker.cuda and not step.view_is_dense:
-                # Strided gather on the device: one H2D of the read bytes, then a D2D view copy.
-                dev = worker.device_scratch(step.nbytes).narrow(0, 0, step.nbytes)
-                dev.copy_(buf.narrow(0, start, step.nbytes), non_blocking=True)
-                host = dev.view(dst.dtype)
             off, sizes, strides = step.view
-            src = host.as_strided(sizes, strides, host.storage_offset() + off)
-            dst.copy_(src, non_blocking=worker.cuda)
+            dst.copy_(host.as_strided(sizes, strides, host.storage_offset() + off))
     worker.mark_in_use()
     fault.spend(sum(s.nbytes for s, _ in layout))
     if on_bytes:
         on_bytes(chunk.nbytes)
 
-
-class _null_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def execute_plan(
