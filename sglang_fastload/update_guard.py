@@ -25,14 +25,10 @@ def validate_before_writing(weights, model, target_device) -> None:
     Raises:
         CheckpointError: the checkpoint is unusable; nothing was written.
     """
-    from sglang_fastload.errors import UnsupportedModelError
-    from sglang_fastload.loader.fast_model_loader import FastCheckpoint, unsupported_reason
+    from sglang_fastload.loader.fast_model_loader import FastCheckpoint
 
-    if isinstance(weights, FastCheckpoint) and unsupported_reason(model, weights.loader.load_config) is None:
-        try:
-            weights.prepare(model, target_device)
-        except UnsupportedModelError:
-            pass  # the loader falls back to upstream's path and says so
+    if isinstance(weights, FastCheckpoint):
+        weights.try_prepare(model, target_device)  # unsupported: the loader says so and falls back
 
 
 def all_ranks_ok(ok: bool) -> bool:

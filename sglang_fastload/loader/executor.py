@@ -197,13 +197,12 @@ def _run_chunk(
 ) -> None:
     stats = worker.stats
     direct: List[CopyStep] = []
-    staged: List[Tuple[CopyStep, int]] = []
+    staged: List[CopyStep] = []
     for step in chunk.steps:
-        dst = params[step.param]
         if not worker.cuda and step.view_is_dense and is_contiguous(step.dst):
             direct.append(step)
         else:
-            staged.append((step, 0))
+            staged.append(step)
     # CPU: bytes that are exactly the destination's go straight into the parameter.
     for step in direct:
         dst = params[step.param]
@@ -220,7 +219,7 @@ def _run_chunk(
     layout: List[Tuple[CopyStep, int]] = []
     pos = 0
     prev_end = None
-    for step, _ in staged:
+    for step in staged:
         if prev_end == step.reads[0][0] and pos % step.itemsize == 0:
             start = pos
         else:

@@ -27,7 +27,7 @@ from sglang_fastload.errors import CheckpointError, UnsupportedModelError
 from sglang_fastload.loader import validate
 from sglang_fastload.loader.checkpoint_state import state_of
 from sglang_fastload.loader.executor import execute_plan
-from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, build_plan
+from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, build_plan, numel
 from sglang_fastload.loader.replay import replay_load_weights
 from sglang_fastload.loader.summary import LoadSummary
 
@@ -114,6 +114,23 @@ class FastCheckpoint:
         self._prepared = (id(model), prepared)
         return prepared
 
+    def try_prepare(self, model, target_device) -> Tuple[Optional["PreparedLoad"], Optional[str]]:
+        """``prepare`` when the model can be fast-loaded.
+
+        Returns:
+            ``(prepared load, None)``, or ``(None, why not)`` when upstream's path must load it.
+
+        Raises:
+            CheckpointError: the checkpoint is unusable; nothing was written.
+        """
+        reason = unsupported_reason(model, self.loader.load_config)
+        if reason is not None:
+            return None, reason
+        try:
+            return self.prepare(model, target_device), None
+        except UnsupportedModelError as exc:
+            return None, str(exc)
+
 
 class PreparedLoad:
     """A validated plan for one checkpoint and one model, ready to execute."""
@@ -176,9 +193,9 @@ class PreparedLoad:
         params = dict(model.named_parameters(remove_duplicate=False))
         written: Dict[str, int] = {}
         for c in result.copies:
-            written[c.param] = written.get(c.param, 0) + _numel(c.dst)
+            written[c.param] = written.get(c.param, 0) + numel(c.dst)
         for z in result.zeros:
-            written[z.param] = written.get(z.param, 0) + _numel(z.dst)
+            written[z.param] = written.get(z.param, 0) + numel(z.dst)
         # Tied parameters share storage; a write under one name feeds them all.
         by_storage: Dict[int, int] = {}
         for name, p in params.items():
@@ -219,13 +236,6 @@ def _file_stamps(paths) -> list:
     return stamps
 
 
-def _numel(geometry) -> int:
-    n = 1
-    for s in geometry[1]:
-        n *= s
-    return n
-
-
 class FastModelLoader(DefaultModelLoader):
     """``--load-format fast``: plan → validate → pipelined reads → device copies."""
 
@@ -258,16 +268,11 @@ class FastModelLoader(DefaultModelLoader):
 
     def load_weights_and_postprocess(self, model, weights, target_device):
         if isinstance(weights, FastCheckpoint):
-            reason = unsupported_reason(model, self.load_config)
-            if reason is None:
-                try:
-                    prepared = weights.prepare(model, target_device)
-                except UnsupportedModelError as exc:
-                    reason = str(exc)
-                else:
-                    self._load_prepared(model, prepared, target_device)
-                    DefaultModelLoader.postprocess_weights(model, target_device)
-                    return
+            prepared, reason = weights.try_prepare(model, target_device)
+            if prepared is not None:
+                self._load_prepared(model, prepared, target_device)
+                DefaultModelLoader.postprocess_weights(model, target_device)
+                return
             logger.info(
                 "sglang-fastload: %s has no fast-load plan (%s); loading through upstream's "
                 "threaded default path",
