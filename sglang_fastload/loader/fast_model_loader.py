@@ -26,6 +26,7 @@ from sglang_fastload.checkpoint.checkpoint_files import (
     resolve_checkpoint_files,
     weights_format,
 )
+from sglang_fastload.checkpoint.file_stamps import check_unchanged, stamp_files
 from sglang_fastload.checkpoint.safetensors_header import read_header, torch_dtype_name
 from sglang_fastload.errors import CheckpointError, UnsupportedModelError
 from sglang_fastload.loader import validate
@@ -180,7 +181,7 @@ class PreparedLoad:
             plan_cached=cached,
             validate_seconds=t1 - t0,
             plan_seconds=t2 - t1,
-            stats=_file_stamps(headers),
+            stats=stamp_files(headers),
         )
 
     @staticmethod
@@ -234,27 +235,6 @@ class PreparedLoad:
             min_segment_bytes=loader.min_segment_bytes,
             max_step_bytes=loader.chunk_bytes,
         )
-
-
-def _file_stamps(paths) -> Dict[str, Tuple[int, int]]:
-    """(size, mtime) of each file: equal before and after a load, or the file changed."""
-    stamps = {}
-    for p in sorted(paths):
-        st = os.stat(p)
-        stamps[p] = (st.st_size, st.st_mtime_ns)
-    return stamps
-
-
-def _check_unchanged(before: Dict[str, Tuple[int, int]]) -> None:
-    """Raise naming the first shard whose size or mtime differs from ``before``."""
-    for path, (size, mtime) in before.items():
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise CheckpointError(path, f"shard vanished while it was being loaded: {exc.strerror or exc}") from None
-        if (st.st_size, st.st_mtime_ns) != (size, mtime):
-            grew = f" (size {size} -> {st.st_size} bytes)" if st.st_size != size else ""
-            raise CheckpointError(path, f"shard changed while it was being loaded{grew}")
 
 
 class FastModelLoader(DefaultModelLoader):
@@ -337,7 +317,7 @@ class FastModelLoader(DefaultModelLoader):
         finally:
             if progress is not None:
                 progress.close()
-        _check_unchanged(prepared.stats)
+        check_unchanged(prepared.stats)
         state_of(model).loaded = True
         summary = LoadSummary(
             directory=prepared.directory,
