@@ -201,17 +201,26 @@ def _read_index(directory: str) -> Tuple[str, Dict[str, str]]:
 
 # Like headers, an RL job's index files are byte-identical from step to step; parsing is a
 # pure function of the bytes, so the validated result is reused (callers never mutate it).
-_INDEX_MEMO: "collections.OrderedDict[bytes, Dict[str, str]]" = collections.OrderedDict()
-_INDEX_MEMO_SIZE = 8
+# Bounded by bytes held (the text plus ~3x for the parsed names), not by entries.
+_INDEX_MEMO: "collections.OrderedDict[bytes, Tuple[Dict[str, str], int]]" = collections.OrderedDict()
+INDEX_MEMO_MAX_BYTES = 8 << 20
+_index_memo_bytes = 0
 
 
 def _parse_index_memoized(index_path: str, data: bytes) -> Dict[str, str]:
-    names = _INDEX_MEMO.get(data)
-    if names is None:
-        names = parse_index(index_path, data)
-        _INDEX_MEMO[data] = names
-        while len(_INDEX_MEMO) > _INDEX_MEMO_SIZE:
-            _INDEX_MEMO.popitem(last=False)
+    global _index_memo_bytes
+    hit = _INDEX_MEMO.get(data)
+    if hit is not None:
+        _INDEX_MEMO.move_to_end(data)
+        return hit[0]
+    names = parse_index(index_path, data)
+    cost = 4 * len(data)
+    if cost <= INDEX_MEMO_MAX_BYTES:
+        _INDEX_MEMO[data] = (names, cost)
+        _index_memo_bytes += cost
+        while _index_memo_bytes > INDEX_MEMO_MAX_BYTES:
+            _, (_, dropped) = _INDEX_MEMO.popitem(last=False)
+            _index_memo_bytes -= dropped
     return names
 
 

@@ -515,3 +515,21 @@ def test_check_weight_map_needs_every_header(sharded):
     headers.pop(files.files[0])
     with pytest.raises(ValueError, match="no header given"):
         check_weight_map(files, headers)
+
+
+def test_index_memo_is_bounded_by_bytes(tmp_path, monkeypatch):
+    import collections
+
+    monkeypatch.setattr(cf, "_INDEX_MEMO", collections.OrderedDict())
+    monkeypatch.setattr(cf, "_index_memo_bytes", 0)
+    monkeypatch.setattr(cf, "INDEX_MEMO_MAX_BYTES", 8 << 10)
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    write_shard(d / SHARD1, SHARD1_TENSORS)
+    write_shard(d / SHARD2, SHARD2_TENSORS)
+    for step in range(40):  # a writer that stamps the step into the index
+        write_index(d, default_map(), extra={"metadata": {"total_size": 32, "step": step}})
+        assert resolve_checkpoint_files(str(d)).weight_map[SHARD1_TENSORS[0]] == str(d / SHARD1)
+        assert cf._index_memo_bytes <= 8 << 10
+    assert 1 <= len(cf._INDEX_MEMO) < 40
+    assert cf._index_memo_bytes == sum(cost for _, cost in cf._INDEX_MEMO.values())
