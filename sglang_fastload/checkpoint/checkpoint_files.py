@@ -5,10 +5,8 @@ With a ``model.safetensors.index.json`` the shards are exactly the files its
 ignored); without one, every ``*.safetensors`` file directly in the directory is a shard.
 
 Shard names in an index must be plain file names of the directory. Symlinks are followed
-only when they stay inside the checkpoint directory, or when the directory is a Hugging
-Face cache snapshot (``<cache>/models--ORG--NAME/snapshots/<rev>``) and the link points
-to a file directly in that repository's ``blobs/`` folder. ``docs/checkpoint-safety.md``
-has the details.
+wherever they lead when their final target is a readable regular file; dangling links,
+loops and other targets are refused. ``docs/checkpoint-safety.md`` has the details.
 """
 
 from __future__ import annotations
@@ -31,6 +29,7 @@ __all__ = [
     "parse_index",
     "resolve_checkpoint_files",
     "check_weight_map",
+    "weights_format",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -38,9 +37,8 @@ INDEX_NAME = "model.safetensors.index.json"
 MAX_INDEX_BYTES = 100_000_000
 SHARD_SUFFIX = ".safetensors"
 
-_HF_SNAPSHOTS = "snapshots"
-_HF_REPO_PREFIX = "models--"
-_HF_BLOBS = "blobs"
+# Files upstream never loads as weights (its filter_files_not_needed_for_inference).
+_NOT_WEIGHTS = frozenset({"training_args.bin", "optimizer.bin", "optimizer.pt", "scheduler.pt", "scaler.pt"})
 
 
 @dataclass(frozen=True)
@@ -144,36 +142,13 @@ def parse_index(index_path: str, data: bytes) -> Dict[str, str]:
 # ----------------------------------------------------------------------- symlinks
 
 
-def _is_inside(path: str, directory: str) -> bool:
-    try:
-        return path != directory and os.path.commonpath([path, directory]) == directory
-    except ValueError:
-        return False
+def _check_member(directory: str, name: str, err_path: str, label: str) -> str:
+    """Check that ``directory/name`` is, or links to, a readable regular file; returns its path.
 
-
-def _hf_blobs_dir(real_dir: str) -> Optional[str]:
-    """The real path of ``<repo>/blobs`` when ``real_dir`` lies in a HF cache snapshot."""
-    current = real_dir
-    while True:
-        parent = os.path.dirname(current)
-        if parent == current:
-            return None
-        grandparent = os.path.dirname(parent)
-        if (
-            os.path.basename(parent) == _HF_SNAPSHOTS
-            and os.path.basename(grandparent).startswith(_HF_REPO_PREFIX)
-            and len(os.path.basename(grandparent)) > len(_HF_REPO_PREFIX)
-        ):
-            try:
-                return os.path.realpath(os.path.join(grandparent, _HF_BLOBS), strict=True)
-            except (OSError, RuntimeError):
-                return None
-        current = parent
-
-
-def _check_member(directory: str, real_dir: str, name: str, err_path: str, label: str) -> str:
-    """Check that ``directory/name`` is a regular file we may read; returns its path.
-
+    A link is followed wherever it leads, as upstream does: checkpoint managers link an
+    unchanged shard to the previous step's file, and whoever can plant a link in the
+    directory can plant weights too. What could hang or mislead is refused: dangling links,
+    loops, and targets that are not regular files (FIFOs, devices, directories).
     ``label`` names the file in messages, e.g. "shard 'a.safetensors'".
     """
     path = os.path.join(directory, name)
@@ -191,28 +166,25 @@ def _check_member(directory: str, real_dir: str, name: str, err_path: str, label
             raise CheckpointIndexError(
                 err_path, f"{label} ({path}) is a symlink that does not resolve (dangling or a loop)"
             ) from None
-        if not _is_inside(target, real_dir):
-            blobs = _hf_blobs_dir(real_dir)
-            if blobs is None or os.path.dirname(target) != blobs:
-                raise CheckpointIndexError(
-                    err_path,
-                    f"{label} ({path}) is a symlink to {target}, outside the checkpoint "
-                    f"directory; only symlinks to files inside the directory, or from a Hugging "
-                    f"Face cache snapshot into its own blobs/ folder, are followed",
-                )
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointIndexError(
+                err_path, f"{label} ({path}) is a symlink to {target}, which is not a regular file"
+            )
     else:
         st = lst
     if not stat.S_ISREG(st.st_mode):
         raise CheckpointIndexError(err_path, f"{label} ({path}) is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise CheckpointIndexError(err_path, f"{label} ({path}) is not readable")
     return path
 
 
 # ----------------------------------------------------------------------- resolve
 
 
-def _read_index(directory: str, real_dir: str) -> Tuple[str, Dict[str, str]]:
+def _read_index(directory: str) -> Tuple[str, Dict[str, str]]:
     index_path = _check_member(
-        directory, real_dir, INDEX_NAME, os.path.join(directory, INDEX_NAME), f"index file {INDEX_NAME!r}"
+        directory, INDEX_NAME, os.path.join(directory, INDEX_NAME), f"index file {INDEX_NAME!r}"
     )
     try:
         with open(index_path, "rb") as f:
@@ -229,18 +201,47 @@ def _read_index(directory: str, real_dir: str) -> Tuple[str, Dict[str, str]]:
 
 # Like headers, an RL job's index files are byte-identical from step to step; parsing is a
 # pure function of the bytes, so the validated result is reused (callers never mutate it).
-_INDEX_MEMO: "collections.OrderedDict[bytes, Dict[str, str]]" = collections.OrderedDict()
-_INDEX_MEMO_SIZE = 8
+# Bounded by bytes held (the text plus ~3x for the parsed names), not by entries.
+_INDEX_MEMO: "collections.OrderedDict[bytes, Tuple[Dict[str, str], int]]" = collections.OrderedDict()
+INDEX_MEMO_MAX_BYTES = 8 << 20
+_index_memo_bytes = 0
 
 
 def _parse_index_memoized(index_path: str, data: bytes) -> Dict[str, str]:
-    names = _INDEX_MEMO.get(data)
-    if names is None:
-        names = parse_index(index_path, data)
-        _INDEX_MEMO[data] = names
-        while len(_INDEX_MEMO) > _INDEX_MEMO_SIZE:
-            _INDEX_MEMO.popitem(last=False)
+    global _index_memo_bytes
+    hit = _INDEX_MEMO.get(data)
+    if hit is not None:
+        _INDEX_MEMO.move_to_end(data)
+        return hit[0]
+    names = parse_index(index_path, data)
+    cost = 4 * len(data)
+    if cost <= INDEX_MEMO_MAX_BYTES:
+        _INDEX_MEMO[data] = (names, cost)
+        _index_memo_bytes += cost
+        while _index_memo_bytes > INDEX_MEMO_MAX_BYTES:
+            _, (_, dropped) = _INDEX_MEMO.popitem(last=False)
+            _index_memo_bytes -= dropped
     return names
+
+
+def weights_format(directory: str) -> Optional[str]:
+    """Which weights upstream's ``auto`` would load from ``directory``, found as it finds them.
+
+    Returns:
+        ``"safetensors"`` (an index or ``*.safetensors`` files), else ``"bin"`` or ``"pt"``
+        (PyTorch pickles, which the fast path leaves to upstream), else None (no weights,
+        or the directory cannot be listed: ``resolve_checkpoint_files`` says why).
+    """
+    try:
+        names = [n for n in os.listdir(directory) if not n.startswith(".") and n not in _NOT_WEIGHTS]
+    except OSError:
+        return None
+    if INDEX_NAME in names or any(n.endswith(SHARD_SUFFIX) for n in names):
+        return "safetensors"
+    for suffix in (".bin", ".pt"):
+        if any(n.endswith(suffix) for n in names):
+            return suffix[1:]
+    return None
 
 
 def resolve_checkpoint_files(directory: str) -> CheckpointFiles:
@@ -254,13 +255,12 @@ def resolve_checkpoint_files(directory: str) -> CheckpointFiles:
         raise CheckpointIndexError(directory, f"cannot access checkpoint directory: {e.strerror or e}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise CheckpointIndexError(directory, "checkpoint path is not a directory")
-    real_dir = os.path.realpath(directory)
 
     if os.path.lexists(os.path.join(directory, INDEX_NAME)):
-        index_path, names = _read_index(directory, real_dir)
+        index_path, names = _read_index(directory)
         shards = sorted(set(names.values()))
         for shard in shards:
-            _check_member(directory, real_dir, shard, index_path, f"shard {shard!r} named by the index")
+            _check_member(directory, shard, index_path, f"shard {shard!r} named by the index")
         files = tuple(os.path.join(directory, s) for s in shards)
         weight_map = {tensor: os.path.join(directory, shard) for tensor, shard in names.items()}
         return CheckpointFiles(directory, files, weight_map, index_path)
@@ -277,7 +277,7 @@ def resolve_checkpoint_files(directory: str) -> CheckpointFiles:
             directory, f"no safetensors files (*{SHARD_SUFFIX}) and no {INDEX_NAME} in the directory"
         )
     files = tuple(
-        _check_member(directory, real_dir, s, os.path.join(directory, s), f"shard {s!r}") for s in shards
+        _check_member(directory, s, os.path.join(directory, s), f"shard {s!r}") for s in shards
     )
     return CheckpointFiles(directory, files, None, None)
 

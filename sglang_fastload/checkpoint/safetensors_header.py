@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import os
 import stat
@@ -527,26 +528,50 @@ def read_header(path: str) -> SafetensorsHeader:
 
 # Parsing is a pure function of (header bytes, file size); RL updates re-read byte-identical
 # headers every step (same writer, same shapes), so validated results are reused. Only the
-# path differs between checkpoints, and it is replaced on a hit.
-_MEMO: "collections.OrderedDict[tuple, SafetensorsHeader]" = collections.OrderedDict()
-_MEMO_SIZE = 512
+# path differs between checkpoints, and it is replaced on a hit. The memo is bounded by an
+# estimate of the memory it holds, not by entries: writers that put the step into the
+# metadata make every header new, and a Qwen3-30B-A3B-sized checkpoint's headers take
+# ~10 MiB parsed. The bound holds one such checkpoint (A/B alternation shares entries).
+_MEMO: "collections.OrderedDict[tuple, Tuple[SafetensorsHeader, int]]" = collections.OrderedDict()
+MEMO_MAX_BYTES = 16 << 20
+# Measured with tracemalloc: a parsed entry (name, TensorEntry, layout-key tuple) costs
+# ~600-860 bytes beyond its JSON text.
+_PARSED_BYTES_PER_TENSOR = 640
 _MEMO_LOCK = threading.Lock()
+_memo_bytes = 0
+
+
+def _memo_cost(prefix: bytes, header: SafetensorsHeader) -> int:
+    return len(prefix) + _PARSED_BYTES_PER_TENSOR * len(header.tensors)
 
 
 def _parse_header_memoized(path: str, prefix: bytes, file_size: int) -> SafetensorsHeader:
-    key = (file_size, prefix)
+    global _memo_bytes
+    key = (file_size, len(prefix), hashlib.blake2b(prefix, digest_size=32).digest())
     with _MEMO_LOCK:
         hit = _MEMO.get(key)
         if hit is not None:
             _MEMO.move_to_end(key)
     if hit is not None:
-        header = dataclasses.replace(hit, path=path)
-        object.__setattr__(header, "_layout_key", hit.layout_key())
+        header = dataclasses.replace(hit[0], path=path)
+        object.__setattr__(header, "_layout_key", hit[0].layout_key())
         return header
     header = parse_header(path, prefix, file_size)
     header.layout_key()
+    cost = _memo_cost(prefix, header)
+    if cost > MEMO_MAX_BYTES:
+        return header  # too large to keep; never evict everything for one file
     with _MEMO_LOCK:
-        _MEMO[key] = header
-        while len(_MEMO) > _MEMO_SIZE:
-            _MEMO.popitem(last=False)
+        if key not in _MEMO:
+            _MEMO[key] = (header, cost)
+            _memo_bytes += cost
+        while _memo_bytes > MEMO_MAX_BYTES:
+            _, (_, dropped) = _MEMO.popitem(last=False)
+            _memo_bytes -= dropped
     return header
+
+
+def memo_bytes() -> int:
+    """Estimated memory held by the validated-header memo (bounded by ``MEMO_MAX_BYTES``)."""
+    with _MEMO_LOCK:
+        return _memo_bytes

@@ -1,4 +1,4 @@
-"""What a model remembers between fast loads: its reference tensor set and cached plans.
+"""What a model remembers between fast loads: whether it was loaded yet, and cached plans.
 
 Kept on the model object itself, so it lives and dies with the model.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 from sglang_fastload.loader.plan import LoadPlan
 
@@ -20,13 +20,14 @@ class ModelLoadState:
     """Per-model fast-load memory.
 
     Attributes:
-        reference: ``{tensor name: (shape, safetensors dtype)}`` of the checkpoint the model
-            was first loaded from with ``fast``; updates must match it.
+        loaded: a fast load into this model finished (later loads are updates). Updates need
+            not carry the start-up checkpoint's tensor set: each new layout is replayed
+            against the model's own loader, which decides what it consumes.
         plans: layout key -> plan, most recent last.
         plan_builds / plan_hits: counters (observable in logs and tests).
     """
 
-    reference: Optional[Dict[str, Tuple[Tuple[int, ...], str]]] = None
+    loaded: bool = False
     plans: "collections.OrderedDict" = dataclasses.field(default_factory=collections.OrderedDict)
     plan_builds: int = 0
     plan_hits: int = 0

@@ -213,6 +213,11 @@ def _workers(device: torch.device, count: int, chunk_bytes: int) -> List[_Worker
         return pool[:count]
 
 
+def _same_dtype(step: CopyStep, params: Dict[str, torch.Tensor]) -> bool:
+    # Bytes of another dtype are staged, then converted by the copy (as upstream's copy_ does).
+    return step.src_dtype is None or step.src_dtype == params[step.param].dtype
+
+
 def _run_chunk(
     chunk: _Chunk,
     fd: int,
@@ -225,7 +230,7 @@ def _run_chunk(
     direct: List[CopyStep] = []
     staged: List[CopyStep] = []
     for step in chunk.steps:
-        if not worker.cuda and step.view_is_dense and is_contiguous(step.dst):
+        if not worker.cuda and step.view_is_dense and is_contiguous(step.dst) and _same_dtype(step, params):
             direct.append(step)
         else:
             staged.append(step)
@@ -277,7 +282,7 @@ def _run_chunk(
             dsts, srcs = [], []
             for step, start in layout:
                 dst = _param_view(params[step.param], step.dst)
-                src = dev.narrow(0, start, step.nbytes).view(dst.dtype)
+                src = dev.narrow(0, start, step.nbytes).view(step.src_dtype or dst.dtype)
                 off, sizes, strides = step.view
                 dsts.append(dst)
                 srcs.append(src.as_strided(sizes, strides, src.storage_offset() + off))
@@ -285,7 +290,7 @@ def _run_chunk(
     else:
         for step, start in layout:
             dst = _param_view(params[step.param], step.dst)
-            host = buf.narrow(0, start, step.nbytes).view(dst.dtype)
+            host = buf.narrow(0, start, step.nbytes).view(step.src_dtype or dst.dtype)
             off, sizes, strides = step.view
             dst.copy_(host.as_strided(sizes, strides, host.storage_offset() + off))
     worker.mark_in_use()

@@ -21,7 +21,12 @@ from sglang.srt.configs.load_config import LoadConfig, LoadFormat
 from sglang.srt.model_loader.loader import BaseModelLoader, DefaultModelLoader
 
 from sglang_fastload import constants, update_guard
-from sglang_fastload.checkpoint.checkpoint_files import check_weight_map, resolve_checkpoint_files
+from sglang_fastload.checkpoint.checkpoint_files import (
+    check_weight_map,
+    resolve_checkpoint_files,
+    weights_format,
+)
+from sglang_fastload.checkpoint.file_stamps import check_unchanged, stamp_files
 from sglang_fastload.checkpoint.safetensors_header import read_header, torch_dtype_name
 from sglang_fastload.errors import CheckpointError, UnsupportedModelError
 from sglang_fastload.loader import validate
@@ -150,6 +155,10 @@ class PreparedLoad:
     def build(cls, ckpt: FastCheckpoint, model, target_device) -> "PreparedLoad":
         t0 = time.perf_counter()
         directory = ckpt.directory()
+        found = weights_format(directory)
+        if found is not None and found != "safetensors":
+            # Upstream's `auto` loads these; the fast path plans safetensors only.
+            raise UnsupportedModelError(f"the checkpoint has {found} weights, no safetensors")
         validate.check_config(directory, type(model).__name__)
         files = resolve_checkpoint_files(directory)
         headers = {path: read_header(path) for path in files.files}
@@ -160,13 +169,13 @@ class PreparedLoad:
         cached = plan is not None
         tensors: Dict[str, Tuple[str, Tuple[int, ...], str]] = {}
         if not cached:
-            # A cached plan's layout (names, dtypes, shapes, offsets, sizes) was checked when
-            # the plan was made; only a new layout needs the per-tensor checks.
+            # What the checkpoint must satisfy is what the model's own loader consumes: the
+            # replay checks that shapes and dtypes fit and that every parameter is fed. A
+            # cached plan was checked when it was made for this exact layout (names,
+            # dtypes, shapes, offsets, sizes); a different tensor set is another layout.
             for path, header in headers.items():
                 for name, entry in header.tensors.items():
                     tensors[name] = (path, entry.shape, entry.dtype)
-            if state.reference is not None:
-                validate.check_against_reference(tensors, state.reference, directory)
         t1 = time.perf_counter()
         if not cached:
             plan = cls._make_plan(ckpt, model, headers, tensors, directory)
@@ -180,7 +189,7 @@ class PreparedLoad:
             plan_cached=cached,
             validate_seconds=t1 - t0,
             plan_seconds=t2 - t1,
-            stats=_file_stamps(headers),
+            stats=stamp_files(headers),
         )
 
     @staticmethod
@@ -191,7 +200,7 @@ class PreparedLoad:
         for path in sorted(headers):
             for name, entry in headers[path].tensors.items():
                 order.append((name, entry.shape, getattr(torch, torch_dtype_name(entry.dtype))))
-                locations[name] = (path, entry.start, entry.itemsize)
+                locations[name] = (path, entry.start, entry.itemsize, order[-1][2])
         try:
             result = replay_load_weights(model, order, lambda m, it: m.load_weights(it))
         except CheckpointError as exc:
@@ -220,7 +229,8 @@ class PreparedLoad:
         unused = [n for n in tensors if n not in result.tensors_used and not validate.is_known_skip(n)]
         if unused:
             logger.warning(
-                "sglang-fastload: %d checkpoint tensors feed no parameter on this rank%s (e.g. %s)",
+                "sglang-fastload: %d checkpoint tensors feed no parameter on this rank%s and are "
+                "ignored (e.g. %s)",
                 len(unused), _rank_suffix(), unused[:3],
             )
         return build_plan(
@@ -233,15 +243,6 @@ class PreparedLoad:
             min_segment_bytes=loader.min_segment_bytes,
             max_step_bytes=loader.chunk_bytes,
         )
-
-
-def _file_stamps(paths) -> list:
-    """(size, mtime) of each file: equal before and after a load, or the files changed."""
-    stamps = []
-    for p in sorted(paths):
-        st = os.stat(p)
-        stamps.append((st.st_size, st.st_mtime_ns))
-    return stamps
 
 
 class FastModelLoader(DefaultModelLoader):
@@ -332,7 +333,7 @@ class FastModelLoader(DefaultModelLoader):
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         progress = None
-        startup = state_of(model).reference is None
+        startup = not state_of(model).loaded
         if startup and _is_first_rank():
             from tqdm.auto import tqdm
 
@@ -350,15 +351,12 @@ class FastModelLoader(DefaultModelLoader):
         finally:
             if progress is not None:
                 progress.close()
-        if _file_stamps(prepared.headers) != prepared.stats:
-            raise CheckpointError(prepared.directory, "a checkpoint file changed while it was being loaded")
+        check_unchanged(prepared.stats)
         if startup:
-            state_of(model).reference = {
-                n: (tuple(e.shape), e.dtype) for h in prepared.headers.values() for n, e in h.tensors.items()
-            }
             record_served(
                 model, prepared.directory, self.load_config.load_format, weight_file_identities(prepared.directory)
             )
+        state_of(model).loaded = True
         summary = LoadSummary(
             directory=prepared.directory,
             files=len(prepared.headers),

@@ -29,7 +29,9 @@ class CopyStep:
         dst: destination geometry within the parameter.
         reads: ``(file offset, nbytes)`` pieces, concatenated in the buffer in this order.
         view: geometry of the destination's elements within the concatenated bytes.
-        itemsize: bytes per element.
+        itemsize: bytes per element of the checkpoint tensor.
+        src_dtype: the checkpoint tensor's torch dtype; the bytes are viewed as it and
+            converted to the parameter's dtype by the copy when the two differ.
     """
 
     tensor: str
@@ -38,6 +40,7 @@ class CopyStep:
     reads: Tuple[Tuple[int, int], ...]
     view: Geometry
     itemsize: int
+    src_dtype: object = None
 
     @property
     def nbytes(self) -> int:
@@ -146,6 +149,7 @@ def make_step(
     data_start: int,
     itemsize: int,
     min_segment_bytes: int,
+    src_dtype=None,
 ) -> Optional[CopyStep]:
     """Turn one recorded copy into a step that reads only this rank's bytes where worthwhile.
 
@@ -156,6 +160,7 @@ def make_step(
         data_start: absolute file offset of the checkpoint tensor's first byte.
         itemsize: bytes per element.
         min_segment_bytes: strided runs shorter than this are read as one span.
+        src_dtype: the checkpoint tensor's torch dtype (see ``CopyStep``).
 
     Returns:
         The step, or None when the copy moves no element.
@@ -177,7 +182,7 @@ def make_step(
         lo, hi = _span(src)
         reads = [(data_start + lo * itemsize, (hi - lo) * itemsize)]
         view = (src[0] - lo, tuple(sizes), tuple(src[2]))
-    return CopyStep(tensor, param, dst, tuple(reads), view, itemsize)
+    return CopyStep(tensor, param, dst, tuple(reads), view, itemsize, src_dtype)
 
 
 def split_rows(step: CopyStep, src: Geometry, data_start: int, max_bytes: int, min_segment_bytes: int) -> List[CopyStep]:
@@ -192,7 +197,7 @@ def split_rows(step: CopyStep, src: Geometry, data_start: int, max_bytes: int, m
         n = min(per, rows - r0)
         s = (src[0] + r0 * src[2][0], (n, *src[1][1:]), src[2])
         d = (step.dst[0] + r0 * step.dst[2][0], (n, *step.dst[1][1:]), step.dst[2])
-        piece = make_step(step.tensor, step.param, s, d, data_start, step.itemsize, min_segment_bytes)
+        piece = make_step(step.tensor, step.param, s, d, data_start, step.itemsize, min_segment_bytes, step.src_dtype)
         if piece is not None:
             out.append(piece)
     return out
@@ -201,7 +206,7 @@ def split_rows(step: CopyStep, src: Geometry, data_start: int, max_bytes: int, m
 def build_plan(
     copies: Sequence[RecordedCopy],
     zeros: Sequence[RecordedZero],
-    locations: Dict[str, Tuple[str, int, int]],
+    locations: Dict[str, tuple],
     param_meta: Dict[str, Tuple[Tuple[int, ...], object]],
     tensors_used: frozenset,
     tensor_count: int,
@@ -213,7 +218,7 @@ def build_plan(
 
     Args:
         copies, zeros: the replay's records.
-        locations: ``{tensor name: (file path, absolute data start, itemsize)}``.
+        locations: ``{tensor name: (file path, absolute data start, itemsize, torch dtype)}``.
         param_meta: shape and dtype of every parameter (to re-check before executing).
         tensors_used: names that feed this rank.
         tensor_count: number of tensors in the checkpoint.
@@ -225,8 +230,8 @@ def build_plan(
     """
     by_file: Dict[str, List[CopyStep]] = {}
     for c in copies:
-        path, data_start, itemsize = locations[c.tensor]
-        step = make_step(c.tensor, c.param, c.src, c.dst, data_start, itemsize, min_segment_bytes)
+        path, data_start, itemsize, src_dtype = locations[c.tensor]
+        step = make_step(c.tensor, c.param, c.src, c.dst, data_start, itemsize, min_segment_bytes, src_dtype)
         if step is None:
             continue
         by_file.setdefault(path, []).extend(

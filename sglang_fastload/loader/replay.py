@@ -54,6 +54,18 @@ class ReplayResult:
     tensors_used: set  # checkpoint names that fed at least one parameter on this rank
 
 
+# Widths a float checkpoint tensor may have when it feeds a float parameter of another dtype:
+# upstream's ``param.copy_(tensor)`` rounds them to the parameter's dtype, and so does the
+# executor. Integers, booleans and fp8 (quantized values without their scales) are refused:
+# upstream would copy their raw values into an unquantized weight, which is never meant.
+CONVERTIBLE_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+def converts_like_upstream(src: torch.dtype, dst: torch.dtype) -> bool:
+    """True when a ``src`` checkpoint tensor may be copied (converted) into a ``dst`` parameter."""
+    return src in CONVERTIBLE_FLOATS and dst in CONVERTIBLE_FLOATS
+
+
 def _geometry(t: torch.Tensor, base_offset: int = 0) -> Geometry:
     return (t.storage_offset() - base_offset, tuple(t.shape), tuple(t.stride()))
 
@@ -119,10 +131,12 @@ class _CopyRecorder(TorchDispatchMode):
                 f"{list(src.shape)} into {list(dst.shape)}",
                 tensor=probe,
             )
-        if dst.dtype != src.dtype:
+        if dst.dtype != src.dtype and not converts_like_upstream(src.dtype, dst.dtype):
             raise CheckpointMismatchError(
                 "<checkpoint>",
-                f"has dtype {src.dtype} but parameter {target[0]!r} is {dst.dtype}",
+                f"has dtype {src.dtype} but parameter {target[0]!r} is {dst.dtype}: only "
+                "floating-point tensors (16, 32 or 64 bits) are converted; upstream's copy would "
+                "turn integer, boolean or fp8 values into weights unscaled",
                 tensor=probe,
             )
         self.copies.append(RecordedCopy(probe, target[0], _geometry(src), _geometry(dst, target[1])))

@@ -261,52 +261,86 @@ def test_absolute_symlink_inside_directory_accepted(tmp_path):
     assert resolve_checkpoint_files(str(tmp_path)).files == (str(tmp_path / "model.safetensors"),)
 
 
-def test_symlink_outside_directory_rejected(tmp_path):
+def step_dirs(tmp_path):
+    """A checkpoint manager's layout: step-12 links its unchanged shard to step-11's file."""
+    old, new = tmp_path / "step-11", tmp_path / "step-12"
+    old.mkdir()
+    new.mkdir()
+    write_shard(old / SHARD1, SHARD1_TENSORS)
+    write_shard(new / SHARD2, SHARD2_TENSORS)
+    os.symlink(f"../step-11/{SHARD1}", new / SHARD1)
+    write_index(new, default_map())
+    return old, new
+
+
+def test_symlink_to_previous_step_directory_followed(tmp_path):
+    old, new = step_dirs(tmp_path)
+    files = resolve_checkpoint_files(str(new))
+    # The path stays the link's path; reading it reads the previous step's file.
+    assert files.files == (str(new / SHARD1), str(new / SHARD2))
+    headers = headers_of(files)
+    check_weight_map(files, headers)
+    assert set(headers[str(new / SHARD1)].tensors) == set(SHARD1_TENSORS)
+
+
+def test_symlink_to_file_anywhere_followed(tmp_path):
+    """Upstream follows any link; whoever can plant a link can plant weights too."""
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    write_shard(tmp_path / "elsewhere.safetensors", ["w"])
-    os.symlink("../elsewhere.safetensors", ckpt / "model.safetensors")
-    with pytest.raises(CheckpointIndexError, match="outside the checkpoint directory") as info:
-        resolve_checkpoint_files(str(ckpt))
-    assert info.value.path == str(ckpt / "model.safetensors")
-    assert str(tmp_path / "elsewhere.safetensors") in str(info.value)
+    (tmp_path / "store" / "deep").mkdir(parents=True)
+    write_shard(tmp_path / "store" / "deep" / "blob", ["w"])
+    os.symlink(str(tmp_path / "store" / "deep" / "blob"), ckpt / "model.safetensors")
+    assert resolve_checkpoint_files(str(ckpt)).files == (str(ckpt / "model.safetensors"),)
 
 
-def test_symlink_to_system_file_rejected(tmp_path):
-    os.symlink("/etc/hostname" if os.path.exists("/etc/hostname") else "/etc/passwd", tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointIndexError, match="outside the checkpoint directory"):
-        resolve_checkpoint_files(str(tmp_path))
-
-
-def test_symlink_chain_leaving_directory_rejected(tmp_path):
+def test_symlink_chain_leaving_directory_followed(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     write_shard(tmp_path / "outside.safetensors", ["w"])
     os.symlink("../outside.safetensors", ckpt / "hop.bin")
     os.symlink("hop.bin", ckpt / "model.safetensors")
-    with pytest.raises(CheckpointIndexError, match="outside the checkpoint directory"):
-        resolve_checkpoint_files(str(ckpt))
+    files = resolve_checkpoint_files(str(ckpt))
+    assert set(read_header(files.files[0]).tensors) == {"w"}
 
 
-def test_index_symlinked_outside_rejected(tmp_path):
+def test_index_symlinked_outside_followed(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     write_shard(ckpt / SHARD1, ["a"])
     write_index(tmp_path, {"a": SHARD1})
     os.symlink("../" + INDEX_NAME, ckpt / INDEX_NAME)
-    with pytest.raises(CheckpointIndexError, match="index file 'model.safetensors.index.json'.*outside"):
-        resolve_checkpoint_files(str(ckpt))
+    files = resolve_checkpoint_files(str(ckpt))
+    assert files.weight_map == {"a": str(ckpt / SHARD1)}
 
 
-def test_shard_named_by_index_symlinked_outside_rejected(tmp_path):
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_symlink_outside_to_non_regular_file_rejected(tmp_path, kind):
+    """A FIFO would hang the reader, a device would stream forever: never followed."""
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    write_shard(tmp_path / "x.safetensors", ["a"])
-    os.symlink("../x.safetensors", ckpt / SHARD1)
+    if kind == "fifo":
+        target = tmp_path / "pipe"
+        os.mkfifo(target)
+    elif kind == "device":
+        target = "/dev/zero"
+    else:
+        target = tmp_path / "somedir"
+        target.mkdir()
+    os.symlink(str(target), ckpt / SHARD1)
     write_index(ckpt, {"a": SHARD1})
-    with pytest.raises(CheckpointIndexError, match="named by the index .*outside the checkpoint directory") as info:
+    with pytest.raises(CheckpointIndexError, match="not a regular file") as info:
         resolve_checkpoint_files(str(ckpt))
     assert info.value.path == str(ckpt / INDEX_NAME)
+    assert SHARD1 in str(info.value)
+
+
+def test_dangling_symlink_outside(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    os.symlink("../step-10/model.safetensors", ckpt / "model.safetensors")  # cleaned up
+    with pytest.raises(CheckpointIndexError, match="does not resolve") as info:
+        resolve_checkpoint_files(str(ckpt))
+    assert info.value.path == str(ckpt / "model.safetensors")
 
 
 def test_dangling_symlink(tmp_path):
@@ -385,55 +419,37 @@ def test_hf_cache_blobs_dir_on_other_disk(tmp_path):
     assert len(resolve_checkpoint_files(str(snapshot)).files) == 2
 
 
-def test_hf_cache_link_into_other_repo_rejected(tmp_path):
+def test_hf_cache_link_into_other_repo_followed(tmp_path):
+    """A link is followed wherever it leads, the hub cache's own layout included."""
     hub = tmp_path / "hub"
     snapshot = make_hf_cache(hub)
-    other = make_hf_cache(hub, repo="models--evil--repo")
-    evil_blob = other.parent.parent / "blobs" / ("a" * 64)
+    other = make_hf_cache(hub, repo="models--other--repo")
+    other_blob = other.parent.parent / "blobs" / ("a" * 64)
     os.remove(snapshot / SHARD1)
-    os.symlink(f"../../../models--evil--repo/blobs/{evil_blob.name}", snapshot / SHARD1)
-    with pytest.raises(CheckpointIndexError, match="outside the checkpoint directory"):
-        resolve_checkpoint_files(str(snapshot))
+    os.symlink(f"../../../models--other--repo/blobs/{other_blob.name}", snapshot / SHARD1)
+    assert len(resolve_checkpoint_files(str(snapshot)).files) == 2
 
 
-def test_hf_cache_blob_that_links_further_rejected(tmp_path):
-    hub = tmp_path / "hub"
-    snapshot = make_hf_cache(hub)
-    blob = hub / "models--org--name" / "blobs" / ("a" * 64)
-    write_shard(tmp_path / "secret.safetensors", SHARD1_TENSORS)
-    os.remove(blob)
-    os.symlink(str(tmp_path / "secret.safetensors"), blob)
-    with pytest.raises(CheckpointIndexError, match="outside the checkpoint directory"):
-        resolve_checkpoint_files(str(snapshot))
+# ------------------------------------------------------------------ weights_format
 
 
-def test_hf_cache_link_to_nested_blob_path_rejected(tmp_path):
-    hub = tmp_path / "hub"
-    snapshot = make_hf_cache(hub)
-    nested = hub / "models--org--name" / "blobs" / "sub"
-    nested.mkdir()
-    write_shard(nested / "x", SHARD1_TENSORS)
-    os.remove(snapshot / SHARD1)
-    os.symlink("../../blobs/sub/x", snapshot / SHARD1)
-    with pytest.raises(CheckpointIndexError, match="outside the checkpoint directory"):
-        resolve_checkpoint_files(str(snapshot))
-
-
-def test_hf_lookalike_without_snapshots_rejected(tmp_path):
-    repo = tmp_path / "models--org--name"
-    (repo / "blobs").mkdir(parents=True)
-    ckpt = repo / "not-snapshots" / "rev"
-    ckpt.mkdir(parents=True)
-    write_shard(repo / "blobs" / ("a" * 64), ["w"])
-    os.symlink("../../blobs/" + "a" * 64, ckpt / "model.safetensors")
-    with pytest.raises(CheckpointIndexError, match="outside the checkpoint directory"):
-        resolve_checkpoint_files(str(ckpt))
-
-
-def test_hf_lookalike_dataset_repo_rejected(tmp_path):
-    snapshot = make_hf_cache(tmp_path / "hub", repo="datasets--org--name")
-    with pytest.raises(CheckpointIndexError, match="outside the checkpoint directory"):
-        resolve_checkpoint_files(str(snapshot))
+@pytest.mark.parametrize(
+    "contents,expected",
+    [
+        ([SHARD1], "safetensors"),
+        ([INDEX_NAME], "safetensors"),
+        (["model.safetensors", "pytorch_model.bin"], "safetensors"),  # upstream prefers safetensors
+        (["pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"], "bin"),
+        (["model.pt"], "pt"),
+        (["training_args.bin", "config.json"], None),  # upstream never loads it as weights
+        ([".hidden.safetensors"], None),
+        ([], None),
+    ],
+)
+def test_weights_format_finds_what_upstream_would_load(tmp_path, contents, expected):
+    for name in contents:
+        (tmp_path / name).write_bytes(b"x")
+    assert cf.weights_format(str(tmp_path)) == expected
 
 
 # ----------------------------------------------------------------- check_weight_map
@@ -499,3 +515,21 @@ def test_check_weight_map_needs_every_header(sharded):
     headers.pop(files.files[0])
     with pytest.raises(ValueError, match="no header given"):
         check_weight_map(files, headers)
+
+
+def test_index_memo_is_bounded_by_bytes(tmp_path, monkeypatch):
+    import collections
+
+    monkeypatch.setattr(cf, "_INDEX_MEMO", collections.OrderedDict())
+    monkeypatch.setattr(cf, "_index_memo_bytes", 0)
+    monkeypatch.setattr(cf, "INDEX_MEMO_MAX_BYTES", 8 << 10)
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    write_shard(d / SHARD1, SHARD1_TENSORS)
+    write_shard(d / SHARD2, SHARD2_TENSORS)
+    for step in range(40):  # a writer that stamps the step into the index
+        write_index(d, default_map(), extra={"metadata": {"total_size": 32, "step": step}})
+        assert resolve_checkpoint_files(str(d)).weight_map[SHARD1_TENSORS[0]] == str(d / SHARD1)
+        assert cf._index_memo_bytes <= 8 << 10
+    assert 1 <= len(cf._INDEX_MEMO) < 40
+    assert cf._index_memo_bytes == sum(cost for _, cost in cf._INDEX_MEMO.values())

@@ -1,5 +1,6 @@
 """Rules of the safetensors header parser, one table row per rule, on real files."""
 
+import collections
 import json
 import os
 import struct
@@ -523,3 +524,48 @@ def test_huge_digit_strings_are_cheap(tmp_path):
     with pytest.raises(HeaderError, match="dimensions must be non-negative integers"):
         read_header(str(path))
     assert time.monotonic() - started < 1
+
+
+# ------------------------------------------------------------------ validated-header memo
+
+
+def _header_with_step(path, step, n_tensors=64):
+    """A shard whose header differs only by its metadata, as RL writers stamp the step."""
+    tensors = {f"layers.{i}.weight": torch.zeros(2, 2, dtype=torch.bfloat16) for i in range(n_tensors)}
+    save_file(tensors, str(path), metadata={"step": str(step)})
+
+
+def test_header_memo_is_bounded_by_bytes_not_entries(tmp_path, monkeypatch):
+    from sglang_fastload.checkpoint import safetensors_header as sh
+
+    monkeypatch.setattr(sh, "_MEMO", collections.OrderedDict())
+    monkeypatch.setattr(sh, "_memo_bytes", 0)
+    monkeypatch.setattr(sh, "MEMO_MAX_BYTES", 256 << 10)
+    path = tmp_path / "model.safetensors"
+    costs = []
+    for step in range(60):
+        _header_with_step(path, step)
+        read_header(str(path))
+        costs.append(sh.memo_bytes())
+    assert max(costs) <= 256 << 10
+    # Each header costs ~50 KiB here: a few are kept, never 60 (the old entry cap was 512).
+    assert 2 <= len(sh._MEMO) < 10, len(sh._MEMO)
+    assert sh.memo_bytes() == sum(cost for _, cost in sh._MEMO.values())
+    # The most recent header is a hit: the same parsed entries, under the new path.
+    other = tmp_path / "copy.safetensors"
+    other.write_bytes(path.read_bytes())
+    header = read_header(str(other))
+    assert header.path == str(other)
+    assert len(sh._MEMO) < 10 and sh.memo_bytes() <= 256 << 10
+
+
+def test_header_larger_than_memo_budget_is_parsed_but_not_kept(tmp_path, monkeypatch):
+    from sglang_fastload.checkpoint import safetensors_header as sh
+
+    monkeypatch.setattr(sh, "_MEMO", collections.OrderedDict())
+    monkeypatch.setattr(sh, "_memo_bytes", 0)
+    monkeypatch.setattr(sh, "MEMO_MAX_BYTES", 4 << 10)
+    path = tmp_path / "model.safetensors"
+    _header_with_step(path, 1)
+    assert len(read_header(str(path)).tensors) == 64
+    assert len(sh._MEMO) == 0 and sh.memo_bytes() == 0

@@ -127,10 +127,11 @@ def wrong_shape(ckpt):
     return path.name, name
 
 
-def wrong_dtype(ckpt):
+def integer_dtype(ckpt):
+    """Integers where a float weight belongs: upstream's copy_ would serve their raw values."""
     path = shards(ckpt)[0]
     name = _matrix(load_file(str(path)))
-    rewrite_tensors(path, lambda t: t.__setitem__(name, t[name].to(torch.float16)))
+    rewrite_tensors(path, lambda t: t.__setitem__(name, (t[name] * 100).to(torch.int16)))
     return path.name, name
 
 
@@ -150,11 +151,6 @@ def empty_directory(ckpt):
     return None, None
 
 
-def missing_config(ckpt):
-    (Path(ckpt) / "config.json").unlink()
-    return "config.json", None
-
-
 def other_architecture(ckpt):
     path = Path(ckpt) / "config.json"
     config = json.loads(path.read_text())
@@ -170,11 +166,61 @@ DAMAGES = {
     "offsets_past_end_of_file": offsets_past_end,
     "overlapping_offsets": overlapping_offsets,
     "missing_tensor": missing_tensor,
-    "unknown_extra_tensor": unknown_tensor,
     "wrong_shape": wrong_shape,
-    "wrong_dtype": wrong_dtype,
+    "integer_dtype": integer_dtype,
     "index_names_missing_shard": index_names_missing_shard,
     "empty_directory": empty_directory,
-    "missing_config": missing_config,
     "config_of_another_architecture": other_architecture,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Changes upstream loads correctly: a fast server must accept them too (same weights).
+
+
+def float32_weights(ckpt):
+    """fp32 master weights, as many trainers save them (exact in bf16 here)."""
+    for path in shards(ckpt):
+        rewrite_tensors(path, lambda t: t.update({k: v.to(torch.float32) for k, v in t.items()}))
+
+
+def float64_norms(ckpt):
+    for path in shards(ckpt):
+        rewrite_tensors(path, lambda t: t.update({k: v.to(torch.float64) for k, v in t.items() if "norm" in k}))
+
+
+def weights_only(ckpt):
+    """Shards and index without config.json: the served model's config applies."""
+    for p in Path(ckpt).iterdir():
+        if not p.name.endswith(".safetensors") and p.name != "model.safetensors.index.json":
+            p.unlink()
+
+
+def value_head_and_unused_tensors(ckpt):
+    """Tensors the model's loader does not consume (a PPO value head, rotary buffers)."""
+    path = shards(ckpt)[-1]
+    extra = {
+        "v_head.summary.weight": torch.zeros(1, 128, dtype=torch.bfloat16),
+        "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(16),
+        "model.layers.0.mlp.surprise.weight": torch.zeros(4, 4, dtype=torch.bfloat16),
+    }
+    rewrite_tensors(path, lambda t: t.update(extra))
+    update_index(ckpt, lambda m: m.update({k: path.name for k in extra}))
+
+
+def shard_linked_to_another_directory(ckpt):
+    """A checkpoint manager links an unchanged shard to the previous step's file."""
+    path = shards(ckpt)[0]
+    stored = Path(ckpt).parent / f"{Path(ckpt).name}-previous-step"
+    stored.mkdir()
+    path.rename(stored / path.name)
+    path.symlink_to(Path("..") / stored.name / path.name)
+
+
+UPSTREAM_LOADS = {
+    "float32_weights": float32_weights,
+    "float64_norms": float64_norms,
+    "weights_only_directory": weights_only,
+    "unused_tensors": value_head_and_unused_tensors,
+    "shard_symlinked_outside": shard_linked_to_another_directory,
 }

@@ -76,3 +76,26 @@ def test_update_honours_extra_config_on_other_architectures(tmp_path):
     upd = load_params(a, load_format="auto", update_path=b, extra_config={"num_threads": 3})
     ref = load_params(b, load_format="auto")
     assert not compare_params(ref[0].params, upd[0].params)
+
+
+def test_float16_server_on_bf16_checkpoint_matches_upstream(dense_pair, tmp_path):
+    """--dtype float16 with a bf16 checkpoint (converted at start-up), then an fp32 update."""
+    import torch
+
+    from tests.rig.checkpoint_variants import derive, to_dtype
+
+    a, b = dense_pair
+    b32 = derive(b, tmp_path / "b-f32", convert=to_dtype(torch.float32))
+    seen = {}
+    for label, load_format, env in (("upstream", "auto", {"SGLANG_FASTLOAD": "0"}), ("fast", "fast", {})):
+        with SGLangServer(a, load_format=load_format, env=env, extra_args=["--dtype", "float16"]) as server:
+            got = [outputs(server)]
+            status, body = update(server, b32)
+            assert status == 200 and body["success"], body
+            got.append(outputs(server))
+            if label == "fast":
+                log = server.log_text()
+                assert log.count("sglang-fastload: loaded") == 2 and "no fast-load plan" not in log, server.log_tail()
+        seen[label] = got
+    assert seen["fast"] == seen["upstream"]
+    assert seen["fast"][0] != seen["fast"][1]  # the update changed what is served

@@ -1,6 +1,7 @@
 """A failed weight update never leaves a half-written model: every bad checkpoint is rejected
 before any write, faults after writing roll back to the previous checkpoint, concurrent
-updates serialize, and a long run of updates under load stays correct and flat in memory."""
+updates serialize, and a long run of updates under load stays correct and flat in memory.
+Every checkpoint upstream loads correctly is accepted, with the same weights."""
 
 import os
 import shutil
@@ -10,7 +11,7 @@ import time
 import pytest
 
 from tests.rig.server import SGLangServer
-from tests.server.checkpoint_damage import DAMAGES, copy_checkpoint, shards
+from tests.server.checkpoint_damage import DAMAGES, UPSTREAM_LOADS, copy_checkpoint, shards
 from tests.server.conftest import PROMPTS, outputs, update, wait_idle
 
 SOAK_UPDATES = int(os.environ.get("SGLANG_FASTLOAD_SOAK_UPDATES", "100"))
@@ -51,6 +52,17 @@ def test_bad_checkpoint_is_rejected_and_old_weights_keep_serving(serving_a, dens
         assert tensor in message, message
     assert "Rolled back" not in message  # rejected before any parameter was written
     assert outputs(serving_a) == upstream_outputs["A"]
+
+
+@pytest.mark.parametrize("change", sorted(UPSTREAM_LOADS))
+def test_checkpoint_upstream_loads_is_accepted(serving_a, dense_pair, upstream_outputs, tmp_path, change):
+    """Never refuse what upstream loads correctly: dtype conversion, unused tensors, a
+    weights-only directory, a shard linked to another directory."""
+    changed = copy_checkpoint(dense_pair[1], tmp_path / "b")
+    UPSTREAM_LOADS[change](changed)
+    status, body = update(serving_a, changed)
+    assert status == 200 and body["success"], body
+    assert outputs(serving_a) == upstream_outputs["B"]
 
 
 def test_path_that_is_not_a_directory(serving_a, dense_pair, upstream_outputs):

@@ -499,13 +499,15 @@ class DefaultModelLoader(BaseModelLoader):
         # Some quantized models use .pt files for storing the weights.
         if load_format == LoadFormat.AUTO:
             allow_patterns = ["*.safetensors", "*.bin"]
+        # OVERLAY: begin sglang-fastload: `fast` finds weights as `auto` does (it plans
+        # safetensors; anything else loads through upstream's path)
+        elif load_format == LoadFormat.FAST:
+            allow_patterns = ["*.safetensors", "*.bin"]
+        # OVERLAY: end
         elif load_format in (
             LoadFormat.SAFETENSORS,
             LoadFormat.FASTSAFETENSORS,
             LoadFormat.INSTANTTENSOR,
-            # OVERLAY: begin sglang-fastload: `fast` reads safetensors only
-            LoadFormat.FAST,
-            # OVERLAY: end
         ):
             use_safetensors = True
             allow_patterns = ["*.safetensors"]
