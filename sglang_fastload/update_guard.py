@@ -122,12 +122,18 @@ def _load_format_name(load_format) -> str:
 
 
 def _server_extra_config() -> dict:
+    """The server's ``--model-loader-extra-config`` as a dict (the server keeps the JSON text)."""
     try:
         from sglang.srt.runtime_context import get_model
 
-        return dict(get_model().model_loader_extra_config or {})
+        extra = get_model().model_loader_extra_config or {}
     except Exception:
         return {}
+    if isinstance(extra, (str, bytes)):
+        import json
+
+        extra = json.loads(extra)
+    return dict(extra)
 
 
 def _served_before(updater, model) -> ServedCheckpoint:
