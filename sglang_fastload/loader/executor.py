@@ -3,7 +3,9 @@
 Each worker thread owns two host buffers (pinned when the parameters live on an
 accelerator) and, on CUDA, its own stream: while the device copies one buffer the thread
 reads the next chunk into the other. On CPU, slices whose bytes are exactly the
-destination's elements are read straight into the parameter's memory.
+destination's elements are read straight into the parameter's memory. Strided slices with
+short runs (row-parallel shards) are gathered element by element from a read-only mapping
+of the file, so each rank copies only the bytes it keeps.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import mmap
 import os
 import threading
 import time
@@ -109,6 +112,56 @@ def _read_exact(fd: int, view: memoryview, offset: int, path: str, stats: Execut
     stats.bytes_read += total
 
 
+# Linux >= 5.14: fault a range of a mapping in with one call (older kernels: EINVAL, ignored).
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+
+class _FileMappings:
+    """Read-only views of the files that gather steps copy from, made once per load.
+
+    A private mapping of a read-only descriptor shares the page cache's pages (nothing is
+    copied until written, and nothing writes); ``torch.frombuffer`` needs a writable buffer.
+    """
+
+    def __init__(self, plan: LoadPlan, fds: Dict[str, int]):
+        self.maps: Dict[str, mmap.mmap] = {}
+        self.bytes: Dict[str, torch.Tensor] = {}
+        for fp in plan.files:
+            ends = [s.reads[0][0] + s.reads[0][1] for s in fp.steps if s.gather]
+            if not ends:
+                continue
+            size = os.fstat(fds[fp.path]).st_size
+            if size < max(ends):
+                raise CheckpointError(
+                    fp.path, f"file has {size} bytes but the plan reads up to byte {max(ends)} "
+                    "(truncated or changed during the load)",
+                )
+            mapping = mmap.mmap(fds[fp.path], 0, access=mmap.ACCESS_COPY)
+            self.maps[fp.path] = mapping
+            self.bytes[fp.path] = torch.frombuffer(mapping, dtype=torch.uint8)
+
+    def view(self, path: str, step: CopyStep, dtype: torch.dtype) -> torch.Tensor:
+        """The step's source elements, as a strided view of the mapped file."""
+        offset, nbytes = step.reads[0]
+        mapping = self.maps[path]
+        try:
+            mapping.madvise(_MADV_POPULATE_READ, offset - offset % mmap.PAGESIZE, nbytes + offset % mmap.PAGESIZE)
+        except OSError:
+            pass  # only an optimisation: the copy faults the pages in itself
+        span = self.bytes[path].narrow(0, offset, nbytes).view(dtype)
+        off, sizes, strides = step.view
+        return span.as_strided(sizes, strides, span.storage_offset() + off)
+
+    def close(self) -> None:
+        self.bytes.clear()
+        for mapping in self.maps.values():
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # a view is still referenced (e.g. by a traceback): unmapped when freed
+        self.maps.clear()
+
+
 def _param_view(param: torch.Tensor, geometry) -> torch.Tensor:
     off, sizes, strides = geometry
     return param.as_strided(sizes, strides, param.storage_offset() + off)
@@ -194,18 +247,24 @@ def _run_chunk(
     worker: _Worker,
     on_bytes: Optional[Callable[[int], None]],
     fault: _FaultBudget,
+    mappings: _FileMappings,
 ) -> None:
     stats = worker.stats
     direct: List[CopyStep] = []
     staged: List[CopyStep] = []
     for step in chunk.steps:
-        if not worker.cuda and step.view_is_dense and is_contiguous(step.dst):
+        if not worker.cuda and (step.gather or (step.view_is_dense and is_contiguous(step.dst))):
             direct.append(step)
         else:
             staged.append(step)
     # CPU: bytes that are exactly the destination's go straight into the parameter.
     for step in direct:
         dst = params[step.param]
+        if step.gather:
+            view = _param_view(dst, step.dst)
+            view.copy_(mappings.view(chunk.path, step, view.dtype))
+            stats.bytes_read += step.nbytes
+            continue
         address = dst.data_ptr() + step.dst[0] * step.itemsize
         for off, n in step.reads:
             _read_exact(fd, _writable_view(address, n), off, chunk.path, stats)
@@ -220,17 +279,23 @@ def _run_chunk(
     pos = 0
     prev_end = None
     for step in staged:
-        if prev_end == step.reads[0][0] and pos % step.itemsize == 0:
+        if not step.gather and prev_end == step.reads[0][0] and pos % step.itemsize == 0:
             start = pos
         else:
             start = _align(pos, _ALIGN)
         layout.append((step, start))
         pos = start + step.nbytes
-        prev_end = step.reads[-1][0] + step.reads[-1][1]
+        prev_end = None if step.gather else step.reads[-1][0] + step.reads[-1][1]
     buf = worker.buffer(pos)
     base = buf.data_ptr()
     segments: List[List[int]] = []  # [file offset, nbytes, buffer position]
     for step, start in layout:
+        if step.gather:
+            dtype = params[step.param].dtype
+            dense = buf.narrow(0, start, step.nbytes).view(dtype).view(step.view[1])
+            dense.copy_(mappings.view(chunk.path, step, dtype))
+            stats.bytes_read += step.nbytes
+            continue
         p = start
         for off, n in step.reads:
             if segments and segments[-1][0] + segments[-1][1] == off and segments[-1][2] + segments[-1][1] == p:
@@ -252,7 +317,7 @@ def _run_chunk(
             for step, start in layout:
                 dst = _param_view(params[step.param], step.dst)
                 src = dev.narrow(0, start, step.nbytes).view(dst.dtype)
-                off, sizes, strides = step.view
+                off, sizes, strides = step.dense_view if step.gather else step.view
                 dsts.append(dst)
                 srcs.append(src.as_strided(sizes, strides, src.storage_offset() + off))
             torch._foreach_copy_(dsts, srcs)
@@ -266,7 +331,6 @@ def _run_chunk(
     fault.spend(sum(s.nbytes for s, _ in layout))
     if on_bytes:
         on_bytes(chunk.nbytes)
-
 
 
 def execute_plan(
@@ -305,7 +369,9 @@ def execute_plan(
     for w in workers:
         w.stats = ExecutionStats()
     fds = {path: os.open(path, os.O_RDONLY) for path in {c.path for c in chunks}}
+    mappings = None
     try:
+        mappings = _FileMappings(plan, fds)
         if device.type == "cuda":
             # Side streams must see the parameters as they are now (zero-fills above).
             current = torch.cuda.current_stream(device)
@@ -322,7 +388,7 @@ def execute_plan(
             return local.worker
 
         def task(chunk: _Chunk) -> None:
-            _run_chunk(chunk, fds[chunk.path], params, worker_for_thread(), on_bytes, fault)
+            _run_chunk(chunk, fds[chunk.path], params, worker_for_thread(), on_bytes, fault, mappings)
 
         if threads == 1:
             for chunk in chunks:
@@ -341,6 +407,8 @@ def execute_plan(
         for w in workers:
             w.finish()
     finally:
+        if mappings is not None:
+            mappings.close()
         for fd in fds.values():
             os.close(fd)
     stats = ExecutionStats(
