@@ -100,6 +100,14 @@ CONTENDERS: Dict[str, Contender] = {
         ),
         Contender("instanttensor", "instanttensor", requires="instanttensor", description="SGLang's instanttensor format"),
         Contender(
+            "instanttensor-buffered", "instanttensor", {"backend": "BUFFERED"}, requires="instanttensor",
+            description="instanttensor, buffered page-cache backend",
+        ),
+        Contender(
+            "instanttensor-mmap", "instanttensor", {"backend": "MMAP"}, requires="instanttensor",
+            description="instanttensor, MMAP backend (keeps files mapped: its cold rows are not cold)",
+        ),
+        Contender(
             "fastsafetensors", "fastsafetensors", requires="fastsafetensors", description="SGLang's fastsafetensors format"
         ),
         Contender("fast", "fast", upstream_scan=False, description="sglang-fastload (default: 8-16 threads by CPU count, 64 MiB buffers)"),

@@ -72,7 +72,7 @@ def node_rows(data: dict) -> list:
         rows = [next(x for x in g["rows"] if (x["contender"], x["phase"], x["cache"]) == key) for g in data["ranks"]]
         seconds = max(r["seconds"] for r in rows)
         node_bytes = sum(r["bytes_read"] for r in rows)
-        ckpt = data["checkpoint"]["gb"] * GB
+        ckpt = data["checkpoint"].get("bytes") or data["checkpoint"]["gb"] * GB
         out.append(dict(contender=key[0], phase=key[1], cache=key[2], tp=data["world"], seconds=seconds,
                         rank_seconds=[r["seconds"] for r in rows], rank_bytes=[r["bytes_read"] for r in rows],
                         node_bytes=node_bytes, node_x_checkpoint=round(node_bytes / ckpt, 4),
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     if rank == 0:
         data = dict(
             date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), command=" ".join(["python3"] + sys.argv),
-            world=world, shared_gpu=args.shared_gpu, gpu=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", checkpoint=dict(layers=args.moe_layers, gb=round(info.nbytes / GB, 3), tensors=info.tensors, files=len(info.files)),
+            world=world, shared_gpu=args.shared_gpu, gpu=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", checkpoint=dict(layers=args.moe_layers, gb=round(info.nbytes / GB, 3), bytes=info.nbytes, tensors=info.tensors, files=len(info.files)),
             ceiling_page_cache_16_threads=ceiling, ranks=gathered,
         )
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

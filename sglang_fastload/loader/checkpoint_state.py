@@ -24,12 +24,15 @@ class ModelLoadState:
             was first loaded from with ``fast``; updates must match it.
         plans: layout key -> plan, most recent last.
         plan_builds / plan_hits: counters (observable in logs and tests).
+        executor_cache: the executor's views bound to this model's parameters (reused by
+            the next load of the same plan).
     """
 
     reference: Optional[Dict[str, Tuple[Tuple[int, ...], str]]] = None
     plans: "collections.OrderedDict" = dataclasses.field(default_factory=collections.OrderedDict)
     plan_builds: int = 0
     plan_hits: int = 0
+    executor_cache: dict = dataclasses.field(default_factory=dict)
 
     def cached_plan(self, key) -> Optional[LoadPlan]:
         plan = self.plans.get(key)

@@ -312,6 +312,7 @@ class FastModelLoader(DefaultModelLoader):
                 num_threads=self.num_threads,
                 chunk_bytes=self.chunk_bytes,
                 on_bytes=progress.update if progress is not None else None,
+                cache=state_of(model).executor_cache,
             )
         finally:
             if progress is not None:
