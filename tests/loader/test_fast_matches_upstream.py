@@ -1,6 +1,7 @@
 """`fast` produces parameters bit-identical to upstream's own `auto` load, at start-up and on
 update, for every model, parallelism and checkpoint layout we support (real SGLang, CPU)."""
 
+import os
 import re
 
 import pytest
@@ -66,6 +67,11 @@ def test_startup_and_update_bit_identical_to_upstream(tmp_path, kind, layout, tp
         got = summaries(rank.log)
         assert len(got) == 2, rank.log[-3000:]
         assert "no fast-load plan" not in rank.log
+    # The ranks of a node share its CPUs: together they start no more reader threads than
+    # the CPUs, or 4 per rank where CPUs are fewer (one rank keeps the single-rank default).
+    if tp > 1:
+        threads = [int(n) for rank in fast for n in re.findall(r"with (\d+) threads", rank.log)[:1]]
+        assert sum(threads) <= max(os.cpu_count() or 1, 4 * tp), threads
     # Between them the ranks read each checkpoint about once (row shards included).
     for load, ckpt in enumerate((a, b)):
         node = sum(int(summaries(rank.log)[load][4]) for rank in fast)
