@@ -100,12 +100,22 @@ CONTENDERS: Dict[str, Contender] = {
         ),
         Contender("instanttensor", "instanttensor", requires="instanttensor", description="SGLang's instanttensor format"),
         Contender(
+            "instanttensor-buffered", "instanttensor", {"backend": "BUFFERED"}, requires="instanttensor",
+            description="instanttensor, buffered page-cache backend",
+        ),
+        Contender(
+            "instanttensor-mmap", "instanttensor", {"backend": "MMAP"}, requires="instanttensor",
+            description="instanttensor, MMAP backend (keeps files mapped: its cold rows are not cold)",
+        ),
+        Contender(
             "fastsafetensors", "fastsafetensors", requires="fastsafetensors", description="SGLang's fastsafetensors format"
         ),
         Contender("fast", "fast", upstream_scan=False, description="sglang-fastload (default: 8-16 threads by CPU count, 64 MiB buffers)"),
         Contender("fast1", "fast", {"num_threads": 1}, upstream_scan=False, description="sglang-fastload, 1 thread"),
         Contender("fast16", "fast", {"num_threads": 16}, upstream_scan=False, description="sglang-fastload, 16 threads"),
         Contender("fast8", "fast", {"num_threads": 8}, upstream_scan=False, description="sglang-fastload, 8 threads"),
+        Contender("fast4", "fast", {"num_threads": 4}, upstream_scan=False, description="sglang-fastload, 4 threads"),
+        Contender("fast-c8", "fast", {"chunk_mb": 8}, upstream_scan=False, description="sglang-fastload, 8 MiB buffers"),
         Contender("fast-c32", "fast", {"chunk_mb": 32}, upstream_scan=False, description="sglang-fastload, 32 MiB buffers"),
         Contender("fast-c16", "fast", {"chunk_mb": 16}, upstream_scan=False, description="sglang-fastload, 16 MiB buffers"),
     )
@@ -464,14 +474,18 @@ def _free_port() -> int:
 class Session:
     """Imports SGLang once, owns the one-rank process group, builds and updates models."""
 
-    def __init__(self, device: str, rank: int = 0, world: int = 1):
+    def __init__(self, device: str, rank: int = 0, world: int = 1, shared_gpu: bool = False):
         self.device = device
         self.rank, self.world = rank, world  # tensor-parallel rank and size (one GPU each)
+        # shared_gpu: every rank on GPU 0, groups over gloo without PyNccl (NCCL refuses two
+        # ranks on one GPU; loading needs no device collectives).
+        self.shared_gpu = shared_gpu
+        self.gpu = 0 if shared_gpu else rank
         t0 = time.perf_counter()
         import torch
 
         if device == "cuda":
-            torch.cuda.set_device(rank)
+            torch.cuda.set_device(self.gpu)
             torch.set_num_threads(1)  # as ModelRunner.load_model does off CPU
         from sglang.srt.configs.device_config import DeviceConfig
         from sglang.srt.configs.model_config import ModelConfig
@@ -531,18 +545,26 @@ class Session:
         if contender.extra is not None:
             kwargs["model_loader_extra_config"] = json.dumps(contender.extra)
         server_args = m["ServerArgs"](**kwargs)
-        m["publish"](server_args, role="scheduler", ranks=m["SpawnRanks"](world_rank=self.rank, gpu_id=self.rank))
+        m["publish"](server_args, role="scheduler", ranks=m["SpawnRanks"](world_rank=self.rank, gpu_id=self.gpu))
         m["initialize_moe_config"]()
         if not self.dist_ready:
             t0 = time.perf_counter()
             ps = m["parallel_state"]
             ps.set_custom_all_reduce(False)
             port = os.environ.get("MASTER_PORT") if self.world > 1 else None
+            if self.shared_gpu:
+                make_group = ps.init_model_parallel_group
+
+                def init_model_parallel_group(*a, **k):
+                    k["use_pynccl"] = False
+                    return make_group(*a, **k)
+
+                ps.init_model_parallel_group = init_model_parallel_group
             ps.init_distributed_environment(
-                backend="nccl" if self.device == "cuda" else "gloo",
+                backend="nccl" if self.device == "cuda" and not self.shared_gpu else "gloo",
                 world_size=self.world,
                 rank=self.rank,
-                local_rank=self.rank,
+                local_rank=self.gpu,
                 distributed_init_method=f"tcp://127.0.0.1:{port or _free_port()}",
             )
             ps.initialize_model_parallel()  # widths come from the published ServerArgs
@@ -583,7 +605,7 @@ class Session:
         loader._get_all_weights = _get_all_weights
         loader.load_weights_and_postprocess = load_weights_and_postprocess
         t0 = time.perf_counter()
-        model = loader.load_model(model_config=model_config, device_config=m["DeviceConfig"](self.device, self.rank))
+        model = loader.load_model(model_config=model_config, device_config=m["DeviceConfig"](self.device, self.gpu))
         sync(self.device)
         total = time.perf_counter() - t0
         load_s = marks["load_end"] - marks["load_start"] if "load_end" in marks else total
@@ -611,7 +633,7 @@ class Session:
         updater = m["WeightUpdater"](
             tp_rank=self.rank,
             device=self.device,
-            gpu_id=self.rank,
+            gpu_id=self.gpu,
             model_config=model_config,
             custom_weight_loaders={},
             get_model=lambda: runner.model,

@@ -1,6 +1,14 @@
-"""Tensor-parallel weight-update benchmark: one process per GPU (torchrun), same run.
+"""Tensor-parallel weight-update benchmark: one process per rank, same run.
 
     python3 bench/gpu_bench_tp.py --nproc 2 --site-dir /tmp/site --out $OUT/tp.json
+    python3 bench/gpu_bench_tp.py --shared-gpu --tp 1,2,4 --site-dir /tmp/site --out $OUT/tp.json
+
+``--shared-gpu``: all ranks on GPU 0 (groups over gloo, no PyNccl: NCCL refuses two ranks on
+one GPU and loading needs no device collectives), a proxy for a multi-GPU node where the
+host side (page cache, memory bandwidth, reader threads of N ranks at once) is real and the
+one PCIe link is shared (host-to-device copies pessimistic). ``--tp 1,2,4`` runs one rank
+group per size in turn and adds per-node sums and the expected time of the full
+Qwen3-30B-A3B (``--paper-gb``) at the largest size.
 
 Per rank, on one synthetic Qwen3-30B-A3B-shaped checkpoint (written once by rank 0):
 upstream ``auto`` and ``fast`` — initial load, two warm updates and a cold update through
@@ -28,7 +36,10 @@ GB = 10**9
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--nproc", type=int, default=2, help="tensor-parallel size (one process per GPU)")
+    p.add_argument("--nproc", type=int, default=2, help="tensor-parallel size (one process per rank)")
+    p.add_argument("--tp", default=None, help="comma-separated sizes, one rank group each (overrides --nproc)")
+    p.add_argument("--shared-gpu", action="store_true", help="every rank on GPU 0 (gloo groups)")
+    p.add_argument("--paper-gb", type=float, default=61.07, help="checkpoint of the case on paper (full Qwen3-30B-A3B)")
     p.add_argument("--site-dir", default=None)
     p.add_argument("--moe-layers", type=int, default=16)
     p.add_argument("--size", choices=("full", "tiny"), default="full")
@@ -40,22 +51,80 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def launch(nproc: int) -> int:
+def launch(nproc: int, argv=None) -> int:
     """Start one process per rank (RANK/WORLD_SIZE/MASTER_PORT set) and wait for all."""
     import subprocess
 
     port = gb._free_port()
+    argv = list(sys.argv if argv is None else argv)
     procs = [
-        subprocess.Popen([sys.executable, *sys.argv], env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(nproc), MASTER_PORT=str(port)))
+        subprocess.Popen([sys.executable, *argv], env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(nproc), MASTER_PORT=str(port)))
         for r in range(nproc)
     ]
     codes = [p.wait() for p in procs]
     return max(codes)
 
 
+def node_rows(data: dict) -> list:
+    """Per contender and phase: the slowest rank's seconds and the bytes all ranks read."""
+    out = []
+    for key in [(r["contender"], r["phase"], r["cache"]) for r in data["ranks"][0]["rows"]]:
+        rows = [next(x for x in g["rows"] if (x["contender"], x["phase"], x["cache"]) == key) for g in data["ranks"]]
+        seconds = max(r["seconds"] for r in rows)
+        node_bytes = sum(r["bytes_read"] for r in rows)
+        ckpt = data["checkpoint"].get("bytes") or data["checkpoint"]["gb"] * GB
+        out.append(dict(contender=key[0], phase=key[1], cache=key[2], tp=data["world"], seconds=seconds,
+                        rank_seconds=[r["seconds"] for r in rows], rank_bytes=[r["bytes_read"] for r in rows],
+                        node_bytes=node_bytes, node_x_checkpoint=round(node_bytes / ckpt, 4),
+                        node_gbps=round(node_bytes / seconds / GB, 2)))
+    return out
+
+
+def run_sizes(args) -> int:
+    """One rank group per TP size, then a combined JSON and table (per rank and per node)."""
+    sizes = [int(x) for x in args.tp.split(",") if x]
+    base = [a for a in sys.argv if not a.startswith("--tp")]
+    if "--tp" in sys.argv:  # "--tp 1,2,4" as two words
+        i = sys.argv.index("--tp")
+        base = sys.argv[:i] + sys.argv[i + 2:]
+    runs, rc = [], 0
+    for n in sizes:
+        out = f"{os.path.splitext(args.out)[0]}-tp{n}.json"
+        code = launch(n, base + ["--nproc", str(n), "--out", out])
+        rc = max(rc, code)
+        if os.path.exists(out):
+            with open(out) as f:
+                runs.append(json.load(f))
+    table = [row for data in runs for row in node_rows(data)]
+    paper = None
+    fast_last = [r for r in table if r["contender"] == "fast" and r["phase"] == "update2"]
+    if fast_last:
+        top = max(fast_last, key=lambda r: r["tp"])
+        # The full model reads the same bytes per node (x checkpoint) at the same per-node rate.
+        node_gb = args.paper_gb * top["node_x_checkpoint"]
+        paper = dict(tp=top["tp"], checkpoint_gb=args.paper_gb, node_x_checkpoint=top["node_x_checkpoint"],
+                     node_gb=round(node_gb, 2), node_gbps=top["node_gbps"],
+                     expected_update_s=round(node_gb / top["node_gbps"], 3),
+                     arithmetic=f"{args.paper_gb} GB x {top['node_x_checkpoint']} / {top['node_gbps']} GB/s")
+    combined = dict(command=" ".join(["python3"] + sys.argv), shared_gpu=args.shared_gpu, runs=runs, node=table, paper=paper)
+    with open(args.out, "w") as f:
+        json.dump(combined, f, indent=1, default=str)
+    print("| TP | contender | phase | cache | slowest rank s | per-rank s | node GB read | x checkpoint | node GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['tp']} | {r['contender']} | {r['phase']} | {r['cache']} | {r['seconds']:.3f} | "
+              f"{' / '.join(f'{x:.2f}' for x in r['rank_seconds'])} | {r['node_bytes'] / GB:.2f} | "
+              f"{r['node_x_checkpoint']:.3f} | {r['node_gbps']:.1f} |")
+    if paper:
+        print(f"on paper: {paper}")
+    return rc
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if "RANK" not in os.environ:
+        if args.tp:
+            return run_sizes(args)
         return launch(args.nproc)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     gb.activate_site(args.site_dir)
@@ -80,7 +149,7 @@ def main(argv=None) -> int:
         while not os.path.exists(ready):
             time.sleep(0.2)
         info = sc.write_checkpoint(directory, spec, shard_bytes=5 * GB if args.size == "full" else 10**6, log=lambda *_: None)
-    session = gb.Session(args.device, rank=rank, world=world)
+    session = gb.Session(args.device, rank=rank, world=world, shared_gpu=args.shared_gpu)
     summaries = gb.FastSummaries()
     rows, models = [], {}
     for name in args.contenders:
@@ -117,7 +186,7 @@ def main(argv=None) -> int:
     if rank == 0:
         data = dict(
             date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), command=" ".join(["python3"] + sys.argv),
-            world=world, gpu=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", checkpoint=dict(layers=args.moe_layers, gb=round(info.nbytes / GB, 3), tensors=info.tensors, files=len(info.files)),
+            world=world, shared_gpu=args.shared_gpu, gpu=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", checkpoint=dict(layers=args.moe_layers, gb=round(info.nbytes / GB, 3), bytes=info.nbytes, tensors=info.tensors, files=len(info.files)),
             ceiling_page_cache_16_threads=ceiling, ranks=gathered,
         )
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -13,9 +13,11 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 py=${PYTHON:-$root/.venv/bin/python}
 
-for pattern in /.devbundle/ /.whl/; do
-  grep -qxF "$pattern" .git/info/exclude 2>/dev/null || echo "$pattern" >>.git/info/exclude
-done
+if [ -d .git ]; then  # a linked worktree has a .git file; .gitignore covers both anyway
+  for pattern in /.devbundle/ /.whl/; do
+    grep -qxF "$pattern" .git/info/exclude 2>/dev/null || echo "$pattern" >>.git/info/exclude
+  done
+fi
 
 # What the device image lacks (its package list: see bench/README.md). Versions are the
 # ones the CPU environment runs (ci/requirements-cpu.txt) so both machines run the same code.
@@ -34,6 +36,8 @@ PACKAGES=(
   ipython==9.18.1 traitlets==5.16.1 ipython_pygments_lexers==1.1.1
   jedi==0.20.1 parso==0.8.7 matplotlib-inline==0.2.2 pexpect==4.9.0 ptyprocess==0.7.0
   prompt_toolkit==3.0.53 wcwidth==0.9.4 stack-data==0.6.3 asttokens==3.0.2 executing==2.3.0 pure_eval==0.2.4
+  # Peers benchmarked beside `fast` (gpu_bench.py contenders; cp312 manylinux wheels).
+  instanttensor==0.2.2 fastsafetensors==0.5.0
 )
 PLATFORM=(--python-version 3.12 --implementation cp --abi cp312
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64

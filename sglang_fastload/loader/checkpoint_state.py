@@ -25,12 +25,15 @@ class ModelLoadState:
             against the model's own loader, which decides what it consumes.
         plans: layout key -> plan, most recent last.
         plan_builds / plan_hits: counters (observable in logs and tests).
+        executor_cache: the executor's views bound to this model's parameters (reused by
+            the next load of the same plan).
     """
 
     loaded: bool = False
     plans: "collections.OrderedDict" = dataclasses.field(default_factory=collections.OrderedDict)
     plan_builds: int = 0
     plan_hits: int = 0
+    executor_cache: dict = dataclasses.field(default_factory=dict)
 
     def cached_plan(self, key) -> Optional[LoadPlan]:
         plan = self.plans.get(key)

@@ -3,7 +3,9 @@
 Each worker thread owns two host buffers (pinned when the parameters live on an
 accelerator) and, on CUDA, its own stream: while the device copies one buffer the thread
 reads the next chunk into the other. On CPU, slices whose bytes are exactly the
-destination's elements are read straight into the parameter's memory.
+destination's elements are read straight into the parameter's memory. Strided slices with
+short runs (row-parallel shards) are gathered element by element from a read-only mapping
+of the file, so each rank copies only the bytes it keeps.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import mmap
 import os
 import threading
 import time
@@ -135,6 +138,56 @@ def _read_exact(fd: int, view: memoryview, offset: int, path: str, stats: Execut
     stats.bytes_read += total
 
 
+class _FileMappings:
+    """Read-only views of the files that gather steps copy from, made once per load.
+
+    A private mapping of a read-only descriptor shares the page cache's pages (nothing is
+    copied until written, and nothing writes); ``torch.frombuffer`` needs a writable buffer.
+    Mappings last one load only: a mapped file that is deleted keeps its disk space.
+    """
+
+    def __init__(self, plan: LoadPlan, fds: Dict[str, int]):
+        self.maps: Dict[str, mmap.mmap] = {}
+        self.typed: Dict[Tuple[str, torch.dtype], torch.Tensor] = {}
+        for fp in plan.files:
+            ends = [s.reads[0][0] + s.reads[0][1] for s in fp.steps if s.gather]
+            if not ends:
+                continue
+            size = os.fstat(fds[fp.path]).st_size
+            if size < max(ends):
+                raise CheckpointError(
+                    fp.path, f"file has {size} bytes but the plan reads up to byte {max(ends)} "
+                    "(truncated or changed during the load)",
+                )
+            self.maps[fp.path] = mmap.mmap(fds[fp.path], 0, access=mmap.ACCESS_COPY)
+
+    def elements(self, path: str, dtype: torch.dtype) -> torch.Tensor:
+        """The whole file as elements of ``dtype`` (gather offsets are element-aligned)."""
+        key = (path, dtype)
+        typed = self.typed.get(key)
+        if typed is None:
+            mapping = self.maps[path]
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            typed = torch.frombuffer(mapping, dtype=dtype, count=len(mapping) // itemsize)
+            self.typed[key] = typed
+        return typed
+
+    def view(self, path: str, step: CopyStep, dtype: torch.dtype) -> torch.Tensor:
+        """The step's source elements, as a strided view of the mapped file."""
+        offset, _ = step.reads[0]
+        off, sizes, strides = step.view
+        return self.elements(path, dtype).as_strided(sizes, strides, offset // step.itemsize + off)
+
+    def close(self) -> None:
+        self.typed.clear()
+        for mapping in self.maps.values():
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # a view is still referenced (e.g. by a traceback): unmapped when freed
+        self.maps.clear()
+
+
 def _param_view(param: torch.Tensor, geometry) -> torch.Tensor:
     off, sizes, strides = geometry
     return param.as_strided(sizes, strides, param.storage_offset() + off)
@@ -148,42 +201,37 @@ class _Worker:
         self.cuda = device.type == "cuda"
         self.buffers: List[Optional[torch.Tensor]] = [None, None]
         self.events: List[Optional[object]] = [None, None]
-        self.turn = 0
         self.stream = torch.cuda.Stream(device=device) if self.cuda else None
         self.scratch: Optional[torch.Tensor] = None
         self.chunk_bytes = chunk_bytes
         self.stats = ExecutionStats()
 
-    def buffer(self, nbytes: int) -> torch.Tensor:
-        i = self.turn
-        self.turn ^= 1
-        if self.events[i] is not None:
-            self.events[i].synchronize()  # the device is done with this buffer
-            self.events[i] = None
-        buf = self.buffers[i]
-        if buf is None or buf.numel() < nbytes:
-            size = max(nbytes, self.chunk_bytes)
-            buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda)
-            self.buffers[i] = buf
-        self._current = i
-        return buf
+    def reserve(self, nbytes: int) -> None:
+        """Make both host buffers (and the device scratch) hold at least ``nbytes``."""
+        self.finish()  # nothing queued may still use a buffer about to be replaced
+        size = max(nbytes, self.chunk_bytes)
+        for i, buf in enumerate(self.buffers):
+            if buf is None or buf.numel() < nbytes:
+                self.buffers[i] = torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda)
+        if self.cuda and (self.scratch is None or self.scratch.numel() < nbytes):
+            self.scratch = torch.empty(size, dtype=torch.uint8, device=self.device)
 
-    def mark_in_use(self) -> None:
+    def wait(self, i: int) -> None:
+        """Block until the device is done with host buffer ``i``."""
+        if self.events[i] is not None:
+            self.events[i].synchronize()
+            self.events[i] = None
+
+    def mark_in_use(self, i: int) -> None:
         if self.cuda:
             ev = torch.cuda.Event()
             ev.record(self.stream)
-            self.events[self._current] = ev
-
-    def device_scratch(self, nbytes: int) -> torch.Tensor:
-        if self.scratch is None or self.scratch.numel() < nbytes:
-            if self.scratch is not None:
-                self.stream.synchronize()  # the old buffer may still feed queued copies
-            self.scratch = torch.empty(max(nbytes, self.chunk_bytes), dtype=torch.uint8, device=self.device)
-        return self.scratch
+            self.events[i] = ev
 
     def finish(self) -> None:
         if self.cuda:
             self.stream.synchronize()
+        self.events = [None, None]
 
 
 # Host buffers are kept between loads: pinning memory is slow, updates are frequent.
@@ -213,55 +261,112 @@ def _workers(device: torch.device, count: int, chunk_bytes: int) -> List[_Worker
         return pool[:count]
 
 
+@dataclasses.dataclass
+class _BoundChunk:
+    """One chunk with every view it needs made in advance (parameters don't move between
+    updates, nor do the worker's buffers), so an update runs no per-step Python beyond a
+    read call per contiguous run and a copy per gathered slice.
+
+    Attributes:
+        file: index of the chunk's file in ``plan.files``.
+        nbytes: bytes of the chunk (progress).
+        direct: ``(parameter memory, file offset)``: CPU reads straight into parameters,
+            merged where both sides are contiguous.
+        gathers: ``(destination, step)``: elements gathered from the file mapping into a
+            parameter (CPU) or into the staging buffer (CUDA).
+        buffer: which of the worker's two host buffers stages the rest (-1: none).
+        segments: ``(buffer memory, file offset)`` reads into that buffer.
+        staged_bytes: bytes of the buffer in use.
+        dsts, srcs: the copies out of the staged bytes (on CUDA, out of the device scratch
+            after one host-to-device copy of the buffer).
+        host, device: the buffer and scratch prefixes of ``staged_bytes`` (CUDA).
+        fault_bytes: bytes counted against an injected fault.
+    """
+
+    file: int
+    nbytes: int
+    direct: List[Tuple[memoryview, int]]
+    gathers: List[Tuple[torch.Tensor, CopyStep]]
+    buffer: int
+    segments: List[Tuple[memoryview, int]]
+    staged_bytes: int
+    dsts: List[torch.Tensor]
+    srcs: List[torch.Tensor]
+    host: Optional[torch.Tensor]
+    device: Optional[torch.Tensor]
+    fault_bytes: int
+
+
+@dataclasses.dataclass
+class _Binding:
+    """A plan bound to one set of parameters and workers: chunks per worker, in order."""
+
+    steps_lists: Tuple[List[CopyStep], ...]  # kept alive so their ids stay unique
+    param_ptrs: Tuple[int, ...]
+    workers: List[_Worker]
+    buffers: List[Tuple[Optional[torch.Tensor], ...]]
+    per_worker: List[List[_BoundChunk]]
+    zeros: List[torch.Tensor]
+
+
 def _same_dtype(step: CopyStep, params: Dict[str, torch.Tensor]) -> bool:
     # Bytes of another dtype are staged, then converted by the copy (as upstream's copy_ does).
     return step.src_dtype is None or step.src_dtype == params[step.param].dtype
 
 
-def _run_chunk(
-    chunk: _Chunk,
-    fd: int,
-    params: Dict[str, torch.Tensor],
-    worker: _Worker,
-    on_bytes: Optional[Callable[[int], None]],
-    fault: _FaultBudget,
-) -> None:
-    stats = worker.stats
-    direct: List[CopyStep] = []
+def _reads_into_parameter(step: CopyStep, params: Dict[str, torch.Tensor]) -> bool:
+    """CPU: the step's bytes are exactly the destination's elements, so read them in place."""
+    return step.view_is_dense and is_contiguous(step.dst) and _same_dtype(step, params)
+
+
+def _bind_chunk(chunk: _Chunk, file_index: int, params: Dict[str, torch.Tensor], worker: _Worker, turn: int) -> _BoundChunk:
+    cuda = worker.cuda
+    direct: List[Tuple[int, int, int]] = []  # (address, file offset, nbytes), merged
+    gathers: List[Tuple[torch.Tensor, CopyStep]] = []
     staged: List[CopyStep] = []
     for step in chunk.steps:
-        if not worker.cuda and step.view_is_dense and is_contiguous(step.dst) and _same_dtype(step, params):
-            direct.append(step)
+        if cuda:
+            staged.append(step)
+        elif step.gather:
+            gathers.append((_param_view(params[step.param], step.dst), step))
+        elif _reads_into_parameter(step, params):
+            address = params[step.param].data_ptr() + step.dst[0] * step.itemsize
+            for off, n in step.reads:
+                last = direct[-1] if direct else None
+                if last and last[0] + last[2] == address and last[1] + last[2] == off:
+                    direct[-1] = (last[0], last[1], last[2] + n)
+                else:
+                    direct.append((address, off, n))
+                address += n
         else:
             staged.append(step)
-    # CPU: bytes that are exactly the destination's go straight into the parameter.
-    for step in direct:
-        dst = params[step.param]
-        address = dst.data_ptr() + step.dst[0] * step.itemsize
-        for off, n in step.reads:
-            _read_exact(fd, _writable_view(address, n), off, chunk.path, stats)
-            address += n
-    fault.spend(sum(s.nbytes for s in direct))
+    bound = _BoundChunk(
+        file=file_index, nbytes=chunk.nbytes,
+        direct=[(_writable_view(a, n), off) for a, off, n in direct],
+        gathers=gathers, buffer=-1, segments=[], staged_bytes=0, dsts=[], srcs=[],
+        host=None, device=None, fault_bytes=chunk.nbytes,
+    )
     if not staged:
-        if on_bytes:
-            on_bytes(chunk.nbytes)
-        return
+        return bound
     # Lay out staged steps in one buffer; file-contiguous neighbours share one read.
     layout: List[Tuple[CopyStep, int]] = []
     pos = 0
     prev_end = None
     for step in staged:
-        if prev_end == step.reads[0][0] and pos % step.itemsize == 0:
+        if not step.gather and prev_end == step.reads[0][0] and pos % step.itemsize == 0:
             start = pos
         else:
             start = _align(pos, _ALIGN)
         layout.append((step, start))
         pos = start + step.nbytes
-        prev_end = step.reads[-1][0] + step.reads[-1][1]
-    buf = worker.buffer(pos)
-    base = buf.data_ptr()
+        prev_end = None if step.gather else step.reads[-1][0] + step.reads[-1][1]
+    buf = worker.buffers[turn]
     segments: List[List[int]] = []  # [file offset, nbytes, buffer position]
     for step, start in layout:
+        if step.gather:
+            dtype = step.src_dtype or params[step.param].dtype
+            gathers.append((buf.narrow(0, start, step.nbytes).view(dtype).view(step.view[1]), step))
+            continue
         p = start
         for off, n in step.reads:
             if segments and segments[-1][0] + segments[-1][1] == off and segments[-1][2] + segments[-1][1] == p:
@@ -269,35 +374,119 @@ def _run_chunk(
             else:
                 segments.append([off, n, p])
             p += n
-    for off, n, p in segments:
-        _read_exact(fd, _writable_view(base + p, n), off, chunk.path, stats)
+    base = buf.data_ptr()
+    bound.buffer = turn
+    bound.segments = [(_writable_view(base + p, n), off) for off, n, p in segments]
+    bound.staged_bytes = pos
+    source = worker.scratch if cuda else buf
+    for step, start in layout:
+        dst = _param_view(params[step.param], step.dst)
+        src = source.narrow(0, start, step.nbytes).view(step.src_dtype or dst.dtype)
+        off, sizes, strides = step.dense_view if step.gather else step.view
+        bound.dsts.append(dst)
+        bound.srcs.append(src.as_strided(sizes, strides, src.storage_offset() + off))
+    if cuda:
+        bound.host = buf.narrow(0, 0, pos)
+        bound.device = worker.scratch.narrow(0, 0, pos)
+    return bound
 
-    if worker.cuda:
-        with torch.cuda.stream(worker.stream):
-            # One host->device copy of the whole buffer, then every step's (possibly strided)
-            # view copied on the device in one batched call: per-step copies from the host
-            # cost a driver call each, which dominates on checkpoints of many small tensors.
-            dev = worker.device_scratch(pos).narrow(0, 0, pos)
-            dev.copy_(buf.narrow(0, 0, pos), non_blocking=True)
-            dsts, srcs = [], []
-            for step, start in layout:
-                dst = _param_view(params[step.param], step.dst)
-                src = dev.narrow(0, start, step.nbytes).view(step.src_dtype or dst.dtype)
-                off, sizes, strides = step.view
-                dsts.append(dst)
-                srcs.append(src.as_strided(sizes, strides, src.storage_offset() + off))
-            torch._foreach_copy_(dsts, srcs)
-    else:
-        for step, start in layout:
-            dst = _param_view(params[step.param], step.dst)
-            host = buf.narrow(0, start, step.nbytes).view(step.src_dtype or dst.dtype)
-            off, sizes, strides = step.view
-            dst.copy_(host.as_strided(sizes, strides, host.storage_offset() + off))
-    worker.mark_in_use()
-    fault.spend(sum(s.nbytes for s, _ in layout))
+
+def _staged_size(chunk: _Chunk, cuda: bool, params: Dict[str, torch.Tensor]) -> int:
+    """Upper bound of the staging bytes ``_bind_chunk`` lays out for a chunk."""
+    total = 0
+    for step in chunk.steps:
+        if cuda or not (step.gather or _reads_into_parameter(step, params)):
+            total = _align(total, _ALIGN) + step.nbytes
+    return total
+
+
+# Bindings kept per cache (one cache per model: its views keep only that model's memory).
+_MAX_BINDINGS = 2
+
+
+def _bind(
+    plan: LoadPlan,
+    params: Dict[str, torch.Tensor],
+    device: torch.device,
+    threads: int,
+    chunk_bytes: int,
+    cache: Optional[dict],
+) -> _Binding:
+    """Chunks of ``plan`` with their views made, dealt round-robin to ``threads`` workers.
+
+    Reused from ``cache`` while the parameters and the workers' buffers stay where they
+    were (checked by address on every call); a plan rebound to other files of the same
+    layout reuses it too.
+    """
+    cache = {} if cache is None else cache
+    steps_lists = tuple(fp.steps for fp in plan.files)
+    names = sorted(plan.param_meta)
+    ptrs = tuple(params[n].data_ptr() for n in names)
+    key = (tuple(map(id, steps_lists)), str(device), threads, chunk_bytes)
+    bound = cache.get(key)
+    if bound is not None and bound.param_ptrs == ptrs and all(
+        all(x is y for x, y in zip(tuple(w.buffers) + (w.scratch,), b)) for w, b in zip(bound.workers, bound.buffers)
+    ):
+        return bound
+    chunks = _chunks(plan, chunk_bytes)
+    threads = max(1, min(threads, len(chunks)))
+    workers = _workers(device, threads, chunk_bytes)
+    cuda = device.type == "cuda"
+    file_index = {fp.path: i for i, fp in enumerate(plan.files)}
+    dealt: List[List[_Chunk]] = [chunks[w::threads] for w in range(threads)]
+    for w, mine in zip(workers, dealt):
+        w.reserve(max([_staged_size(c, cuda, params) for c in mine] + [0]))
+    per_worker = []
+    for w, mine in zip(workers, dealt):
+        per_worker.append([_bind_chunk(c, file_index[c.path], params, w, i % 2) for i, c in enumerate(mine)])
+    bound = _Binding(
+        steps_lists=steps_lists,
+        param_ptrs=ptrs,
+        workers=workers,
+        buffers=[tuple(w.buffers) + (w.scratch,) for w in workers],
+        per_worker=per_worker,
+        zeros=[_param_view(params[z.param], z.dst) for z in plan.zeros],
+    )
+    cache.pop(key, None)
+    cache[key] = bound
+    while len(cache) > _MAX_BINDINGS:
+        cache.pop(next(iter(cache)))
+    return bound
+
+
+def _run_bound(
+    chunk: _BoundChunk,
+    path: str,
+    fd: int,
+    worker: _Worker,
+    on_bytes: Optional[Callable[[int], None]],
+    fault: _FaultBudget,
+    mappings: _FileMappings,
+) -> None:
+    stats = worker.stats
+    for view, off in chunk.direct:
+        _read_exact(fd, view, off, path, stats)
+    if chunk.buffer >= 0:
+        worker.wait(chunk.buffer)
+        for view, off in chunk.segments:
+            _read_exact(fd, view, off, path, stats)
+    for dst, step in chunk.gathers:
+        dst.copy_(mappings.view(path, step, step.src_dtype or dst.dtype))
+        stats.bytes_read += step.nbytes
+    if chunk.buffer >= 0:
+        if worker.cuda:
+            with torch.cuda.stream(worker.stream):
+                # One host->device copy of the whole buffer, then every step's (possibly
+                # strided) view copied on the device in one batched call: per-step copies
+                # from the host cost a driver call each.
+                chunk.device.copy_(chunk.host, non_blocking=True)
+                torch._foreach_copy_(chunk.dsts, chunk.srcs)
+            worker.mark_in_use(chunk.buffer)
+        else:
+            torch._foreach_copy_(chunk.dsts, chunk.srcs)
+    fault.spend(chunk.fault_bytes)
     if on_bytes:
         on_bytes(chunk.nbytes)
-
 
 
 def execute_plan(
@@ -308,6 +497,7 @@ def execute_plan(
     num_threads: int,
     chunk_bytes: int = 64 << 20,
     on_bytes: Optional[Callable[[int], None]] = None,
+    cache: Optional[dict] = None,
 ) -> ExecutionStats:
     """Read the plan's bytes and write them into the parameters.
 
@@ -319,6 +509,8 @@ def execute_plan(
         num_threads: reader threads.
         chunk_bytes: size of each reused host buffer.
         on_bytes: called with the bytes of each finished chunk (progress).
+        cache: where to keep the plan's bound views for the next call with the same
+            parameters (owned by the model, so it lives and dies with it); None: no reuse.
 
     Returns:
         Bytes read, read calls and seconds.
@@ -327,39 +519,43 @@ def execute_plan(
         CheckpointError: a file ended early (changed or truncated under us).
     """
     t0 = time.perf_counter()
-    for z in plan.zeros:
-        _param_view(params[z.param], z.dst).zero_()
-    chunks = _chunks(plan, chunk_bytes)
     fault = _FaultBudget(take_injected_fault(), [fp.path for fp in plan.files])
-    threads = max(1, min(num_threads, len(chunks)))
-    workers = _workers(device, threads, chunk_bytes)
+    bound = _bind(plan, params, device, num_threads, chunk_bytes, cache)
+    workers = bound.workers
     for w in workers:
         w.stats = ExecutionStats()
-    fds = {path: os.open(path, os.O_RDONLY) for path in {c.path for c in chunks}}
+    for view in bound.zeros:
+        view.zero_()
+    paths = [fp.path for fp in plan.files]
+    fds = {path: os.open(path, os.O_RDONLY) for path in paths}
+    mappings = None
     try:
+        mappings = _FileMappings(plan, fds)
         if device.type == "cuda":
             # Side streams must see the parameters as they are now (zero-fills above).
             current = torch.cuda.current_stream(device)
             for w in workers:
                 w.stream.wait_stream(current)
-        local = threading.local()
-        assign = iter(range(threads))
-        assign_lock = threading.Lock()
 
-        def worker_for_thread() -> _Worker:
-            if not hasattr(local, "worker"):
-                with assign_lock:
-                    local.worker = workers[next(assign)]
-            return local.worker
+        failed = threading.Event()
 
-        def task(chunk: _Chunk) -> None:
-            _run_chunk(chunk, fds[chunk.path], params, worker_for_thread(), on_bytes, fault)
+        def task(index: int) -> None:
+            worker = workers[index]
+            try:
+                for chunk in bound.per_worker[index]:
+                    if failed.is_set():
+                        return  # another reader failed: the load is abandoned
+                    path = paths[chunk.file]
+                    _run_bound(chunk, path, fds[path], worker, on_bytes, fault, mappings)
+            except BaseException:
+                failed.set()
+                raise
 
-        if threads == 1:
-            for chunk in chunks:
-                task(chunk)
+        if len(workers) == 1:
+            task(0)
         else:
-            futures = [_reader_pool(threads).submit(task, c) for c in chunks]
+            pool = _reader_pool(num_threads)
+            futures = [pool.submit(task, i) for i in range(len(workers))]
             try:
                 for f in futures:
                     f.result()
@@ -372,11 +568,12 @@ def execute_plan(
         for w in workers:
             w.finish()
     finally:
+        if mappings is not None:
+            mappings.close()
         for fd in fds.values():
             os.close(fd)
-    stats = ExecutionStats(
+    return ExecutionStats(
         bytes_read=sum(w.stats.bytes_read for w in workers),
         read_calls=sum(w.stats.read_calls for w in workers),
         seconds=time.perf_counter() - t0,
     )
-    return stats

@@ -44,11 +44,38 @@ EXTRA_CONFIG_KEYS = {"enable_multithread_load", "num_threads", "chunk_mb", "min_
 # Page-cache reads scale to ~16 threads on a large host; 8 stays useful where cores are few
 # (reads release the GIL and mostly wait on memory).
 DEFAULT_NUM_THREADS = max(8, min(16, os.cpu_count() or 8))
+# Fewest reader threads per rank when a node's CPUs are shared by several ranks.
+MIN_RANK_THREADS = 4
+
+
+def default_num_threads() -> int:
+    """Reader threads for this rank: the node's CPUs shared by the node's tensor-parallel ranks.
+
+    All ranks of a node read at once and share its CPUs and memory bandwidth; on one H200
+    host (16 CPUs) 4 ranks updated 1.2-1.3 x faster with 4 threads each than with 16.
+
+    Returns:
+        ``DEFAULT_NUM_THREADS`` at TP=1, else the CPU count / ranks on this node, 4 to 16.
+    """
+    try:
+        from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_world_size
+        from sglang.srt.runtime_context import get_server_args
+
+        ranks = get_tensor_model_parallel_world_size()
+        try:
+            ranks //= max(1, int(getattr(get_server_args(), "nnodes", 1) or 1))
+        except Exception:
+            pass
+    except Exception:
+        ranks = 1
+    if ranks <= 1:
+        return DEFAULT_NUM_THREADS
+    return max(MIN_RANK_THREADS, min(DEFAULT_NUM_THREADS, (os.cpu_count() or 8) // ranks))
 
 
 def _rank_suffix() -> str:
     try:
-        from sglang.srt.distributed import (
+        from sglang.srt.distributed.parallel_state import (
             get_tensor_model_parallel_rank,
             get_tensor_model_parallel_world_size,
         )
@@ -61,7 +88,7 @@ def _rank_suffix() -> str:
 
 def _is_first_rank() -> bool:
     try:
-        from sglang.srt.distributed import get_tensor_model_parallel_rank
+        from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_rank
 
         return get_tensor_model_parallel_rank() == 0
     except Exception:
@@ -257,7 +284,7 @@ class FastModelLoader(DefaultModelLoader):
                 f"Unexpected extra config keys for load format {constants.LOAD_FORMAT}: "
                 f"{sorted(unexpected)} (allowed: {sorted(EXTRA_CONFIG_KEYS)})"
             )
-        threads = int(extra.get("num_threads", DEFAULT_NUM_THREADS))
+        threads = int(extra["num_threads"]) if "num_threads" in extra else default_num_threads()
         if not extra.get("enable_multithread_load", True):
             threads = 1
         if threads < 1:
@@ -347,6 +374,7 @@ class FastModelLoader(DefaultModelLoader):
                 num_threads=self.num_threads,
                 chunk_bytes=self.chunk_bytes,
                 on_bytes=progress.update if progress is not None else None,
+                cache=state_of(model).executor_cache,
             )
         finally:
             if progress is not None:

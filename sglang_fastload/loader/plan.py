@@ -14,14 +14,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from sglang_fastload.loader.replay import Geometry, RecordedCopy, RecordedZero
 
 # Below this many bytes per contiguous run, a strided slice (e.g. a row-parallel shard) is
-# read as one span and gathered in memory: smaller reads would cost more in system calls
-# than they save, and the kernel reads whole pages anyway.
+# not read run by run (one system call per run would cost more than the bytes): its
+# elements are gathered from a read-only mapping of the file instead, so a rank still
+# copies only the bytes it keeps and the ranks of a node read the checkpoint about once.
 DEFAULT_MIN_SEGMENT_BYTES = 4096
 
 
 @dataclasses.dataclass(frozen=True)
 class CopyStep:
     """Read ``reads`` back to back into a buffer, then copy ``view`` of it into ``dst``.
+
+    A *gather* step has one read, the span of a strided slice with short runs; only
+    ``view``'s elements of that span are copied, straight from a mapping of the file, into
+    ``nbytes`` dense bytes (``dense_view``).
 
     Attributes:
         tensor: checkpoint tensor name (for messages).
@@ -32,6 +37,7 @@ class CopyStep:
         itemsize: bytes per element of the checkpoint tensor.
         src_dtype: the checkpoint tensor's torch dtype; the bytes are viewed as it and
             converted to the parameter's dtype by the copy when the two differ.
+        gather: copy ``view``'s elements out of a file mapping instead of reading ``reads``.
     """
 
     tensor: str
@@ -41,14 +47,26 @@ class CopyStep:
     view: Geometry
     itemsize: int
     src_dtype: object = None
+    gather: bool = False
 
     @property
     def nbytes(self) -> int:
+        """Bytes this step copies out of the file (and occupies in a staging buffer)."""
+        if self.gather:
+            return numel(self.view) * self.itemsize
         return sum(n for _, n in self.reads)
+
+    @property
+    def dense_view(self) -> Geometry:
+        """The destination's elements within the step's bytes once staged densely."""
+        sizes = self.view[1]
+        return (0, tuple(sizes), contiguous_strides(sizes))
 
     @property
     def view_is_dense(self) -> bool:
         """True when the read bytes are exactly the destination's elements in row-major order."""
+        if self.gather:
+            return False
         return is_contiguous(self.view) and self.view[0] == 0 and numel(self.view) * self.itemsize == self.nbytes
 
 
@@ -159,7 +177,7 @@ def make_step(
         dst: the parameter elements written.
         data_start: absolute file offset of the checkpoint tensor's first byte.
         itemsize: bytes per element.
-        min_segment_bytes: strided runs shorter than this are read as one span.
+        min_segment_bytes: strided runs shorter than this are gathered from the span.
         src_dtype: the checkpoint tensor's torch dtype (see ``CopyStep``).
 
     Returns:
@@ -182,6 +200,9 @@ def make_step(
         lo, hi = _span(src)
         reads = [(data_start + lo * itemsize, (hi - lo) * itemsize)]
         view = (src[0] - lo, tuple(sizes), tuple(src[2]))
+        # Element views of a mapping need element-aligned offsets; a file whose tensors
+        # are not aligned (legal in safetensors) has its spans read whole instead.
+        return CopyStep(tensor, param, dst, tuple(reads), view, itemsize, src_dtype, gather=data_start % itemsize == 0)
     return CopyStep(tensor, param, dst, tuple(reads), view, itemsize, src_dtype)
 
 
