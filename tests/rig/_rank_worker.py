@@ -99,6 +99,9 @@ def main(spec_path: str, rank: int) -> int:
     return 0
 
 
+_GROUPS_EP_SIZE = [None]  # the expert-parallel size the current groups were built for
+
+
 def _run_case(spec: dict, rank: int, world: int, result: dict, log, *, init_distributed: bool) -> None:
     """Load (and update) one model in this process; fills ``result``."""
     import torch
@@ -138,10 +141,16 @@ def _run_case(spec: dict, rank: int, world: int, result: dict, log, *, init_dist
 
     # The process groups of an earlier case are stamped into the context; a new case's
     # publish would drop them, so they are carried over.
+    # A case with another expert-parallel size rebuilds the model-parallel groups.
+    rebuild = not init_distributed and spec["ep_size"] != _GROUPS_EP_SIZE[0]
     groups = {} if init_distributed else dict(runtime_context._CONTEXT.parallel._stamp)
+    if rebuild:
+        parallel_state.destroy_model_parallel()
+        groups = {"world_group": groups["world_group"]}  # the model-parallel groups are rebuilt
     reset_context()
     publish(server_args, role="scheduler", ranks=SpawnRanks(world_rank=rank, gpu_id=rank))
     runtime_context._CONTEXT.parallel._stamp.update(groups)
+    _GROUPS_EP_SIZE[0] = spec["ep_size"]
     initialize_moe_config()
     if init_distributed:
         parallel_state.set_custom_all_reduce(False)
@@ -152,6 +161,8 @@ def _run_case(spec: dict, rank: int, world: int, result: dict, log, *, init_dist
             local_rank=rank,
             distributed_init_method=f"tcp://127.0.0.1:{spec['port']}",
         )
+        parallel_state.initialize_model_parallel()
+    elif rebuild:
         parallel_state.initialize_model_parallel()
     model_config = ModelConfig.from_server_args(server_args)
     initialize_dp_attention(server_args=server_args)

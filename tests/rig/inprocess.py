@@ -306,6 +306,7 @@ class CaseSpec:
     load_format: str = "auto"
     update_path: Union[None, PathLike, Sequence[PathLike]] = None
     keep_initial: bool = False
+    ep_size: Optional[int] = None  # None: the batch's ep_size; another one rebuilds the groups
 
 
 def _update_list(update_path, load_format: str) -> List[dict]:
@@ -334,7 +335,8 @@ def load_cases(
 
     Args:
         cases: the loads, run in order.
-        tp_size, ep_size: the parallelism of every case.
+        tp_size: the tensor-parallel size of every case.
+        ep_size: the expert-parallel size of cases that name none.
         env: extra environment of the rank processes.
 
     Returns:
@@ -344,8 +346,9 @@ def load_cases(
     Raises:
         RankProcessError: a rank process died or the batch timed out.
     """
-    if tp_size < 1 or ep_size < 1 or tp_size % ep_size:
-        raise ValueError(f"tp_size={tp_size} must be a positive multiple of ep_size={ep_size}")
+    for ep in {c.ep_size or ep_size for c in cases}:
+        if tp_size < 1 or ep < 1 or tp_size % ep:
+            raise ValueError(f"tp_size={tp_size} must be a positive multiple of ep_size={ep}")
     spec = {
         "model_path": os.fspath(cases[0].model_path),
         "tp_size": tp_size,
@@ -364,6 +367,7 @@ def load_cases(
                 "load_format": c.load_format,
                 "updates": _update_list(c.update_path, c.load_format),
                 "keep_initial": c.keep_initial,
+                "ep_size": c.ep_size or ep_size,
             }
             for c in cases
         ],

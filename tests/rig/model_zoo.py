@@ -28,7 +28,7 @@ import torch
 
 from tests.rig.checkpoints import _tensor, tokenizer_files
 
-__all__ = ["ZooModel", "ZOO", "write_zoo_checkpoint"]
+__all__ = ["ZooModel", "ZOO", "SPEED_SIZES", "write_zoo_checkpoint"]
 
 _VOCAB = 1024
 _TEXT = dict(
@@ -41,6 +41,11 @@ _TEXT = dict(
     intermediate_size=256,
     max_position_embeddings=2048,
     tie_word_embeddings=False,
+)
+# A "small" checkpoint for speed comparisons (tens of MB instead of a few).
+SPEED_SIZES = dict(
+    hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, shared_expert_intermediate_size=512,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=64, num_hidden_layers=4,
 )
 _MOE = dict(moe_intermediate_size=128, num_experts_per_tok=2)
 _VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, patch_size=16,
@@ -137,10 +142,16 @@ ZOO: Dict[str, ZooModel] = {
 }
 
 
-def _hf_config(model: ZooModel):
+def _hf_config(model: ZooModel, sizes: Tuple[Tuple[str, object], ...] = ()):
     from transformers import AutoConfig
 
     fields = {k: v for k, v in model.config_dict().items() if v is not None}
+    for name, value in sizes:
+        if name in fields:
+            fields[name] = value
+    if "layer_types" in fields:  # repeat the layer pattern over the (new) depth
+        pattern = fields["layer_types"]
+        fields["layer_types"] = [pattern[i % len(pattern)] for i in range(fields["num_hidden_layers"])]
     if model.vision:
         text = dict(fields)
         tie = text.pop("tie_word_embeddings", False)
@@ -151,13 +162,13 @@ def _hf_config(model: ZooModel):
 
 
 @functools.lru_cache(maxsize=None)
-def _release_layout(key: str) -> Tuple[Tuple[Tuple[str, Tuple[int, ...], str], ...], str]:
+def _release_layout(key: str, sizes: Tuple[Tuple[str, object], ...] = ()) -> Tuple[Tuple[Tuple[str, Tuple[int, ...], str], ...], str]:
     """``((name, shape, dtype), ...)`` and config.json text that transformers writes for ``key``."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     model = ZOO[key]
-    config = _hf_config(model)
+    config = _hf_config(model, sizes)
     config.architectures = [model.architecture]
     torch.manual_seed(0)
     auto = AutoModelForImageTextToText if model.vision else AutoModelForCausalLM
@@ -193,20 +204,28 @@ def _kind(name: str, shape) -> str:
 
 
 def write_zoo_checkpoint(
-    key: str, out_dir, *, seed: int, num_shards: int = 2, dtypes: Optional[Dict[str, str]] = None
+    key: str,
+    out_dir,
+    *,
+    seed: int,
+    num_shards: int = 2,
+    dtypes: Optional[Dict[str, str]] = None,
+    sizes: Optional[Dict[str, object]] = None,
 ) -> Path:
     """Write a tiny random checkpoint of zoo model ``key`` to ``out_dir`` (``num_shards`` files).
 
     Args:
         dtypes: ``{name suffix: safetensors dtype}`` for tensors stored in another dtype
             than transformers writes (e.g. ``{"A_log": "F32"}``).
+        sizes: text-config fields to override (only those the model has), e.g. a larger
+            ``hidden_size`` for a speed measurement.
 
     Returns:
         The checkpoint directory.
     """
     from safetensors.torch import save_file
 
-    entries, config_text = _release_layout(key)
+    entries, config_text = _release_layout(key, tuple(sorted((sizes or {}).items())))
     dtypes = dict(ZOO[key].release_dtypes, **(dtypes or {}))
     if dtypes:
         entries = tuple(
