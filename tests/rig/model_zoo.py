@@ -166,6 +166,9 @@ def _release_layout(key: str, sizes: Tuple[Tuple[str, object], ...] = ()) -> Tup
     """``((name, shape, dtype), ...)`` and config.json text that transformers writes for ``key``."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     model = ZOO[key]
     config = _hf_config(model, sizes)
