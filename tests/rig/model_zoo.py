@@ -52,7 +52,8 @@ _VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_
                spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64)
 _VISION_NO_DEEPSTACK = dict(_VISION, deepstack_visual_indexes=[])  # as the Qwen3.5 releases
 _VISION_DEEPSTACK = dict(_VISION, deepstack_visual_indexes=[0])  # Qwen3-VL feeds a ViT layer to the LM
-_A_LOG_F32 = {"linear_attn.A_log": "F32"}
+# The Qwen3.5 releases keep the gated-delta-net decay and norm in fp32 (Qwen3.6: bf16).
+_QWEN3_5_DTYPES = {"linear_attn.A_log": "F32", "linear_attn.norm.weight": "F32"}
 # Qwen3.5 / Qwen3-Next hybrid layers: linear attention (gated delta net) then full attention.
 _HYBRID = dict(
     num_hidden_layers=2,
@@ -80,7 +81,7 @@ class ZooModel:
     # transformers 5 writes (fused expert tensors of the VL MoE releases: [E, in, out]).
     release_transposed: Tuple[str, ...] = ()
     # ``{name suffix: safetensors dtype}``: tensors the release stores in another dtype than
-    # transformers writes them from a bf16 model (fp32 A_log, fp32 router of GLM-4 MoE).
+    # transformers writes them from a bf16 model.
     release_dtypes: Tuple[Tuple[str, str], ...] = ()
     vision_config: Tuple[Tuple[str, object], ...] = ()
 
@@ -109,21 +110,21 @@ ZOO: Dict[str, ZooModel] = {
              **dict(_TEXT, num_local_experts=8, num_experts_per_tok=2, intermediate_size=128)),
         _zoo("qwen3", "Qwen3ForCausalLM", "qwen3", **_TEXT),
         _zoo("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", moe=True, **dict(_TEXT, **_MOE, num_experts=8)),
-        _zoo("qwen3_5", "Qwen3_5ForCausalLM", "qwen3_5_text", release_dtypes=_A_LOG_F32, **dict(_TEXT, **_HYBRID)),
-        _zoo("qwen3_5_moe", "Qwen3_5MoeForCausalLM", "qwen3_5_moe_text", moe=True, release_dtypes=_A_LOG_F32,
+        _zoo("qwen3_5", "Qwen3_5ForCausalLM", "qwen3_5_text", release_dtypes=_QWEN3_5_DTYPES, **dict(_TEXT, **_HYBRID)),
+        _zoo("qwen3_5_moe", "Qwen3_5MoeForCausalLM", "qwen3_5_moe_text", moe=True, release_dtypes=_QWEN3_5_DTYPES,
              **dict(_TEXT, **_HYBRID, **_MOE, num_experts=8, shared_expert_intermediate_size=128)),
-        _zoo("qwen3_next", "Qwen3NextForCausalLM", "qwen3_next", moe=True, release_dtypes=_A_LOG_F32,
+        _zoo("qwen3_next", "Qwen3NextForCausalLM", "qwen3_next", moe=True,
              **dict(_TEXT, **_HYBRID, **_MOE, num_experts=8, shared_expert_intermediate_size=128)),
-        _zoo("qwen3_5_vl", "Qwen3_5ForConditionalGeneration", "qwen3_5", vision=_VISION_NO_DEEPSTACK, release_dtypes=_A_LOG_F32,
+        _zoo("qwen3_5_vl", "Qwen3_5ForConditionalGeneration", "qwen3_5", vision=_VISION_NO_DEEPSTACK, release_dtypes=_QWEN3_5_DTYPES,
              **dict(_TEXT, **_HYBRID)),
         _zoo("qwen3_5_moe_vl", "Qwen3_5MoeForConditionalGeneration", "qwen3_5_moe", moe=True, vision=_VISION_NO_DEEPSTACK,
-             release_dtypes=_A_LOG_F32,
+             release_dtypes=_QWEN3_5_DTYPES,
              **dict(_TEXT, **_HYBRID, **_MOE, num_experts=8, shared_expert_intermediate_size=128)),
         _zoo("qwen3_vl", "Qwen3VLForConditionalGeneration", "qwen3_vl", vision=_VISION_DEEPSTACK, **_TEXT),
         _zoo("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "qwen3_vl_moe", moe=True, vision=_VISION_DEEPSTACK,
              release_transposed=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
              **dict(_TEXT, **_MOE, num_experts=8)),
-        _zoo("glm4_moe", "Glm4MoeForCausalLM", "glm4_moe", moe=True, release_dtypes={"mlp.gate.weight": "F32"},
+        _zoo("glm4_moe", "Glm4MoeForCausalLM", "glm4_moe", moe=True,
              **dict(_TEXT, **_MOE, n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1,
                     n_group=1, topk_group=1, use_qk_norm=True, partial_rotary_factor=0.5)),
         _zoo("gemma3", "Gemma3ForCausalLM", "gemma3_text",
