@@ -8,6 +8,10 @@ server's own ``build_load_config`` and loader), optionally updates it from disk 
 SGLang's real ``WeightUpdater.update_weights_from_disk`` (the method the project forks),
 and saves every parameter and persistent buffer with ``torch.save`` for the parent.
 stdout/stderr (logging included) go to the log file the parent opened for this rank.
+
+A spec with ``cases`` runs many loads one after the other in this process (imports and
+process groups are paid once); each case's result is saved under ``cases`` and its log
+lines are fenced by "rig case N begin/end" lines.
 """
 
 from __future__ import annotations
@@ -140,8 +144,8 @@ def _run_case(spec: dict, rank: int, world: int, result: dict, log, *, init_dist
     from sglang.srt import runtime_context
 
     # The process groups of an earlier case are stamped into the context; a new case's
-    # publish would drop them, so they are carried over.
-    # A case with another expert-parallel size rebuilds the model-parallel groups.
+    # publish would drop them, so they are carried over, except that a case with another
+    # expert-parallel size rebuilds the model-parallel groups (keeping the world group).
     rebuild = not init_distributed and spec["ep_size"] != _GROUPS_EP_SIZE[0]
     groups = {} if init_distributed else dict(runtime_context._CONTEXT.parallel._stamp)
     if rebuild:
