@@ -169,3 +169,54 @@ def test_expert_parallel_cases_really_place_experts_by_rank(group_results):
         for n in experts:
             # EP=2 holds half of the experts whole; TP=2 holds every expert's half.
             assert b[0].params[n].shape[0] * 2 == a[0].params[n].shape[0], (e.architecture, n)
+
+
+def test_listed_class_whose_loader_reads_values_falls_back_and_loads(tmp_path, caplog):
+    # A class the table lists as fast, whose load_weights needs tensor values (here: a scale
+    # read from the checkpoint): the replay cannot plan it, so upstream's path loads it.
+    import logging
+
+    import torch
+    from safetensors.torch import save_file
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.model_loader.loader import DefaultModelLoader
+
+    from sglang_fastload.loader.fast_model_loader import FastModelLoader
+    from sglang_fastload.model_support import support_entry
+
+    class LlamaForCausalLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(4, 4), requires_grad=False)
+
+        def load_weights(self, weights):
+            for _, w in weights:
+                self.weight.data.copy_(w / float(w.abs().max()))
+
+    LlamaForCausalLM.__module__ = "sglang.srt.models.llama"
+    assert support_entry(LlamaForCausalLM).fast
+    w = torch.arange(16, dtype=torch.float32).reshape(4, 4) - 5
+    save_file({"weight": w}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+
+    # Upstream's iterator reads the published server args, as in a scheduler process.
+    from sglang.srt.runtime_context import SpawnRanks, publish, reset_context
+    from sglang.srt.server_args import ServerArgs
+
+    from tests.rig.checkpoints import write_llama
+
+    args = ServerArgs(model_path=str(write_llama(tmp_path / "served", seed=1)), device="cpu", load_format="fast",
+                      attention_backend="torch_native", sampling_backend="pytorch", disable_cuda_graph=True)
+    model = LlamaForCausalLM()
+    loader = FastModelLoader(LoadConfig(load_format="fast"))
+    source = DefaultModelLoader.Source(str(tmp_path), None)
+    reset_context()
+    publish(args, role="scheduler", ranks=SpawnRanks(world_rank=0, gpu_id=0))
+    try:
+        with caplog.at_level(logging.INFO, logger="sglang_fastload"):
+            loader.load_weights_and_postprocess(model, loader._get_weights_iterator(source), torch.device("cpu"))
+    finally:
+        reset_context()
+    assert torch.equal(model.weight, w / 10)
+    lines = [r.getMessage() for r in caplog.records if FALLBACK_LINE in r.getMessage()]
+    assert len(lines) == 1 and "needs tensor values" in lines[0], lines
