@@ -36,6 +36,7 @@ from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, bui
 from sglang_fastload.loader.dispatch import auto_means_fast
 from sglang_fastload.loader.replay import replay_load_weights
 from sglang_fastload.loader.summary import LoadSummary
+from sglang_fastload.model_support import unsupported_architecture_reason
 from sglang_fastload.served_checkpoint import record_served, weight_file_identities
 
 logger = logging.getLogger(__name__)
@@ -97,9 +98,10 @@ def _is_first_rank() -> bool:
 
 def unsupported_reason(model, load_config: LoadConfig) -> Optional[str]:
     """Return why ``model`` cannot be fast-loaded, or None when it can."""
-    # Only the classes that declare it themselves: a subclass may load differently.
-    if not type(model).__dict__.get("supports_fast_load", False):
-        return f"{type(model).__name__} does not declare fast-load support"
+    # Only the classes the support table lists (exactly): a subclass may load differently.
+    reason = unsupported_architecture_reason(type(model))
+    if reason is not None:
+        return reason
     if getattr(model, "quant_config", None) is not None:
         return "quantized models are loaded by upstream"
     if load_config.draft_model_idx is not None:

@@ -122,13 +122,13 @@ def test_version_mismatch_runs_upstream_with_one_warning(tmp_path):
 
 def test_hash_mismatch_runs_upstream_with_one_warning(tmp_path):
     def corrupt(m):
-        m["modules"]["sglang.srt.models.qwen3"]["base_sha256"] = "0" * 64
+        m["modules"]["sglang.srt.models.qwen3_moe"]["base_sha256"] = "0" * 64
 
     env = _package_copy_with_manifest(tmp_path, corrupt)
     proc = run(WHERE + f"import {FORKED}\n", env=env)
     assert not is_overlay(origin_of(proc))
     warnings = [l for l in proc.stderr.splitlines() if l.startswith("sglang-fastload:")]
-    assert len(warnings) == 1 and "sha256 mismatch" in warnings[0] and "qwen3.py" in warnings[0]
+    assert len(warnings) == 1 and "sha256 mismatch" in warnings[0] and "qwen3_moe.py" in warnings[0]
 
 
 def test_dash_S_prints_nothing():

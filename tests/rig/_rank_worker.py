@@ -8,6 +8,10 @@ server's own ``build_load_config`` and loader), optionally updates it from disk 
 SGLang's real ``WeightUpdater.update_weights_from_disk`` (the method the project forks),
 and saves every parameter and persistent buffer with ``torch.save`` for the parent.
 stdout/stderr (logging included) go to the log file the parent opened for this rank.
+
+A spec with ``cases`` runs many loads one after the other in this process (imports and
+process groups are paid once); each case's result is saved under ``cases`` and its log
+lines are fenced by "rig case N begin/end" lines.
 """
 
 from __future__ import annotations
@@ -46,7 +50,6 @@ def main(spec_path: str, rank: int) -> int:
     )
     log = logging.getLogger("tests.rig.rank_worker")
     result = {"rank": rank, "params": None, "params_before": None, "error": None, "update_results": [], "timings": {}}
-    timings = result["timings"]
     t0 = time.perf_counter()
     shown = ("SGLANG_FASTLOAD", "GPU_IMPORT_STANDINS_FOR_TESTS", "TORCHDYNAMO_DISABLE", "OMP_NUM_THREADS", "HF_HUB_OFFLINE")
     log.info(
@@ -60,6 +63,53 @@ def main(spec_path: str, rank: int) -> int:
 
     torch.set_num_threads(max(1, int(spec.get("threads_per_rank", 1))))
 
+    cases = spec.get("cases") or [spec]
+    first = True
+    result["cases"] = []
+    for index, case in enumerate(cases):
+        case = dict(spec, **case)
+        if len(cases) > 1:
+            log.info("rig case %d begin: %s (%s)", index, case["model_path"], case["load_format"])
+        one = {"params": None, "params_before": None, "error": None, "update_results": [], "timings": {}}
+        if "cases" in spec:
+            # One case that cannot be built or loaded is reported; the next ones still run.
+            try:
+                _run_case(case, rank, world, one, log, init_distributed=first)
+            except Exception:
+                one["crash"] = traceback.format_exc()
+                log.error("rig case %d crashed:\n%s", index, one["crash"])
+        else:
+            _run_case(case, rank, world, one, log, init_distributed=first)
+        first = False
+        if len(cases) > 1:
+            log.info("rig case %d end", index)
+        result["cases"].append(one)
+        import gc
+
+        gc.collect()
+    if "cases" not in spec:
+        result.update(result.pop("cases")[0])
+    result["timings"]["total_s"] = time.perf_counter() - t0
+    torch.save(result, out_path + ".tmp")
+    os.replace(out_path + ".tmp", out_path)
+    # No rank leaves while another may still need the process groups.
+    try:
+        if world > 1:
+            from sglang.srt.distributed import parallel_state
+
+            torch.distributed.barrier(group=parallel_state.get_world_group().cpu_group)
+    except Exception:
+        log.warning("final barrier failed (results already saved)", exc_info=True)
+    return 0
+
+
+_GROUPS_EP_SIZE = [None]  # the expert-parallel size the current groups were built for
+
+
+def _run_case(spec: dict, rank: int, world: int, result: dict, log, *, init_distributed: bool) -> None:
+    """Load (and update) one model in this process; fills ``result``."""
+    import torch
+
     from sglang.srt.configs.device_config import DeviceConfig
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.distributed import parallel_state
@@ -70,6 +120,8 @@ def main(spec_path: str, rank: int) -> int:
     from sglang.srt.runtime_context import SpawnRanks, publish, reset_context
     from sglang.srt.server_args import ServerArgs
 
+    timings = result["timings"]
+    t0 = time.perf_counter()
     server_kwargs = dict(
         model_path=spec["model_path"],
         device="cpu",
@@ -89,18 +141,33 @@ def main(spec_path: str, rank: int) -> int:
     server_args = ServerArgs(**server_kwargs)
     timings["imports_s"] = time.perf_counter() - t0
 
+    from sglang.srt import runtime_context
+
+    # The process groups of an earlier case are stamped into the context; a new case's
+    # publish would drop them, so they are carried over, except that a case with another
+    # expert-parallel size rebuilds the model-parallel groups (keeping the world group).
+    rebuild = not init_distributed and spec["ep_size"] != _GROUPS_EP_SIZE[0]
+    groups = {} if init_distributed else dict(runtime_context._CONTEXT.parallel._stamp)
+    if rebuild:
+        parallel_state.destroy_model_parallel()
+        groups = {"world_group": groups["world_group"]}  # the model-parallel groups are rebuilt
     reset_context()
     publish(server_args, role="scheduler", ranks=SpawnRanks(world_rank=rank, gpu_id=rank))
+    runtime_context._CONTEXT.parallel._stamp.update(groups)
+    _GROUPS_EP_SIZE[0] = spec["ep_size"]
     initialize_moe_config()
-    parallel_state.set_custom_all_reduce(False)
-    parallel_state.init_distributed_environment(
-        backend="gloo",
-        world_size=world,
-        rank=rank,
-        local_rank=rank,
-        distributed_init_method=f"tcp://127.0.0.1:{spec['port']}",
-    )
-    parallel_state.initialize_model_parallel()
+    if init_distributed:
+        parallel_state.set_custom_all_reduce(False)
+        parallel_state.init_distributed_environment(
+            backend="gloo",
+            world_size=world,
+            rank=rank,
+            local_rank=rank,
+            distributed_init_method=f"tcp://127.0.0.1:{spec['port']}",
+        )
+        parallel_state.initialize_model_parallel()
+    elif rebuild:
+        parallel_state.initialize_model_parallel()
     model_config = ModelConfig.from_server_args(server_args)
     initialize_dp_attention(server_args=server_args)
     init_dp_gathered_buffer(model_config)
@@ -174,16 +241,6 @@ def main(spec_path: str, rank: int) -> int:
         model = runner.model
 
     result["params"] = _snapshot(model)
-    timings["total_s"] = time.perf_counter() - t0
-    torch.save(result, out_path + ".tmp")
-    os.replace(out_path + ".tmp", out_path)
-    # No rank leaves while another may still need the process groups.
-    try:
-        if world > 1:
-            torch.distributed.barrier(group=parallel_state.get_world_group().cpu_group)
-    except Exception:
-        log.warning("final barrier failed (results already saved)", exc_info=True)
-    return 0
 
 
 if __name__ == "__main__":

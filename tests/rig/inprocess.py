@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,6 +37,8 @@ __all__ = [
     "RankResults",
     "RankProcessError",
     "load_params",
+    "CaseSpec",
+    "load_cases",
     "compare_params",
     "assert_params_equal",
     "free_port",
@@ -268,6 +271,8 @@ def _run_ranks(spec: dict, environ: Dict[str, str], *, timeout: float) -> "RankR
                 logs=logs,
                 transient=transient,
             )
+        if "cases" in spec:
+            return _case_results(work, logs, len(spec["cases"]))
         results = RankResults()
         for rank in range(tp_size):
             data = torch.load(work / f"rank{rank}.pt", map_location="cpu", weights_only=False)
@@ -291,6 +296,125 @@ def _run_ranks(spec: dict, environ: Dict[str, str], *, timeout: float) -> "RankR
             if not lf.closed:
                 lf.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+@dataclass
+class CaseSpec:
+    """One load (and its updates) of a :func:`load_cases` batch."""
+
+    model_path: PathLike
+    load_format: str = "auto"
+    update_path: Union[None, PathLike, Sequence[PathLike]] = None
+    keep_initial: bool = False
+    ep_size: Optional[int] = None  # None: the batch's ep_size; another one rebuilds the groups
+
+
+def _update_list(update_path, load_format: str) -> List[dict]:
+    if update_path is None:
+        paths: List[str] = []
+    elif isinstance(update_path, (str, os.PathLike)):
+        paths = [os.fspath(update_path)]
+    else:
+        paths = [os.fspath(p) for p in update_path]
+    return [{"model_path": p, "load_format": load_format} for p in paths]
+
+
+def load_cases(
+    cases: Sequence[CaseSpec],
+    *,
+    tp_size: int = 1,
+    ep_size: int = 1,
+    env: Optional[Mapping[str, Optional[str]]] = None,
+    timeout: float = 600,
+    log_level: str = "INFO",
+) -> List[Union["RankResults", str]]:
+    """Run many loads in ONE group of ``tp_size`` rank processes (imports are paid once).
+
+    Each case builds its model afresh (its own ``ServerArgs``), loads it, applies its
+    updates and returns its parameters; the process groups are shared by all cases.
+
+    Args:
+        cases: the loads, run in order.
+        tp_size: the tensor-parallel size of every case.
+        ep_size: the expert-parallel size of cases that name none.
+        env: extra environment of the rank processes.
+
+    Returns:
+        One entry per case: its ``RankResults`` (each rank's ``log`` is that case's part of
+        the rank log), or a string with the rank tracebacks when the case crashed.
+
+    Raises:
+        RankProcessError: a rank process died or the batch timed out.
+    """
+    for ep in {c.ep_size or ep_size for c in cases}:
+        if tp_size < 1 or ep < 1 or tp_size % ep:
+            raise ValueError(f"tp_size={tp_size} must be a positive multiple of ep_size={ep}")
+    spec = {
+        "model_path": os.fspath(cases[0].model_path),
+        "tp_size": tp_size,
+        "ep_size": ep_size,
+        "load_format": cases[0].load_format,
+        "updates": [],
+        "extra_config": None,
+        "keep_initial": False,
+        "keep_history": False,
+        "server_args": {},
+        "log_level": log_level,
+        "threads_per_rank": max(1, (os.cpu_count() or 1) // tp_size),
+        "cases": [
+            {
+                "model_path": os.fspath(c.model_path),
+                "load_format": c.load_format,
+                "updates": _update_list(c.update_path, c.load_format),
+                "keep_initial": c.keep_initial,
+                "ep_size": c.ep_size or ep_size,
+            }
+            for c in cases
+        ],
+    }
+    environ = child_env(env, threads=spec["threads_per_rank"])
+    return _run_ranks(spec, environ, timeout=timeout)
+
+
+def _split_case_logs(log: str, count: int) -> List[str]:
+    parts = [""] * count
+    current = None
+    for line in log.splitlines(keepends=True):
+        begin = re.search(r"rig case (\d+) begin", line)
+        if begin:
+            current = int(begin.group(1))
+        if current is not None:
+            parts[current] += line
+        if re.search(r"rig case \d+ end", line):
+            current = None
+    return parts
+
+
+def _case_results(work: Path, logs: List[str], count: int) -> list:
+    data = [torch.load(work / f"rank{r}.pt", map_location="cpu", weights_only=False) for r in range(len(logs))]
+    case_logs = [_split_case_logs(log, count) for log in logs]
+    out: list = []
+    for i in range(count):
+        crashes = [d["cases"][i].get("crash") for d in data]
+        if any(crashes):
+            out.append("\n".join(f"rank {r}: {c}" for r, c in enumerate(crashes) if c))
+            continue
+        results = RankResults()
+        for r, d in enumerate(data):
+            c = d["cases"][i]
+            results.append(
+                RankResult(
+                    rank=r,
+                    params=c["params"],
+                    log=case_logs[r][i],
+                    error=c["error"],
+                    update_results=[tuple(x) for x in c["update_results"]],
+                    params_before=c["params_before"],
+                    timings=c["timings"],
+                )
+            )
+        out.append(results)
+    return out
 
 
 # --------------------------------------------------------------------------------------

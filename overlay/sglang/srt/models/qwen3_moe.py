@@ -993,9 +993,6 @@ class Qwen3MoeModel(Qwen2MoeModel):
 
 class Qwen3MoeForCausalLM(nn.Module):
     fall_back_to_pt_during_load = False
-    # OVERLAY: begin sglang-fastload: load_weights below is plannable by `fast` (verified by tests)
-    supports_fast_load = True
-    # OVERLAY: end
 
     # Mapping from fused module names to their component weight names.
     # Required for quantization configs (e.g., ModelOpt FP4) to correctly identify
