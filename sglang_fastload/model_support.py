@@ -55,22 +55,6 @@ def _fallback(architecture: str, module: str, zoo: str, reason: str, *, moe: boo
     )
 
 
-# Upstream's copy_ converts a tensor into its parameter's dtype; the plan copies bytes, so a
-# class whose releases store a tensor in another dtype than its parameter must wait for a
-# converting plan. (With checkpoints whose dtypes match, these classes replay to bit-identical
-# plans at TP=1, TP=2 and EP=2.)
-_DTYPE_REASON = "{release} store {tensors}, but SGLang's parameter is {param}; upstream converts on copy, the plan does not"
-_QWEN3_5_REASON = _DTYPE_REASON.format(
-    release="the releases",
-    tensors="linear_attn.A_log and linear_attn.norm.weight in fp32 (Qwen3.5) or A_log in bf16 (Qwen3.6)",
-    param="fp32 for A_log and the model dtype for the norm",
-)
-_QWEN3_NEXT_REASON = _DTYPE_REASON.format(
-    release="bf16 checkpoints", tensors="linear_attn.A_log in bf16", param="fp32"
-)
-_GLM4_MOE_REASON = _DTYPE_REASON.format(
-    release="the releases", tensors="the router weight mlp.gate.weight in bf16", param="fp32"
-)
 _MLA_REASON = (
     "load_weights ends in post_load_weights, which computes the MLA absorbed matrices (w_kc, w_vc) "
     "from the loaded kv_b_proj values; a replay on probes would compute them from the old weights"
@@ -84,18 +68,18 @@ _GPT_OSS_REASON = (
 SUPPORT_TABLE: Tuple[ArchitectureSupport, ...] = (
     _fast("Qwen3ForCausalLM", "qwen3", "qwen3"),
     _fast("Qwen3MoeForCausalLM", "qwen3_moe", "qwen3_moe", moe=True),
-    _fallback("Qwen3_5ForCausalLM", "qwen3_5_text", "qwen3_5", _QWEN3_5_REASON),
-    _fallback("Qwen3_5MoeForCausalLM", "qwen3_5_text", "qwen3_5_moe", _QWEN3_5_REASON, moe=True),
-    _fallback("Qwen3_5ForConditionalGeneration", "qwen3_5", "qwen3_5_vl", _QWEN3_5_REASON),
-    _fallback("Qwen3_5MoeForConditionalGeneration", "qwen3_5", "qwen3_5_moe_vl", _QWEN3_5_REASON, moe=True),
-    _fallback("Qwen3NextForCausalLM", "qwen3_next", "qwen3_next", _QWEN3_NEXT_REASON, moe=True),
+    _fast("Qwen3_5ForCausalLM", "qwen3_5_text", "qwen3_5"),
+    _fast("Qwen3_5MoeForCausalLM", "qwen3_5_text", "qwen3_5_moe", moe=True),
+    _fast("Qwen3_5ForConditionalGeneration", "qwen3_5", "qwen3_5_vl"),
+    _fast("Qwen3_5MoeForConditionalGeneration", "qwen3_5", "qwen3_5_moe_vl", moe=True),
+    _fast("Qwen3NextForCausalLM", "qwen3_next", "qwen3_next", moe=True),
     _fast("Qwen3VLForConditionalGeneration", "qwen3_vl", "qwen3_vl"),
     _fast("Qwen3VLMoeForConditionalGeneration", "qwen3_vl_moe", "qwen3_vl_moe", moe=True),
     _fast("LlamaForCausalLM", "llama", "llama"),
     _fast("Qwen2ForCausalLM", "qwen2", "qwen2"),
     _fast("Qwen2MoeForCausalLM", "qwen2_moe", "qwen2_moe", moe=True),
     _fast("MixtralForCausalLM", "mixtral", "mixtral", moe=True),
-    _fallback("Glm4MoeForCausalLM", "glm4_moe", "glm4_moe", _GLM4_MOE_REASON, moe=True),
+    _fast("Glm4MoeForCausalLM", "glm4_moe", "glm4_moe", moe=True),
     _fast("Gemma3ForCausalLM", "gemma3_causal", "gemma3"),
     _fallback("DeepseekV2ForCausalLM", "deepseek_v2", "", _MLA_REASON, moe=True),
     _fallback("DeepseekV3ForCausalLM", "deepseek_v2", "deepseek_v3", _MLA_REASON, moe=True),
