@@ -503,9 +503,6 @@ class DefaultModelLoader(BaseModelLoader):
             LoadFormat.SAFETENSORS,
             LoadFormat.FASTSAFETENSORS,
             LoadFormat.INSTANTTENSOR,
-            # OVERLAY: begin sglang-fastload: `fast` reads safetensors only
-            LoadFormat.FAST,
-            # OVERLAY: end
         ):
             use_safetensors = True
             allow_patterns = ["*.safetensors"]
