@@ -6,8 +6,15 @@ import torch
 from safetensors.torch import save_file
 
 from sglang.srt.configs.load_config import LoadConfig, LoadFormat
+from sglang.srt.model_loader import loader as upstream_loader
 from sglang.srt.model_loader.loader import DefaultModelLoader
 from sglang_fastload.loader.fast_model_loader import FastModelLoader
+
+
+@pytest.fixture(autouse=True)
+def no_server(monkeypatch):
+    # Outside a server there are no global server args (only used for checksum checks).
+    monkeypatch.setattr(upstream_loader, "get_server_args", lambda: None)
 
 
 def test_fast_prepares_the_files_upstream_safetensors_would(tmp_path):
