@@ -85,6 +85,18 @@ def status(out=sys.stdout) -> int:
     print(f"  sglang installed: {installed}   overlay base: {manifest['base_version'] if manifest else '?'}", file=out)
     print(f"  overlay tree: {root}", file=out)
     print(f"  .pth installed: {', '.join(pth) if pth else 'no'}", file=out)
+    auto_fast = os.environ.get(constants.ENV_AUTO_MEANS_FAST, "").strip() == "1"
+    print(
+        f"  --load-format auto: {'served by fast for the models fast supports' if auto_fast else 'upstream'}"
+        f" ({constants.ENV_AUTO_MEANS_FAST}={'1' if auto_fast else 'unset'})",
+        file=out,
+    )
+    snapshot = os.environ.get(constants.ENV_UPDATE_SNAPSHOT, "").strip() == "1"
+    print(
+        f"  host snapshot before updates: {'on' if snapshot else 'off'}"
+        f" ({constants.ENV_UPDATE_SNAPSHOT}={'1' if snapshot else 'unset'})",
+        file=out,
+    )
     if manifest:
         print("  modules:", file=out)
         for name, entry in sorted(manifest["modules"].items()):

@@ -29,3 +29,24 @@ ACTIVE_NOTICE = "sglang-fastload overlay active"
 # exists at the start of a fast load, that load fails with an I/O error after copying the
 # number of bytes written in the file, and the file is removed (one fault per file).
 ENV_FAULT_FILE = "SGLANG_FASTLOAD_FAULT_FILE"
+# The file may also hold a second word, "persist": then the file stays and every fast load
+# fails the same way until it is removed (a checkpoint that can never be read consistently).
+FAULT_PERSIST_WORD = "persist"
+# ... or "touch": instead of an I/O error, the first shard's modification time moves on, as if
+# a writer changed it during the read (the load must notice it by itself).
+FAULT_TOUCH_WORD = "touch"
+
+# "1" makes `--load-format auto` (and updates that ask for `auto`) load through `fast` for the
+# models the fast path supports, so frameworks that hard-code `auto` get it unpatched. Set in
+# the environment, it reaches SGLang's scheduler processes whatever launched them.
+ENV_AUTO_MEANS_FAST = "SGLANG_FASTLOAD_AUTO_MEANS_FAST"
+# "1" keeps a host-memory copy of each rank's parameters, refreshed before every update, so a
+# failed update can always be undone even when the previous checkpoint is gone.
+ENV_UPDATE_SNAPSHOT = "SGLANG_FASTLOAD_UPDATE_SNAPSHOT"
+# How often a failed update re-reads its own checkpoint when the previous one is gone or was
+# rewritten (the only consistent weights left to reach), and the pause before each try.
+UPDATE_REREAD_ATTEMPTS = 3
+UPDATE_REREAD_PAUSE_S = 0.5
+# Weight files whose identities (device, inode, size, mtime) say whether a served checkpoint
+# directory still holds what was loaded from it.
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")

@@ -33,32 +33,58 @@ class ExecutionStats:
     seconds: float = 0.0
 
 
-def take_injected_fault() -> Optional[int]:
-    """Return the byte count after which this load must fail, if a test armed a fault."""
+@dataclasses.dataclass(frozen=True)
+class InjectedFault:
+    """A fault a test armed through ``SGLANG_FASTLOAD_FAULT_FILE`` (see constants.py).
+
+    Attributes:
+        after_bytes: bytes copied into parameters before the fault strikes.
+        touch: instead of failing a read, change a checkpoint file's modification time
+            (as a writer would) and let the load find out by itself.
+    """
+
+    after_bytes: int
+    touch: bool = False
+
+
+def take_injected_fault() -> Optional[InjectedFault]:
+    """Return the fault this load must suffer, if a test armed one."""
     path = os.environ.get(constants.ENV_FAULT_FILE)
     if not path:
         return None
     try:
         with open(path) as f:
-            limit = int(f.read().strip() or 0)
-        os.remove(path)
+            words = f.read().split()
+        limit = int(words[0]) if words else 0
+        if constants.FAULT_PERSIST_WORD not in words[1:]:
+            os.remove(path)
     except (OSError, ValueError):
         return None
-    return limit
+    return InjectedFault(limit, touch=constants.FAULT_TOUCH_WORD in words[1:])
 
 
 class _FaultBudget:
-    def __init__(self, limit: Optional[int]):
-        self.left = limit
+    def __init__(self, fault: Optional[InjectedFault], files: Sequence[str] = ()):
+        self.left = fault.after_bytes if fault is not None else None
+        self.touch = fault is not None and fault.touch
+        self.files = sorted(files)
         self.lock = threading.Lock()
 
     def spend(self, n: int) -> None:
         if self.left is None:
             return
         with self.lock:
+            if self.left is None:
+                return
             self.left -= n
-            if self.left < 0:
+            if self.left >= 0:
+                return
+            if not self.touch:
                 raise OSError(errno.EIO, "injected I/O fault (" + constants.ENV_FAULT_FILE + ")")
+            self.left = None
+            if self.files:
+                st = os.stat(self.files[0])
+                os.utime(self.files[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
 
 
 @dataclasses.dataclass
@@ -296,10 +322,10 @@ def execute_plan(
         CheckpointError: a file ended early (changed or truncated under us).
     """
     t0 = time.perf_counter()
-    fault = _FaultBudget(take_injected_fault())
     for z in plan.zeros:
         _param_view(params[z.param], z.dst).zero_()
     chunks = _chunks(plan, chunk_bytes)
+    fault = _FaultBudget(take_injected_fault(), [fp.path for fp in plan.files])
     threads = max(1, min(num_threads, len(chunks)))
     workers = _workers(device, threads, chunk_bytes)
     for w in workers:

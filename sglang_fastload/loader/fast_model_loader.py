@@ -17,10 +17,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from sglang.srt.configs.load_config import LoadConfig
+from sglang.srt.configs.load_config import LoadConfig, LoadFormat
 from sglang.srt.model_loader.loader import BaseModelLoader, DefaultModelLoader
 
-from sglang_fastload import constants
+from sglang_fastload import constants, update_guard
 from sglang_fastload.checkpoint.checkpoint_files import check_weight_map, resolve_checkpoint_files
 from sglang_fastload.checkpoint.safetensors_header import read_header, torch_dtype_name
 from sglang_fastload.errors import CheckpointError, UnsupportedModelError
@@ -28,8 +28,10 @@ from sglang_fastload.loader import validate
 from sglang_fastload.loader.checkpoint_state import state_of
 from sglang_fastload.loader.executor import execute_plan
 from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, build_plan, numel
+from sglang_fastload.loader.dispatch import auto_means_fast
 from sglang_fastload.loader.replay import replay_load_weights
 from sglang_fastload.loader.summary import LoadSummary
+from sglang_fastload.served_checkpoint import record_served, weight_file_identities
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,12 @@ def unsupported_reason(model, load_config: LoadConfig) -> Optional[str]:
     if start != 0 or (end is not None and end != layers):
         return "pipeline-parallel stages are loaded by upstream"
     return None
+
+
+def _format_label(load_format) -> str:
+    if load_format == LoadFormat.AUTO and auto_means_fast():
+        return f"auto served as fast ({constants.ENV_AUTO_MEANS_FAST}=1)"
+    return constants.LOAD_FORMAT
 
 
 class FastCheckpoint:
@@ -259,7 +267,22 @@ class FastModelLoader(DefaultModelLoader):
         self.last_summary: Optional[LoadSummary] = None
 
     def _get_weights_iterator(self, source, **kwargs):
-        return FastCheckpoint(self, source, kwargs)
+        checkpoint = FastCheckpoint(self, source, kwargs)
+        update = update_guard.current_update()
+        if update is not None:
+            # Upstream asks for the iterator before it writes anything: validate the whole
+            # checkpoint now, on every rank, so a refusal leaves every parameter untouched.
+            update_guard.on_weights_iterator_requested(update)
+            error = None
+            try:
+                checkpoint.try_prepare(update.model, update.target_device)
+            except Exception as exc:
+                error = exc
+            if not update_guard.all_ranks_ok(error is None):
+                raise error or CheckpointError(
+                    source.model_or_path, "another tensor-parallel rank rejected the checkpoint"
+                )
+        return checkpoint
 
     def _prepare_weights(self, *args, **kwargs):
         """Find (or download) the checkpoint files as upstream does for ``safetensors``.
@@ -290,6 +313,15 @@ class FastModelLoader(DefaultModelLoader):
         return self._get_weights_iterator(DefaultModelLoader.Source.init_new(model_config, model))
 
     def load_weights_and_postprocess(self, model, weights, target_device):
+        try:
+            self._load_weights_and_postprocess(model, weights, target_device)
+        except Exception as exc:
+            update = update_guard.current_update()
+            if update is not None and update.first_error is None:
+                update.first_error = exc
+            raise
+
+    def _load_weights_and_postprocess(self, model, weights, target_device):
         if isinstance(weights, FastCheckpoint):
             prepared, reason = weights.try_prepare(model, target_device)
             if prepared is not None:
@@ -301,6 +333,7 @@ class FastModelLoader(DefaultModelLoader):
                 "threaded default path",
                 type(model).__name__, reason,
             )
+        update_guard.note_writing()
         DefaultModelLoader.load_weights_and_postprocess(model, weights, target_device)
 
     def _load_prepared(self, model, prepared: PreparedLoad, target_device) -> None:
@@ -327,6 +360,7 @@ class FastModelLoader(DefaultModelLoader):
             from tqdm.auto import tqdm
 
             progress = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="Loading safetensors (fast)")
+        update_guard.note_writing()
         try:
             stats = execute_plan(
                 plan,
@@ -345,6 +379,9 @@ class FastModelLoader(DefaultModelLoader):
             state_of(model).reference = {
                 n: (tuple(e.shape), e.dtype) for h in prepared.headers.values() for n, e in h.tensors.items()
             }
+            record_served(
+                model, prepared.directory, self.load_config.load_format, weight_file_identities(prepared.directory)
+            )
         summary = LoadSummary(
             directory=prepared.directory,
             files=len(prepared.headers),
@@ -358,6 +395,7 @@ class FastModelLoader(DefaultModelLoader):
             copy_seconds=stats.seconds,
             threads=self.num_threads,
             rank=_rank_suffix(),
+            load_format=_format_label(self.load_config.load_format),
         )
         self.last_summary = summary
         logger.info(summary.line())

@@ -19,6 +19,7 @@ class LoadSummary:
     copy_seconds: float = 0.0
     threads: int = 0
     rank: str = ""
+    load_format: str = "fast"
 
     def line(self) -> str:
         total = self.plan_seconds + self.validate_seconds + self.copy_seconds
@@ -30,5 +31,5 @@ class LoadSummary:
             f"({self.bytes_read / 1e9:.3f} GB) with {self.threads} threads; "
             f"plan {self.plan_seconds:.3f} s ({'cached' if self.plan_cached else 'built'}), "
             f"validate {self.validate_seconds:.3f} s, read/copy {self.copy_seconds:.3f} s, "
-            f"total {total:.3f} s, {gbps:.2f} GB/s"
+            f"total {total:.3f} s, {gbps:.2f} GB/s; format {self.load_format}"
         )

@@ -190,6 +190,13 @@ def test_status_command_reports_active_and_inactive():
         env={**os.environ, "SGLANG_FASTLOAD": "0"},
     )
     assert off.returncode != 0 and "INACTIVE" in off.stdout and "SGLANG_FASTLOAD=0" in off.stdout
+    assert "--load-format auto: upstream (SGLANG_FASTLOAD_AUTO_MEANS_FAST=unset)" in proc.stdout
+    switched = subprocess.run(
+        [PY, "-m", "sglang_fastload", "status"], capture_output=True, text=True,
+        env={**os.environ, "SGLANG_FASTLOAD_AUTO_MEANS_FAST": "1", "SGLANG_FASTLOAD_UPDATE_SNAPSHOT": "1"},
+    )
+    assert "--load-format auto: served by fast for the models fast supports" in switched.stdout, switched.stdout
+    assert "host snapshot before updates: on" in switched.stdout
 
 
 def test_wheel_install_and_uninstall_in_fresh_venv(tmp_path):

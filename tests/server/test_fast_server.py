@@ -15,7 +15,7 @@ TRACE_SITE = __import__("pathlib").Path(__file__).with_name("trace_site")
 
 def test_fast_server_updates_match_upstream_servers(dense_pair, upstream_outputs, tmp_path):
     a, b = dense_pair
-    with SGLangServer(a, load_format="fast") as server:
+    with SGLangServer(a, load_format="fast", extra_config={"chunk_mb": 8, "num_threads": 2}) as server:
         log = server.log_text()
         # The scheduler process (where weights load) runs the overlay and says so.
         assert re.search(r"sglang-fastload overlay active \(pid \d+\)", log), server.log_tail()
@@ -27,6 +27,21 @@ def test_fast_server_updates_match_upstream_servers(dense_pair, upstream_outputs
             assert outputs(server) == upstream_outputs[label]
         summaries = re.findall(r"sglang-fastload: loaded .*?plan [\d.]+ s \((\w+)\)", server.log_text())
         assert summaries == ["built", "cached", "cached", "cached", "cached"], summaries
+        # An update that asks for `auto` gets only the extra-config keys upstream's loader
+        # accepts (num_threads), not chunk_mb, which it would reject.
+        status, body = update(server, b, load_format="auto")
+        assert status == 200 and body["success"], body
+        assert outputs(server) == upstream_outputs["B"]
+        # SGLang keeps the last request's format: the next update without one is `auto` too.
+        loads = server.log_text().count("sglang-fastload: loaded")
+        status, body = update(server, a)
+        assert status == 200 and body["success"], body
+        assert outputs(server) == upstream_outputs["A"]
+        assert server.log_text().count("sglang-fastload: loaded") == loads
+        status, body = update(server, b, load_format="fast")
+        assert status == 200 and body["success"], body
+        assert server.log_text().count("sglang-fastload: loaded") == loads + 1
+        assert outputs(server) == upstream_outputs["B"]
 
 
 def _update_reads(tmp_path, a, b, overlay, extra, tag):

@@ -116,7 +116,7 @@ def test_rollback_impossible_stops_the_server_loudly(dense_pair, tmp_path):
     server = SGLangServer(a, load_format="fast", env={"SGLANG_FASTLOAD_FAULT_FILE": str(fault)})
     with server:
         shutil.rmtree(a)  # the previous checkpoint disappears (e.g. cleaned up by the trainer)
-        fault.write_text("4096")
+        fault.write_text("4096 persist")  # and the new one never reads consistently
         try:
             update(server, dense_pair[1])
         except Exception:

@@ -4165,16 +4165,6 @@ def get_model_loader(
 ) -> BaseModelLoader:
     """Get a model loader based on the load format."""
 
-    # OVERLAY: begin sglang-fastload dispatch (the notice proves the overlay is live here)
-    from sglang_fastload.overlay_notice import log_overlay_active_once
-
-    log_overlay_active_once(logger)
-    if load_config.load_format == LoadFormat.FAST:
-        from sglang_fastload.loader.fast_model_loader import FastModelLoader
-
-        return FastModelLoader(load_config)
-    # OVERLAY: end
-
     if load_config.load_format == LoadFormat.DUMMY:
         return DummyModelLoader(load_config)
 
@@ -4305,3 +4295,9 @@ def get_model_loader(
         )
 
     return DefaultModelLoader(load_config)
+
+# OVERLAY: begin sglang-fastload dispatch: `fast` (and extra config on updates) before upstream's choice
+from sglang_fastload.loader.dispatch import dispatch_first
+
+get_model_loader = dispatch_first(get_model_loader, logger)
+# OVERLAY: end

@@ -191,32 +191,14 @@ class WeightUpdater:
         )
 
         target_device = torch.device(self.device)
-        # OVERLAY: begin sglang-fastload: remember what serves now, to roll back to it
-        from sglang_fastload import update_guard
-
-        previous_path = self.model_config.model_path
-        previous_load_config = LoadConfig(
-            load_format=get_model().load_format,
-            load_group=get_pp_stage_load_group(),
-            model_loader_extra_config=get_model().model_loader_extra_config,
-        )
-        # OVERLAY: end
         self.model_config.model_path = model_path
         # PP stages handle disk updates sequentially, unlike cold startup.
-        # OVERLAY: begin sglang-fastload: updates honour --model-loader-extra-config
-        try:
-            load_config = LoadConfig(
-                load_format=load_format,
-                load_group=get_pp_stage_load_group(),
-                model_loader_extra_config=get_model().model_loader_extra_config,
-            )
+        load_config = LoadConfig(
+            load_format=load_format, load_group=get_pp_stage_load_group()
+        )
 
-            # Only support DefaultModelLoader for now
-            loader = get_model_loader(load_config, self.model_config)
-        except Exception as e:
-            self.model_config.model_path = previous_path
-            return False, f"Failed to get model loader: {e}."
-        # OVERLAY: end
+        # Only support DefaultModelLoader for now
+        loader = get_model_loader(load_config, self.model_config)
         if not isinstance(loader, DefaultModelLoader):
             message = f"Failed to get model loader: {loader}."
             return False, message
@@ -241,32 +223,20 @@ class WeightUpdater:
         with set_default_torch_dtype(self.model_config.dtype):
             try:
                 iter = get_weight_iter(self.model_config)
-                # OVERLAY: begin sglang-fastload: validate on every rank before any write
-                update_guard.validate_before_writing(iter, self.get_model(), target_device)
-                error = None
             except Exception as e:
-                error = e
-            if not update_guard.all_ranks_ok(error is None):
-                self.model_config.model_path = previous_path
-                return False, update_guard.rejected_message(error)
+                message = f"Failed to get weights iterator: {e}."
+                return False, message
             try:
                 model = model_load_weights(self.get_model(), iter)
-                error = None
             except Exception as e:
-                error = e
-            if not update_guard.all_ranks_ok(error is None):
-                # Roll back to the *previous* checkpoint, on every rank.
+                message = (
+                    f"Failed to update weights: {e}.\nRolling back to original weights."
+                )
                 del iter
                 gc.collect()
-                self.model_config.model_path = previous_path
-                return False, update_guard.roll_back(
-                    self.get_model(),
-                    self.model_config,
-                    previous_load_config,
-                    target_device,
-                    error,
-                )
-            # OVERLAY: end
+                iter = get_weight_iter(self.model_config)
+                model_load_weights(self.get_model(), iter)
+                return False, message
 
         self.update_model_fields(
             model,
@@ -487,3 +457,11 @@ class LocalSerializedTensor:
 
     def get(self, rank: int):
         return MultiprocessingSerializer.deserialize(self.values[rank])
+
+# OVERLAY: begin sglang-fastload: updates validate on every rank before writing and never leave mixed weights (sglang_fastload/update_guard.py)
+from sglang_fastload.update_guard import guard_update_weights_from_disk
+
+WeightUpdater.update_weights_from_disk = guard_update_weights_from_disk(
+    WeightUpdater.update_weights_from_disk
+)
+# OVERLAY: end

@@ -1,0 +1,49 @@
+"""Failed updates at TP=2, in-process over gloo, through SGLang's real WeightUpdater: every rank
+ends on the same, exact weights, whichever rank failed."""
+
+import pytest
+
+from tests.rig.inprocess import compare_params, load_params
+
+
+@pytest.fixture(scope="module")
+def tp2_reference(checkpoint_factory):
+    a = checkpoint_factory("qwen3", seed=31, layout="sharded")
+    b = checkpoint_factory("qwen3", seed=32, layout="sharded")
+    return a, b, load_params(a, load_format="auto", tp_size=2), load_params(b, load_format="auto", tp_size=2)
+
+
+def test_one_rank_fails_after_writing_and_both_roll_back(tp2_reference, tmp_path):
+    """The first rank to take the one-shot fault fails mid-copy; the other completes B. Both
+    must end on A, exactly (the previous checkpoint is still on disk), then take B cleanly."""
+    a, b, ref_a, ref_b = tp2_reference
+    arm = tmp_path / "arm"
+    arm.write_text("4096")
+    res = load_params(
+        # Start-up through `auto` (the armed fault strikes the first `fast` load: the update).
+        a, load_format="auto", update_load_format="fast", tp_size=2, update_path=[b, b], keep_history=True,
+        env={"SGLANG_FASTLOAD_FAULT_FILE": str(arm)},
+    )
+    assert not arm.exists()
+    for rank in range(2):
+        first, second = res[rank].update_results
+        assert not first[0] and "Rolled back to the previous weights" in first[1], first
+        assert second[0], second
+        after_failure, after_retry = res[rank].params_history
+        assert not compare_params(ref_a[rank].params, after_failure), f"rank {rank} not back on A"
+        assert not compare_params(ref_b[rank].params, after_retry), f"rank {rank} not on B"
+    assert "injected I/O fault" in res.log_text()
+
+
+def test_snapshot_restores_when_the_checkpoint_never_reads(tp2_reference, tmp_path):
+    a, b, ref_a, _ = tp2_reference
+    arm = tmp_path / "arm"
+    arm.write_text("4096 persist")
+    res = load_params(
+        a, load_format="auto", update_load_format="fast", tp_size=2, update_path=b, keep_history=True,
+        env={"SGLANG_FASTLOAD_FAULT_FILE": str(arm), "SGLANG_FASTLOAD_UPDATE_SNAPSHOT": "1"},
+    )
+    for rank in range(2):
+        ok, message = res[rank].update_results[0]
+        assert not ok and "Rolled back to the previous weights (host snapshot" in message, message
+        assert not compare_params(ref_a[rank].params, res[rank].params_history[0]), f"rank {rank} not back on A"
