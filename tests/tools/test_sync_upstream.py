@@ -709,3 +709,42 @@ def test_real_rebase_onto_0_5_22(tmp_path, capsys):
     else:
         assert after == before
         assert settled(root / "upstream_base") == base_before
+
+
+def test_real_rebase_follows_a_moved_fork(tmp_path, capsys):
+    """sglang 0.5.22 with the weight updater moved one package up: found by content, followed."""
+    root = tmp_path / "repo"
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", ".pending")
+    shutil.copytree(REPO / "overlay", root / "overlay", ignore=skip)
+    shutil.copytree(REPO / "upstream_base", root / "upstream_base", ignore=skip)
+    old = "sglang/srt/model_executor/model_runner_components/weight_updater.py"
+    new = "sglang/srt/model_executor/weight_updater.py"
+    if module_name(old) not in manifest_of(root)["modules"] or manifest_of(root)["base_version"] == REAL_TARGET:
+        pytest.skip("the overlay no longer forks the weight updater from another release")
+    write(root / "tests" / "user.py", f"from {module_name(old)} import WeightUpdater\n")
+    wheel = sync_upstream.fetch_wheel(REAL_TARGET, str(WHEEL_CACHE))
+    source = tmp_path / "release"
+    with zipfile.ZipFile(wheel) as zf:
+        for name in zf.namelist():
+            if name.startswith("sglang/") and (name.endswith(".py") or name.endswith("/__init__.py")):
+                target = source / (new if name == old else name)
+                write(target, zf.read(name))
+    expected, _ = independent_merge(
+        (root / "overlay" / old).read_bytes().split(b"\n", 1)[1],
+        (root / "upstream_base" / old).read_bytes(),
+        (source / new).read_bytes(),
+        tmp_path,
+    )
+
+    status, report = run_json(capsys, "--to", REAL_TARGET, "--root", root, "--source", source)
+    assert status == 0, report
+    (moved,) = [f for f in report["files"] if f["path"] == new]
+    assert moved["status"] == "moved" and moved["moved_from"] == {"module": module_name(old), "path": old}
+    assert any(f"tests/user.py:1: {module_name(old)} -> {module_name(new)}" in s for s in report["next_steps"])
+    first, body = (root / "overlay" / new).read_bytes().split(b"\n", 1)
+    assert first.decode().startswith(f"# OVERLAY: provenance: sglang {REAL_TARGET} {new},")
+    assert body == expected
+    assert not (root / "overlay" / old).exists() and not (root / "upstream_base" / old).exists()
+    assert (root / "upstream_base" / new).read_bytes() == (source / new).read_bytes()
+    assert manifest_of(root)["modules"][module_name(new)]["path"] == new
+    assert sync_upstream.main(["--check", "--root", str(root)]) == 0
