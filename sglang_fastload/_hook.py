@@ -91,6 +91,8 @@ class OverlayFinder:
         if not fullname.startswith(_PREFIX):
             return None
         try:
+            if fullname in constants.LOAD_FORMAT_CHOICES_MODULES:
+                return self._upstream_spec_offering_fast(fullname, path, target)
             overlay_file = self.modules().get(fullname)
             if overlay_file is None or not self.verdict()[0]:
                 return None
@@ -113,6 +115,47 @@ class OverlayFinder:
 
     def invalidate_caches(self):
         pass
+
+    def _upstream_spec_offering_fast(self, fullname, path, target):
+        """Upstream's own spec, whose module offers ``fast`` on the command line once run."""
+        self.modules()  # the verdict needs the manifest
+        if not self.verdict()[0]:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _OfferFastAfterExec(spec.loader)
+                return spec
+        return None
+
+
+class _OfferFastAfterExec:
+    """Upstream's loader of a module that defines LOAD_FORMAT_CHOICES, plus one step:
+    append ``fast`` to that list right after the module ran (before any parser uses it)."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        choices = getattr(module, "LOAD_FORMAT_CHOICES", None)
+        if isinstance(choices, list) and constants.LOAD_FORMAT not in choices:
+            choices.append(constants.LOAD_FORMAT)
+        elif not isinstance(choices, list) and module.__name__ == constants.LOAD_FORMAT_CHOICES_MODULES[-1]:
+            _warn(
+                f"{module.__name__} has no LOAD_FORMAT_CHOICES list any more; "
+                f"--load-format {constants.LOAD_FORMAT} may be refused on the command line"
+            )
+
+    def __getattr__(self, name):  # get_source, get_resource_reader, ... stay upstream's
+        return getattr(self._loader, name)
 
 
 def installed_finder():

@@ -10,6 +10,11 @@ ENV_VERBOSE = "SGLANG_FASTLOAD_VERBOSE"
 
 # Name of the load format this package adds to SGLang.
 LOAD_FORMAT = "fast"
+# Upstream modules that define the command line's list of load formats,
+# LOAD_FORMAT_CHOICES: arg_groups/choices.py since sglang 0.5.20, server_args.py before
+# (it re-exports the same list since). Right after such a module runs, the start-up hook
+# appends LOAD_FORMAT to that list, so no fork is needed wherever the list moves.
+LOAD_FORMAT_CHOICES_MODULES = ("sglang.srt.arg_groups.choices", "sglang.srt.server_args")
 # File names placed in site-packages by the wheel.
 PTH_NAME = "sglang_fastload.pth"
 START_NAME = "sglang_fastload.start"

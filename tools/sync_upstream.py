@@ -14,9 +14,18 @@ Usage::
     python tools/sync_upstream.py --to 0.5.24 --dry-run    # report only, write nothing
     python tools/sync_upstream.py --to 0.5.24 --wheel sglang-0.5.24-....whl   # offline
     python tools/sync_upstream.py --to 0.5.24 --source ~/src/sglang/python    # offline
+    python tools/sync_upstream.py --to 0.5.24 --moved sglang.srt.a=sglang/srt/b/a.py
+                                                           # confirm where a module moved
     python tools/sync_upstream.py --continue               # after resolving conflicts
     python tools/sync_upstream.py --abort                  # undo an unfinished sync
     python tools/sync_upstream.py --check                  # CI: manifest, bases, provenance
+
+When a forked file is gone from the target release, the tool looks for where it went by
+content (difflib similarity with the pristine base, over every .py file of the release).
+One clear match is followed: the fork is merged onto the file at its new path and, once the
+sync finishes, the fork, its pristine base and its manifest entry (which is also the start-up
+hook's module map) move there. Anything less clear stops the sync with the candidates and
+the exact ``--moved`` command that confirms one.
 
 Exit status: 0 when everything is clean; 1 when the sync stopped (conflicts, a deleted
 upstream file, a module clash), ``--continue`` refused, or ``--check`` found problems;
@@ -27,6 +36,7 @@ Standard library only; needs ``git`` on PATH for ``git merge-file``.
 
 import argparse
 import dataclasses
+import difflib
 import glob
 import hashlib
 import json
@@ -74,7 +84,8 @@ OVERLAY_ONLY = "overlay-only"
 CONFLICT = "conflict"
 DELETED = "deleted"
 CLASH = "clash"
-CLEAN_STATUSES = (UNCHANGED, MERGED, IDENTICAL, OVERLAY_ONLY)
+MOVED = "moved"
+CLEAN_STATUSES = (UNCHANGED, MERGED, IDENTICAL, OVERLAY_ONLY, MOVED)
 STATUS_LABELS = {
     UNCHANGED: "unchanged upstream",
     MERGED: "merged cleanly",
@@ -83,7 +94,16 @@ STATUS_LABELS = {
     CONFLICT: "CONFLICTS",
     DELETED: "DELETED upstream",
     CLASH: "CLASH",
+    MOVED: "moved, merged cleanly",
 }
+
+# Following a moved file: the release file most similar to the pristine base (difflib
+# ratio over stripped lines) is taken when it reaches MOVE_SURE_RATIO and beats the
+# runner-up by MOVE_MARGIN; files above MOVE_HINT_RATIO are offered as candidates.
+MOVE_SURE_RATIO = 0.6
+MOVE_MARGIN = 0.15
+MOVE_HINT_RATIO = 0.2
+MOVE_PREFILTER = 8  # candidates ranked by shared lines before the (slower) difflib ratio
 
 
 class SyncError(Exception):
@@ -102,6 +122,8 @@ class FileResult:
         note: one extra line for the report (may be empty).
         merged: the new fork bytes, provenance line included (None when nothing to write).
         new: the target release's file bytes (None when the release lacks it).
+        moved_from: ``(old module, old path)`` when upstream moved the file to ``path``.
+        candidates: ``[(path, similarity, contained)]`` where a deleted file may have gone.
     """
 
     module: str
@@ -111,16 +133,31 @@ class FileResult:
     note: str = ""
     merged: bytes = None
     new: bytes = None
+    moved_from: tuple = None
+    candidates: list = dataclasses.field(default_factory=list)
+
+    @property
+    def old_path(self):
+        """The path the fork has before this sync (differs from ``path`` after a move)."""
+        return self.moved_from[1] if self.moved_from else self.path
 
     def as_dict(self):
         """Return the JSON-able part of the result."""
-        return {
+        data = {
             "module": self.module,
             "path": self.path,
             "status": self.status,
             "conflicts": self.conflicts,
             "note": self.note,
         }
+        if self.moved_from:
+            data["moved_from"] = {"module": self.moved_from[0], "path": self.moved_from[1]}
+        if self.candidates:
+            data["candidates"] = [
+                {"path": p, "similarity": round(r, 3), "contained": round(c, 3)}
+                for p, r, c in self.candidates
+            ]
+        return data
 
 
 # --- small helpers ----------------------------------------------------------------------------
@@ -237,10 +274,11 @@ def provenance_version(line):
     return match.group("version"), match.group("path")
 
 
-def with_version(line, version):
-    """Return the provenance line naming ``version`` instead of its current one."""
+def with_version(line, version, path=None):
+    """Return the provenance line naming ``version`` (and ``path``, if given) instead."""
     match = PROVENANCE_RE.match(line)
-    return line[: match.start("version")] + version + line[match.end("version"):]
+    path = match.group("path") if path is None else path
+    return line[: match.start("version")] + version + " " + path + line[match.end("path"):]
 
 
 def provenance_bytes(line, newline=b"\n"):
@@ -339,6 +377,12 @@ class DirRelease:
             found.extend(f"{rel}/{name}" for name in filenames)
         return sorted(found)
 
+    def python_files(self):
+        """Yield ``(path, bytes)`` of every ``.py`` file under ``sglang/``."""
+        for path in self.paths():
+            if path.endswith(".py"):
+                yield path, self.read(path)
+
 
 class WheelRelease:
     """A release given as an sglang wheel (a zip with ``sglang/`` at its root)."""
@@ -365,6 +409,13 @@ class WheelRelease:
     def paths(self):
         """Return every file path under ``sglang/``."""
         return sorted(n for n in self._names if n.startswith("sglang/"))
+
+    def python_files(self):
+        """Yield ``(path, bytes)`` of every ``.py`` file under ``sglang/`` (one zip open)."""
+        with zipfile.ZipFile(self.wheel) as zf:
+            for path in self.paths():
+                if path.endswith(".py"):
+                    yield path, zf.read(path)
 
 
 def release_modules(paths):
@@ -538,45 +589,108 @@ def check_tree(root, manifest=None, fork_versions=None):
 # --- planning a sync --------------------------------------------------------------------------
 
 
-def moved_candidates(path, release_paths, limit=3):
-    """Return release files that may be ``path`` after a move (same file name)."""
-    name = path.rsplit("/", 1)[-1]
-    parts = path.split("/")
-    same = [p for p in release_paths if p.rsplit("/", 1)[-1] == name]
-
-    def shared_prefix(candidate):
-        count = 0
-        for a, b in zip(parts, candidate.split("/")):
-            if a != b:
-                break
-            count += 1
-        return count
-
-    return sorted(same, key=lambda p: (-shared_prefix(p), p))[:limit]
+def _lines(data):
+    """Return the stripped, non-blank lines of a file (what similarity is measured on)."""
+    text = data.decode("utf-8", "replace")
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def plan_fork(root, module, entry, release, from_version, release_paths):
-    """Merge one fork in memory and return its :class:`FileResult`."""
+def rank_moves(base, release, exclude=()):
+    """Rank the release's ``.py`` files by how much they look like ``base``.
+
+    Args:
+        base: the pristine upstream file of the recorded release (the file that is gone).
+        release: the target release.
+        exclude: paths that cannot be the new home (already forked elsewhere).
+
+    Returns:
+        ``[(path, similarity, contained)]``, best first: similarity is difflib's ratio in
+        [0, 1], contained the share of the base's lines found in the file (high when the
+        module was merged into a bigger one); only files above ``MOVE_HINT_RATIO`` in one
+        of the two.
+    """
+    base_lines = _lines(base)
+    base_set = set(base_lines)
+    if not base_set:
+        return []
+    shared = []
+    for path, data in release.python_files():
+        if path in exclude or data is None:
+            continue
+        lines = _lines(data)
+        common = len(base_set.intersection(lines))
+        if common:
+            score = common / max(len(base_set), len(set(lines)))
+            shared.append((score, common / len(base_set), path, lines))
+    ranked = []
+    for _, contained, path, lines in sorted(shared, key=lambda item: (-item[0], item[2]))[:MOVE_PREFILTER]:
+        ratio = difflib.SequenceMatcher(None, base_lines, lines).ratio()
+        if ratio >= MOVE_HINT_RATIO:
+            ranked.append((path, ratio, contained))
+    listed = {path for path, _, _ in ranked}
+    for _, contained, path, _ in sorted(shared, key=lambda item: (-item[1], item[2]))[:3]:
+        if path not in listed and contained >= MOVE_SURE_RATIO:
+            ranked.append((path, 0.0, contained))
+    return sorted(ranked, key=lambda item: (-item[1], -item[2], item[0]))
+
+
+def sure_move(ranked):
+    """Return the one path ``ranked`` clearly points at, or None when it is not clear."""
+    ranked = [(path, ratio) for path, ratio, _ in ranked]
+    if not ranked or ranked[0][1] < MOVE_SURE_RATIO:
+        return None
+    if len(ranked) > 1 and ranked[0][1] - ranked[1][1] < MOVE_MARGIN:
+        return None
+    return ranked[0][0]
+
+
+def plan_fork(root, module, entry, release, from_version, taken=(), moved_to=None):
+    """Merge one fork in memory and return its :class:`FileResult`.
+
+    Args:
+        taken: paths of the other forks (a moved file cannot land on one of them).
+        moved_to: the new path confirmed with ``--moved`` (None: find it if needed).
+    """
     path = entry["path"]
     fork = read_bytes(rel_file(root, OVERLAY_DIR, path))
     base = read_bytes(rel_file(root, BASE_DIR, path))
-    new = release.read(path)
+    new = None if moved_to else release.read(path)
+    moved_from, ranked, new_path = None, [], path
     if new is None:
-        hints = moved_candidates(path, release_paths)
-        note = "maybe moved to: " + ", ".join(hints) if hints else "no file of that name left"
-        return FileResult(module, path, DELETED, note=note)
+        if moved_to is None:
+            ranked = rank_moves(base, release, exclude=set(taken))
+            moved_to = sure_move(ranked)
+        if moved_to is None:
+            hints = ", ".join(
+                f"{p} ({r:.0%} similar)" if r else f"{p} (holds {c:.0%} of its lines)"
+                for p, r, c in ranked[:3]
+            )
+            note = "maybe moved to: " + hints if hints else "no similar file left"
+            return FileResult(module, path, DELETED, note=note, candidates=ranked[:3])
+        new = release.read(moved_to)
+        moved_from, new_path = (module, path), moved_to
+        module = path_module(moved_to)
     line, body = split_provenance(fork)
     newline = b"\r\n" if fork.split(b"\n", 1)[0].endswith(b"\r") else b"\n"
     labels = (OURS_LABEL, f"sglang {from_version}", f"sglang {release.version}")
     merged_body, conflicts = merge_file(body, base, new, labels)
-    merged = provenance_bytes(with_version(line, release.version), newline) + merged_body
+    merged = provenance_bytes(with_version(line, release.version, new_path), newline) + merged_body
+    move_note = ""
+    if moved_from:
+        similarity = {p: r for p, r, _ in ranked}.get(new_path)
+        how = f", {similarity:.0%} similar" if similarity is not None else ", confirmed with --moved"
+        move_note = f"moved from {path}{how}"
+    result = dict(merged=merged, new=new, moved_from=moved_from, candidates=ranked[:3])
     if conflicts:
-        return FileResult(module, path, CONFLICT, conflicts, "", merged, new)
+        return FileResult(module, new_path, CONFLICT, conflicts, move_note, **result)
     if merged_body == new:
         note = "the fork has no changes" if body == base else "upstream now has our changes"
-        return FileResult(module, path, IDENTICAL, 0, note + "; the fork can go", merged, new)
+        note += "; the fork can go"
+        return FileResult(module, new_path, IDENTICAL, 0, "; ".join(filter(None, (move_note, note))), **result)
+    if moved_from:
+        return FileResult(module, new_path, MOVED, 0, move_note, **result)
     status = UNCHANGED if base == new else MERGED
-    return FileResult(module, path, status, 0, "", merged, new)
+    return FileResult(module, new_path, status, 0, "", **result)
 
 
 def plan_overlay_only(module, entry, modules_upstream):
@@ -587,19 +701,32 @@ def plan_overlay_only(module, entry, modules_upstream):
     return FileResult(module, path, OVERLAY_ONLY, note="no upstream file")
 
 
-def plan_sync(root, manifest, release):
+def plan_sync(root, manifest, release, moves=None):
     """Merge every manifest module in memory; write nothing.
+
+    Args:
+        moves: ``{module: new path}`` confirmed with ``--moved``.
 
     Returns:
         ``(results, release module names)``.
+
+    Raises:
+        SyncError: when a ``--moved`` entry names an unknown module or a missing file.
     """
-    release_paths = release.paths()
-    modules_upstream = release_modules(release_paths)
+    moves = dict(moves or {})
+    for module, new_path in moves.items():
+        if module not in manifest["modules"] or not forked(manifest["modules"][module]):
+            raise SyncError(f"--moved {module}=...: {module} is not a fork in {MANIFEST}")
+        if release.read(new_path) is None or path_module(new_path) is None:
+            raise SyncError(f"--moved {module}={new_path}: sglang {release.version} has no such .py file")
+    modules_upstream = release_modules(release.paths())
+    taken = [e["path"] for e in manifest["modules"].values()]
     results = []
     for module, entry in sorted(manifest["modules"].items()):
         if forked(entry):
             results.append(
-                plan_fork(root, module, entry, release, manifest["base_version"], release_paths)
+                plan_fork(root, module, entry, release, manifest["base_version"], taken,
+                          moves.get(module))
             )
         else:
             results.append(plan_overlay_only(module, entry, modules_upstream))
@@ -658,9 +785,23 @@ def removal_steps(results):
     return steps
 
 
+def move_steps(root, results):
+    """Return next-step lines for forks that followed a moved upstream file."""
+    steps = []
+    for r in results:
+        if r.moved_from and r.status != DELETED:
+            steps.append(
+                f"{r.moved_from[0]} moved upstream to {r.module}: the fork, its base copy and "
+                f"its {MANIFEST} entry (the start-up hook's module map) follow it to {r.path}."
+            )
+    for hit in stale_references(root, results):
+        steps.append(f"Update the old module name: {hit}")
+    return steps
+
+
 def finished_steps(root, old_version, new_version, results):
     """Return the next steps after the manifest advanced to ``new_version``."""
-    steps = removal_steps(results)
+    steps = move_steps(root, results) + removal_steps(results)
     if old_version == new_version:
         return steps or [f"Nothing to do: the overlay is already based on sglang {new_version}."]
     steps.append("Review the result: git diff -- overlay upstream_base")
@@ -683,9 +824,9 @@ def finished_steps(root, old_version, new_version, results):
     return steps
 
 
-def stopped_steps(root, new_version, results):
+def stopped_steps(root, new_version, results, args=None):
     """Return the next steps after a sync that stopped with problems."""
-    steps = []
+    steps = move_steps(root, results)
     conflicted = [r for r in results if r.status == CONFLICT]
     if conflicted:
         files = ", ".join(f"overlay/{r.path} ({r.conflicts})" for r in conflicted)
@@ -694,14 +835,9 @@ def stopped_steps(root, new_version, results):
             "Keep our OVERLAY-fenced changes on top of the new upstream code; leave the "
             "provenance line as it is."
         )
+    steps.extend(deleted_steps(root, new_version, results, args))
     for r in results:
-        if r.status == DELETED:
-            steps.append(
-                f"sglang {new_version} has no {r.path} ({r.note}). Drop the fork: delete "
-                f"{r.module} from {MANIFEST} and `git rm overlay/{r.path}`; re-fork the "
-                "module from its new location afterwards if it still needs our changes."
-            )
-        elif r.status == CLASH:
+        if r.status == CLASH:
             steps.append(
                 f"sglang {new_version} now defines {r.module}, our overlay-only module at "
                 f"overlay/{r.path}. Rename ours (move the file, fix its {MANIFEST} entry "
@@ -710,6 +846,28 @@ def stopped_steps(root, new_version, results):
     steps.extend(removal_steps(results))
     steps.append(f"Then run: {tool_command(root, '--continue')}")
     steps.append(f"To undo this sync instead: {tool_command(root, '--abort')}")
+    return steps
+
+
+def deleted_steps(root, new_version, results, args=None):
+    """Return next-step lines for forks whose upstream file is gone with no clear new home."""
+    steps = []
+    for r in results:
+        if r.status == DELETED:
+            if r.candidates and args is not None:
+                confirm = tool_command(
+                    root, *release_args(args), "--moved", f"{r.module}={r.candidates[0][0]}"
+                )
+                steps.append(
+                    f"sglang {new_version} has no {r.path}; no file is clearly its new home "
+                    f"({r.note}). If it moved to {r.candidates[0][0]}, confirm it (first run "
+                    f"`{tool_command(root, '--abort')}` if this sync is pending): {confirm}"
+                )
+            steps.append(
+                f"sglang {new_version} has no {r.path} ({r.note}). Drop the fork: delete "
+                f"{r.module} from {MANIFEST} and `git rm overlay/{r.path}`; re-fork the "
+                "module from its new location afterwards if it still needs our changes."
+            )
     return steps
 
 
@@ -760,9 +918,9 @@ def save_pending(root, manifest, results, release, modules_upstream):
     for r in results:
         if r.new is not None:
             write_bytes(rel_file(top, PENDING_NEW, r.path), r.new)
-        original = read_bytes(rel_file(root, OVERLAY_DIR, r.path))
+        original = read_bytes(rel_file(root, OVERLAY_DIR, r.old_path))
         if original is not None:
-            write_bytes(rel_file(top, PENDING_ORIG, OVERLAY_DIR, r.path), original)
+            write_bytes(rel_file(top, PENDING_ORIG, OVERLAY_DIR, r.old_path), original)
     write_bytes(
         rel_file(top, PENDING_ORIG, MANIFEST), read_bytes(rel_file(root, MANIFEST))
     )
@@ -783,10 +941,70 @@ def save_pending(root, manifest, results, release, modules_upstream):
 
 
 def write_forks(root, results):
-    """Write every merged fork (clean or with conflict markers) into ``overlay/``."""
+    """Write every merged fork (clean or with conflict markers) into ``overlay/``.
+
+    A fork whose upstream file moved is written at the new path and removed from the old.
+    """
     for r in results:
         if r.merged is not None:
             write_bytes(rel_file(root, OVERLAY_DIR, r.path), r.merged)
+            if r.moved_from:
+                old = rel_file(root, OVERLAY_DIR, r.old_path)
+                if os.path.isfile(old):
+                    os.remove(old)
+
+
+def follow_moves(manifest, results):
+    """Rename the manifest entries of moved forks (module name and path).
+
+    The manifest is also the start-up hook's module map, so the overlay then serves the
+    fork under its new module name. Returns the old paths, whose base copies must go.
+    """
+    old_paths = []
+    for r in results:
+        if r.moved_from and r.merged is not None:
+            old_module, old_path = r.moved_from
+            entry = manifest["modules"].pop(old_module)
+            entry["path"] = r.path
+            manifest["modules"][r.module] = entry
+            old_paths.append(old_path)
+    return old_paths
+
+
+def stale_references(root, results):
+    """Return ``file:line: name`` for project files that still name a moved module.
+
+    Looks at the project's own .py/.md/.toml/.cfg files, not at the forks or base copies.
+    """
+    names = {}
+    for r in results:
+        if r.moved_from:
+            old_module, old_path = r.moved_from
+            names[old_module] = r.module
+            names[old_path] = r.path
+    if not names:
+        return []
+    pattern = re.compile("|".join(re.escape(n) + r"(?![\w/])" for n in sorted(names, key=len, reverse=True)))
+    skip = {OVERLAY_DIR, BASE_DIR, "build", "dist", "node_modules"}
+    hits = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        dirnames[:] = sorted(
+            d for d in dirnames
+            if not d.startswith(".") and d != "__pycache__" and not d.endswith(".egg-info")
+            and not (rel_dir == "." and d in skip)
+        )
+        for name in sorted(filenames):
+            if not name.endswith((".py", ".md", ".toml", ".cfg", ".txt", ".sh")):
+                continue
+            path = os.path.join(dirpath, name)
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for number, text in enumerate(f, 1):
+                    match = pattern.search(text)
+                    if match:
+                        rel = os.path.relpath(path, root).replace(os.sep, "/")
+                        hits.append(f"{rel}:{number}: {match.group(0)} -> {names[match.group(0)]}")
+    return hits
 
 
 def advance(root, manifest, version, new_files, dropped=()):
@@ -851,7 +1069,25 @@ def release_args(args):
                           ("--cache-dir", args.cache_dir)):
         if value:
             extra += [option, value]
+    for move in args.moved or ():
+        extra += ["--moved", move]
     return extra
+
+
+def parse_moves(values):
+    """Return ``{module: new path}`` from ``--moved MODULE=PATH`` options.
+
+    Raises:
+        SyncError: on a value without ``=``.
+    """
+    moves = {}
+    for value in values or ():
+        module, sep, path = value.partition("=")
+        if not sep or not module or not path.endswith(".py"):
+            raise SyncError(f"--moved {value}: expected MODULE=PATH, e.g. "
+                            "sglang.srt.old.name=sglang/srt/new/name.py")
+        moves[module.strip()] = path.strip()
+    return moves
 
 
 def cmd_sync(args):
@@ -873,7 +1109,7 @@ def cmd_sync(args):
         )
     release = open_release(args)
     old = manifest["base_version"]
-    results, modules_upstream = plan_sync(root, manifest, release)
+    results, modules_upstream = plan_sync(root, manifest, release, parse_moves(args.moved))
     header = (
         f"sglang-fastload: rebasing the overlay from sglang {old} onto sglang "
         f"{release.version} ({release.origin})"
@@ -886,24 +1122,28 @@ def cmd_sync(args):
             else "The sync would stop; see the files in capitals above."
         )
         command = tool_command(root, *release_args(args))
-        steps = [f"To do it: {command}"] + removal_steps(results)
+        steps = [f"To do it: {command}"] + move_steps(root, results)
+        steps += deleted_steps(root, release.version, results, args) + removal_steps(results)
         emit(args, header, results, footer, steps, {"clean": clean})
         return EXIT_OK if clean else EXIT_STOPPED
     if clean:
         write_forks(root, results)
+        dropped = follow_moves(manifest, results)
         new_files = {r.path: r.new for r in results if r.new is not None}
-        advance(root, manifest, release.version, new_files)
+        advance(root, manifest, release.version, new_files, dropped)
         footer = f"Clean: {MANIFEST} and upstream_base/ now record sglang {release.version}."
         emit(args, header, results, footer, finished_steps(root, old, release.version, results),
              {"clean": True})
         return EXIT_OK
     save_pending(root, manifest, results, release, modules_upstream)  # keeps the originals
     write_forks(root, results)
+    if follow_moves(manifest, results):  # --continue finds moved forks at their new paths
+        write_manifest(root, manifest)
     footer = (
         f"Stopped: {MANIFEST} and upstream_base/ still record sglang {old}; "
         f"the sync to {release.version} is pending in {PENDING_DIR}/."
     )
-    emit(args, header, results, footer, stopped_steps(root, release.version, results),
+    emit(args, header, results, footer, stopped_steps(root, release.version, results, args),
          {"clean": False})
     return EXIT_STOPPED
 
@@ -987,7 +1227,9 @@ def cmd_continue(args):
         else:
             results.append(FileResult(module, path, MERGED, note="resolved"))
     listed = {e["path"] for e in manifest["modules"].values()}
-    dropped = sorted({f["path"] for f in state["files"]} - listed)
+    known = {f["path"] for f in state["files"]}
+    known |= {f["moved_from"]["path"] for f in state["files"] if f.get("moved_from")}
+    dropped = sorted(known - listed)
     if args.dry_run:
         emit(args, header, results, "Dry run: nothing was written; --continue would finish "
              "the sync.", [f"To do it: {tool_command(root, '--continue')}"], {"clean": True})
@@ -1013,6 +1255,11 @@ def cmd_abort(args):
     if args.dry_run:
         print(f"Dry run: --abort would restore {OVERLAY_DIR}/ and {MANIFEST} from {orig}.")
         return EXIT_OK
+    for f in state["files"]:
+        if f.get("moved_from"):
+            written = rel_file(root, OVERLAY_DIR, f["path"])
+            if os.path.isfile(written):
+                os.remove(written)
     for dirpath, _, filenames in os.walk(orig):
         for name in filenames:
             source = os.path.join(dirpath, name)
@@ -1046,6 +1293,9 @@ def build_parser():
                         help="use this folder containing the sglang/ package tree (offline)")
     parser.add_argument("--cache-dir", metavar="DIR",
                         help=f"where downloaded wheels are kept (default {default_cache_dir()})")
+    parser.add_argument("--moved", metavar="MODULE=PATH", action="append",
+                        help="with --to: the forked MODULE now lives at PATH in the release "
+                        "(confirms a move the tool was unsure of; repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the report, write nothing")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--root", metavar="DIR", default=default_root(),
@@ -1058,8 +1308,8 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     args.root = os.path.abspath(args.root)
-    if (args.wheel or args.source) and not args.to:
-        parser.error("--wheel and --source go with --to")
+    if (args.wheel or args.source or args.moved) and not args.to:
+        parser.error("--wheel, --source and --moved go with --to")
     try:
         if args.check:
             return cmd_check(args)

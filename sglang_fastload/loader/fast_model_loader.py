@@ -314,6 +314,29 @@ class FastModelLoader(DefaultModelLoader):
                 )
         return checkpoint
 
+    def _prepare_weights(self, *args, **kwargs):
+        """Find (or download) the checkpoint files as upstream does for ``safetensors``.
+
+        ``fast`` reads safetensors only. Overriding here instead of adding ``fast`` to
+        upstream's list of formats keeps the forked loader out of a function that upstream
+        rewrites between releases.
+
+        Returns:
+            Upstream's ``(folder, weight files, use_safetensors)``.
+        """
+        import copy
+
+        from sglang.srt.configs.load_config import LoadFormat
+
+        fast_config = self.load_config
+        as_safetensors = copy.copy(fast_config)  # no __post_init__: nothing re-validated
+        as_safetensors.load_format = LoadFormat.SAFETENSORS
+        self.load_config = as_safetensors
+        try:
+            return DefaultModelLoader._prepare_weights(self, *args, **kwargs)
+        finally:
+            self.load_config = fast_config
+
     def _get_all_weights(self, model_config, model):
         if getattr(model, "secondary_weights", ()):
             return DefaultModelLoader._get_all_weights(self, model_config, model)

@@ -90,6 +90,20 @@ def test_import_gives_overlay_module_with_fast_format():
     assert "fast" in proc.stdout.splitlines()
 
 
+def test_cli_offers_fast_from_upstreams_unforked_choices_module():
+    code = (
+        "import sglang.srt.arg_groups.choices as c, sglang.srt.configs.load_config as l\n"
+        "print('ORIGIN', c.__spec__.origin)\n"
+        "print('CHOICE', c.LOAD_FORMAT_CHOICES.count('fast'))\n"
+        "print('FORMAT', l.LoadFormat(c.LOAD_FORMAT_CHOICES[-1]).value)\n"
+    )
+    proc = run(code)
+    assert not is_overlay(origin_of(proc))  # upstream's own file, extended after it ran
+    assert "CHOICE 1" in proc.stdout and "FORMAT fast" in proc.stdout, proc.stdout + proc.stderr
+    off = run(code.replace("print('FORMAT'", "#"), env={"SGLANG_FASTLOAD": "0"})
+    assert "CHOICE 0" in off.stdout, off.stdout + off.stderr
+
+
 def test_off_switch_gives_upstream_everywhere():
     proc = run(WHERE, env={"SGLANG_FASTLOAD": "0"})
     origin = origin_of(proc)

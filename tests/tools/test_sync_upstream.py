@@ -375,14 +375,15 @@ def test_abort_restores_the_forks(tree, tmp_path, capsys):
 
 
 def test_upstream_deleted_file(tree, tmp_path, capsys):
-    moved = "sglang/srt/moved/alpha.py"
-    source = build_source(tmp_path / "new", {moved: ALPHA_BASE, BETA: BETA_BASE})
+    unrelated = "sglang/srt/moved/alpha.py"  # same name, nothing like alpha inside
+    source = build_source(tmp_path / "new", {unrelated: "X = 1\n", BETA: BETA_BASE})
     status, report = run_json(capsys, *sync_args(tree, source))
     assert status == 1
     assert statuses(report)[ALPHA] == ("deleted", 0)
     (alpha,) = [f for f in report["files"] if f["path"] == ALPHA]
-    assert moved in alpha["note"]
+    assert "no similar file left" in alpha["note"]
     assert any("git rm overlay/" + ALPHA in step for step in report["next_steps"])
+    assert not any("--moved" in step for step in report["next_steps"])
     assert manifest_of(tree)["base_version"] == OLD
 
     # --continue refuses until the module is dropped from the manifest.
@@ -397,6 +398,99 @@ def test_upstream_deleted_file(tree, tmp_path, capsys):
     assert manifest_of(tree)["base_version"] == NEW
     assert not (tree / "upstream_base" / ALPHA).exists()
     assert run_tool(capsys, "--check", "--root", tree)[0] == 0
+
+
+# --- synthetic: forked files that moved upstream ----------------------------------------------
+
+MOVED = "sglang/srt/loading/alpha_io.py"  # a new folder and a new file name
+
+
+def assert_moved(root, new_text, old=ALPHA, new=MOVED):
+    """The fork, its base copy and its manifest entry all live at ``new`` now."""
+    manifest = manifest_of(root)
+    assert manifest["base_version"] == NEW
+    assert module_name(old) not in manifest["modules"]
+    entry = manifest["modules"][module_name(new)]
+    assert entry == {"path": new, "base_sha256": hashlib.sha256(new_text.encode()).hexdigest()}
+    assert not (root / "overlay" / old).exists() and not (root / "upstream_base" / old).exists()
+    assert (root / "upstream_base" / new).read_text() == new_text
+    fork = (root / "overlay" / new).read_text()
+    assert fork.startswith(provenance(NEW, new))
+    assert "return fast_read(path)" in fork and "<<<<<<<" not in fork
+    assert run_tool_plain("--check", "--root", root) == 0
+
+
+def run_tool_plain(*args):
+    """Run the tool's ``main`` and return its exit status."""
+    return sync_upstream.main([str(a) for a in args])
+
+
+def test_moved_file_is_found_by_content_and_followed(tree, tmp_path, capsys):
+    user = tree / "sglang_fastload" / "user.py"
+    write(user, f"import {module_name(ALPHA)}\n")
+    source = build_source(tmp_path / "new", {MOVED: ALPHA_NEW_CLEAN, BETA: BETA_BASE,
+                                             "sglang/srt/alpha_notes.py": "NOTES = 1\n"})
+    status, report = run_json(capsys, *sync_args(tree, source), "--dry-run")
+    assert status == 0 and report["clean"]
+    (alpha,) = [f for f in report["files"] if f["module"] == module_name(MOVED)]
+    assert alpha["status"] == "moved" and alpha["path"] == MOVED
+    assert alpha["moved_from"] == {"module": module_name(ALPHA), "path": ALPHA}
+    assert (tree / "overlay" / ALPHA).exists()  # a dry run writes nothing
+
+    status, out, _ = run_tool(capsys, *sync_args(tree, source))
+    assert status == 0, out
+    (line,) = [line for line in out.splitlines() if f" {MOVED}  (" in line]
+    assert "moved, merged cleanly" in line and f"(moved from {ALPHA}, " in line
+    assert_moved(tree, ALPHA_NEW_CLEAN)
+    fork = (tree / "overlay" / MOVED).read_text()
+    assert fork.split("\n", 1)[1] == ALPHA_FORK.replace('return "tail"', 'return "TAIL"')
+    assert f"sglang_fastload/user.py:1: {module_name(ALPHA)} -> {module_name(MOVED)}" in out
+
+
+def test_unclear_move_stops_with_the_command_that_confirms_it(tree, tmp_path, capsys):
+    twin = "sglang/srt/other/alpha.py"
+    files = {MOVED: ALPHA_NEW_CLEAN, twin: ALPHA_NEW_CLEAN, BETA: BETA_BASE}
+    source = build_source(tmp_path / "new", files)
+    before = snapshot(tree)
+    status, report = run_json(capsys, *sync_args(tree, source), "--dry-run")
+    assert status == 1 and statuses(report)[ALPHA] == ("deleted", 0)
+    (alpha,) = [f for f in report["files"] if f["path"] == ALPHA]
+    assert {c["path"] for c in alpha["candidates"]} == {MOVED, twin}
+    confirm = [s for s in report["next_steps"] if "--moved" in s]
+    assert len(confirm) == 1, report["next_steps"]
+    command = confirm[0].rsplit(": ", 1)[1]
+    assert command.startswith("python tools/sync_upstream.py --root ")
+    assert f"--moved {module_name(ALPHA)}=" in command and "--dry-run" not in command
+    assert snapshot(tree) == before
+
+    # The user confirms one of them.
+    status, out, _ = run_tool(capsys, *sync_args(tree, source), "--moved", f"{module_name(ALPHA)}={MOVED}")
+    assert status == 0, out
+    assert "confirmed with --moved" in out
+    assert_moved(tree, ALPHA_NEW_CLEAN)
+
+
+def test_moved_file_with_conflict_then_abort_or_continue(tree, tmp_path, capsys):
+    source = build_source(tmp_path / "new", {MOVED: ALPHA_NEW_CONFLICT, BETA: BETA_BASE})
+    before = snapshot(tree)
+    status, report = run_json(capsys, *sync_args(tree, source))
+    assert status == 1
+    (alpha,) = [f for f in report["files"] if f["path"] == MOVED]
+    assert alpha["status"] == "conflict" and alpha["moved_from"]["path"] == ALPHA
+    assert "<<<<<<<" in (tree / "overlay" / MOVED).read_text()
+    assert not (tree / "overlay" / ALPHA).exists()
+    assert run_tool(capsys, "--abort", "--root", tree)[0] == 0
+    assert snapshot(tree) == before
+
+    assert run_tool(capsys, *sync_args(tree, source))[0] == 1
+    resolved = ALPHA_NEW_CONFLICT.replace(
+        '    return open(path, encoding="utf-8").read()\n',
+        "    # OVERLAY: begin fast path\n    return fast_read(path)\n    # OVERLAY: end\n",
+    )
+    write(tree / "overlay" / MOVED, provenance(NEW, MOVED) + resolved)
+    status, out, _ = run_tool(capsys, "--continue", "--root", tree)
+    assert status == 0, out
+    assert_moved(tree, ALPHA_NEW_CONFLICT)
 
 
 def test_fork_identical_to_upstream_says_it_can_go(tmp_path, capsys):
@@ -615,3 +709,42 @@ def test_real_rebase_onto_0_5_22(tmp_path, capsys):
     else:
         assert after == before
         assert settled(root / "upstream_base") == base_before
+
+
+def test_real_rebase_follows_a_moved_fork(tmp_path, capsys):
+    """sglang 0.5.22 with the weight updater moved one package up: found by content, followed."""
+    root = tmp_path / "repo"
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", ".pending")
+    shutil.copytree(REPO / "overlay", root / "overlay", ignore=skip)
+    shutil.copytree(REPO / "upstream_base", root / "upstream_base", ignore=skip)
+    old = "sglang/srt/model_executor/model_runner_components/weight_updater.py"
+    new = "sglang/srt/model_executor/weight_updater.py"
+    if module_name(old) not in manifest_of(root)["modules"] or manifest_of(root)["base_version"] == REAL_TARGET:
+        pytest.skip("the overlay no longer forks the weight updater from another release")
+    write(root / "tests" / "user.py", f"from {module_name(old)} import WeightUpdater\n")
+    wheel = sync_upstream.fetch_wheel(REAL_TARGET, str(WHEEL_CACHE))
+    source = tmp_path / "release"
+    with zipfile.ZipFile(wheel) as zf:
+        for name in zf.namelist():
+            if name.startswith("sglang/") and (name.endswith(".py") or name.endswith("/__init__.py")):
+                target = source / (new if name == old else name)
+                write(target, zf.read(name))
+    expected, _ = independent_merge(
+        (root / "overlay" / old).read_bytes().split(b"\n", 1)[1],
+        (root / "upstream_base" / old).read_bytes(),
+        (source / new).read_bytes(),
+        tmp_path,
+    )
+
+    status, report = run_json(capsys, "--to", REAL_TARGET, "--root", root, "--source", source)
+    assert status == 0, report
+    (moved,) = [f for f in report["files"] if f["path"] == new]
+    assert moved["status"] == "moved" and moved["moved_from"] == {"module": module_name(old), "path": old}
+    assert any(f"tests/user.py:1: {module_name(old)} -> {module_name(new)}" in s for s in report["next_steps"])
+    first, body = (root / "overlay" / new).read_bytes().split(b"\n", 1)
+    assert first.decode().startswith(f"# OVERLAY: provenance: sglang {REAL_TARGET} {new},")
+    assert body == expected
+    assert not (root / "overlay" / old).exists() and not (root / "upstream_base" / old).exists()
+    assert (root / "upstream_base" / new).read_bytes() == (source / new).read_bytes()
+    assert manifest_of(root)["modules"][module_name(new)]["path"] == new
+    assert sync_upstream.main(["--check", "--root", str(root)]) == 0

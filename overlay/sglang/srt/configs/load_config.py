@@ -28,6 +28,9 @@ LoadGroup = Union["GroupCoordinator", _DefaultLoadGroup, None]
 
 class LoadFormat(str, enum.Enum):
     AUTO = "auto"
+    # OVERLAY: begin sglang-fastload load format (here, not at the end where upstream adds its own)
+    FAST = "fast"
+    # OVERLAY: end
     PT = "pt"
     SAFETENSORS = "safetensors"
     INSTANTTENSOR = "instanttensor"
@@ -50,9 +53,6 @@ class LoadFormat(str, enum.Enum):
     PRIVATE = "private"
     RUNAI_STREAMER = "runai_streamer"
     IPC_CACHE = "ipc_cache"
-    # OVERLAY: begin sglang-fastload load format
-    FAST = "fast"
-    # OVERLAY: end
 
 
 @dataclass
