@@ -315,9 +315,10 @@ class FastModelLoader(DefaultModelLoader):
         return checkpoint
 
     def _prepare_weights(self, *args, **kwargs):
-        """Find (or download) the checkpoint files as upstream does for ``safetensors``.
+        """Find (or download) the checkpoint files as upstream does for ``auto``.
 
-        ``fast`` reads safetensors only. Overriding here instead of adding ``fast`` to
+        ``fast`` plans safetensors; a checkpoint of ``.bin`` files is found all the same and
+        loads through upstream's path. Overriding here instead of adding ``fast`` to
         upstream's list of formats keeps the forked loader out of a function that upstream
         rewrites between releases.
 
@@ -329,9 +330,9 @@ class FastModelLoader(DefaultModelLoader):
         from sglang.srt.configs.load_config import LoadFormat
 
         fast_config = self.load_config
-        as_safetensors = copy.copy(fast_config)  # no __post_init__: nothing re-validated
-        as_safetensors.load_format = LoadFormat.SAFETENSORS
-        self.load_config = as_safetensors
+        as_auto = copy.copy(fast_config)  # no __post_init__: nothing re-validated
+        as_auto.load_format = LoadFormat.AUTO
+        self.load_config = as_auto
         try:
             return DefaultModelLoader._prepare_weights(self, *args, **kwargs)
         finally:

@@ -1,5 +1,6 @@
-"""`fast` finds checkpoint files as upstream's `safetensors` format does, through an override
-in FastModelLoader (the forked loader.py leaves `_prepare_weights` untouched)."""
+"""`fast` finds checkpoint files as upstream's `auto` format does, through an override in
+FastModelLoader (the forked loader.py leaves `_prepare_weights` untouched): safetensors when a
+directory has them, `.bin` files otherwise (those then load through upstream's path)."""
 
 import pytest
 import torch
@@ -17,15 +18,23 @@ def no_server(monkeypatch):
     monkeypatch.setattr(upstream_loader, "get_server_args", lambda: None)
 
 
-def test_fast_prepares_the_files_upstream_safetensors_would(tmp_path):
+def test_fast_prepares_the_files_upstream_auto_would(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     torch.save({"w": torch.zeros(2)}, str(tmp_path / "pytorch_model.bin"))
     fast = FastModelLoader(LoadConfig(load_format="fast"))
-    upstream = DefaultModelLoader(LoadConfig(load_format="safetensors"))
+    upstream = DefaultModelLoader(LoadConfig(load_format="auto"))
     got = fast._prepare_weights(str(tmp_path), None, False)
     assert got == upstream._prepare_weights(str(tmp_path), None, False)
     assert got[1] == [str(tmp_path / "model.safetensors")] and got[2] is True
     assert fast.load_config.load_format == LoadFormat.FAST
+
+
+def test_fast_finds_bin_only_checkpoints_as_auto_does(tmp_path):
+    torch.save({"w": torch.zeros(2)}, str(tmp_path / "pytorch_model.bin"))
+    fast = FastModelLoader(LoadConfig(load_format="fast"))
+    got = fast._prepare_weights(str(tmp_path), None, False)
+    assert got == DefaultModelLoader(LoadConfig(load_format="auto"))._prepare_weights(str(tmp_path), None, False)
+    assert got[1] == [str(tmp_path / "pytorch_model.bin")] and got[2] is False
 
 
 def test_fast_config_is_restored_when_preparing_fails(tmp_path):

@@ -499,11 +499,6 @@ class DefaultModelLoader(BaseModelLoader):
         # Some quantized models use .pt files for storing the weights.
         if load_format == LoadFormat.AUTO:
             allow_patterns = ["*.safetensors", "*.bin"]
-        # OVERLAY: begin sglang-fastload: `fast` finds weights as `auto` does (it plans
-        # safetensors; anything else loads through upstream's path)
-        elif load_format == LoadFormat.FAST:
-            allow_patterns = ["*.safetensors", "*.bin"]
-        # OVERLAY: end
         elif load_format in (
             LoadFormat.SAFETENSORS,
             LoadFormat.FASTSAFETENSORS,
