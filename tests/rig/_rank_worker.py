@@ -63,8 +63,7 @@ def main(spec_path: str, rank: int) -> int:
     from sglang.srt.configs.device_config import DeviceConfig
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.distributed import parallel_state
-    from sglang.srt.layers import dp_attention
-    from sglang.srt.layers.dp_attention import initialize_dp_attention
+    from sglang.srt.layers.dp_attention import init_dp_gathered_buffer, initialize_dp_attention
     from sglang.srt.layers.moe import initialize_moe_config
     from sglang.srt.model_executor.model_runner_components.load_model_utils import build_load_config
     from sglang.srt.model_loader import get_model_loader
@@ -104,8 +103,7 @@ def main(spec_path: str, rank: int) -> int:
     parallel_state.initialize_model_parallel()
     model_config = ModelConfig.from_server_args(server_args)
     initialize_dp_attention(server_args=server_args)
-    if hasattr(dp_attention, "init_dp_gathered_buffer"):  # sglang 0.5.21+; older releases lack it
-        dp_attention.init_dp_gathered_buffer(model_config)
+    init_dp_gathered_buffer(model_config)
     timings["distributed_s"] = time.perf_counter() - t0 - timings["imports_s"]
 
     t1 = time.perf_counter()
