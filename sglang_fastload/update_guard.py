@@ -214,7 +214,9 @@ def _load(updater, path: str, load_format) -> None:
         loader = get_model_loader(load_config, updater.model_config)
         with set_default_torch_dtype(updater.model_config.dtype):
             weights = loader._get_weights_iterator(DefaultModelLoader.Source.init_new(updater.model_config, model))
-            DefaultModelLoader.restore_weights_before_loading(model, target_device)
+            restore = getattr(DefaultModelLoader, "restore_weights_before_loading", None)
+            if restore is not None:  # absent before sglang 0.5.21
+                restore(model, target_device)
             loader.load_weights_and_postprocess(model, weights, target_device)
     finally:
         _CURRENT.reset(token)
