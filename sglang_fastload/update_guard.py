@@ -41,6 +41,7 @@ class UpdateInProgress:
     Attributes:
         model: the live model being updated.
         target_device: where its parameters live.
+        server_load_format: the server's start-up ``--load-format``.
         server_extra_config: the server's ``--model-loader-extra-config``.
         loader_requested: upstream asked ``get_model_loader`` for a loader (before that,
             an update cannot have written anything).
@@ -53,6 +54,7 @@ class UpdateInProgress:
 
     model: object
     target_device: object
+    server_load_format: Optional[str]
     server_extra_config: dict
     loader_requested: bool = False
     iterators_requested: int = 0
@@ -121,19 +123,24 @@ def _load_format_name(load_format) -> str:
     return str(getattr(load_format, "value", load_format))
 
 
-def _server_extra_config() -> dict:
-    """The server's ``--model-loader-extra-config`` as a dict (the server keeps the JSON text)."""
-    try:
-        from sglang.srt.runtime_context import get_model
+def _server_load_settings() -> Tuple[Optional[str], dict]:
+    """The server's start-up ``--load-format`` and ``--model-loader-extra-config`` (a dict).
 
-        extra = get_model().model_loader_extra_config or {}
+    Read from SGLang's raw server arguments: its resolved config follows every update's
+    load format, the raw input keeps what the server was started with.
+    """
+    try:
+        from sglang.srt.runtime_context import get_context
+
+        args = get_context().server_args
+        load_format, extra = args.load_format, args.model_loader_extra_config or {}
     except Exception:
-        return {}
+        return None, {}
     if isinstance(extra, (str, bytes)):
         import json
 
         extra = json.loads(extra)
-    return dict(extra)
+    return load_format, dict(extra)
 
 
 def _served_before(updater, model) -> ServedCheckpoint:
@@ -162,7 +169,7 @@ def guard_update_weights_from_disk(original: Callable) -> Callable:
         previous = _served_before(self, model)
         import torch
 
-        update = UpdateInProgress(model, torch.device(self.device), _server_extra_config())
+        update = UpdateInProgress(model, torch.device(self.device), *_server_load_settings())
         if snapshot_enabled():
             from sglang_fastload.weight_snapshot import snapshot_of
 
@@ -207,7 +214,7 @@ def _load(updater, path: str, load_format) -> None:
     target_device = torch.device(updater.device)
     updater.model_config.model_path = path
     load_config = LoadConfig(load_format=load_format)
-    token = _CURRENT.set(UpdateInProgress(model, target_device, _server_extra_config()))
+    token = _CURRENT.set(UpdateInProgress(model, target_device, *_server_load_settings()))
     try:
         # Within a "restore", the dispatch fills the extra config and the fast loader
         # validates before writing, exactly as in an update.

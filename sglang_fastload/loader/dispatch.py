@@ -51,23 +51,21 @@ def accepted_extra_keys(load_format) -> Optional[frozenset]:
     return _DEFAULT_LOADER_FORMATS.get(load_format)
 
 
-# The load format of this process's first load (the server's --load-format): its loader
-# accepted the server's extra config at start-up, so an update in that format gets all of it.
-_startup_format = None
-
-
 def fill_update_extra_config(load_config: LoadConfig, server_extra: Optional[dict], server_format=None) -> None:
     """Give an update's load config the server's extra-config keys its loader accepts.
 
     Args:
         load_config: the config upstream built for the update (changed in place).
         server_extra: the server's ``--model-loader-extra-config``.
-        server_format: the server's start-up load format: an update in the same format gets
-            every key (some loaders, e.g. instanttensor, take options of their own).
+        server_format: the server's start-up load format: its loader accepted every key, so
+            an update in the same format gets them all (some loaders, e.g. instanttensor,
+            take options of their own).
     """
     if load_config.model_loader_extra_config or not server_extra:
         return
     fmt = load_config.load_format
+    if isinstance(server_format, str):
+        server_format = LoadFormat(server_format.lower())
     if fmt == server_format or (serves_fast(fmt) and serves_fast(server_format)):
         load_config.model_loader_extra_config = dict(server_extra)
         return
@@ -89,14 +87,10 @@ def fast_loader_for(load_config: LoadConfig):
     """
     from sglang_fastload import update_guard
 
-    global _startup_format
     update = update_guard.current_update()
-    if update is None:
-        if _startup_format is None:
-            _startup_format = load_config.load_format
-    else:
+    if update is not None:
         update.loader_requested = True
-        fill_update_extra_config(load_config, update.server_extra_config, _startup_format)
+        fill_update_extra_config(load_config, update.server_extra_config, update.server_load_format)
     if not serves_fast(load_config.load_format):
         return None
     from sglang_fastload.loader.fast_model_loader import FastModelLoader

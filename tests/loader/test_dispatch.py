@@ -17,12 +17,13 @@ SERVER_EXTRA = {"num_threads": 4, "chunk_mb": 8}
         ("instanttensor", "instanttensor", SERVER_EXTRA),  # its own options pass through
         ("fast", "instanttensor", {}),  # unknown acceptance: nothing is guessed
         ("auto", "fastsafetensors", {"num_threads": 4}),
+        ("INSTANTTENSOR", "instanttensor", SERVER_EXTRA),  # server args keep the text as typed
     ],
 )
 def test_update_gets_the_keys_its_loader_accepts(server_format, update_format, expected, monkeypatch):
     monkeypatch.delenv("SGLANG_FASTLOAD_AUTO_MEANS_FAST", raising=False)
     config = LoadConfig(load_format=update_format)
-    dispatch.fill_update_extra_config(config, dict(SERVER_EXTRA), LoadFormat(server_format))
+    dispatch.fill_update_extra_config(config, dict(SERVER_EXTRA), server_format)
     assert config.model_loader_extra_config == expected
 
 
