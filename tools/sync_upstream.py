@@ -763,13 +763,19 @@ def stale_pins(root, version):
         for path in sorted(glob.glob(os.path.join(glob.escape(root), spec))):
             if not os.path.isfile(path):
                 continue
-            with open(path, encoding="utf-8", errors="replace") as f:
-                for number, text in enumerate(f, 1):
-                    match = pattern.search(text)
-                    if match:
-                        rel = os.path.relpath(path, root).replace(os.sep, "/")
-                        hits.append(f"{rel}:{number}: {match.group(0)}")
+            for rel, number, match in _matching_lines(path, pattern, root):
+                hits.append(f"{rel}:{number}: {match.group(0)}")
     return hits
+
+
+def _matching_lines(path, pattern, root):
+    """Yield ``(path relative to root, line number, match)`` for each line ``pattern`` matches."""
+    rel = os.path.relpath(path, root).replace(os.sep, "/")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, text in enumerate(f, 1):
+            match = pattern.search(text)
+            if match:
+                yield rel, number, match
 
 
 def removal_steps(results):
@@ -998,12 +1004,8 @@ def stale_references(root, results):
             if not name.endswith((".py", ".md", ".toml", ".cfg", ".txt", ".sh")):
                 continue
             path = os.path.join(dirpath, name)
-            with open(path, encoding="utf-8", errors="replace") as f:
-                for number, text in enumerate(f, 1):
-                    match = pattern.search(text)
-                    if match:
-                        rel = os.path.relpath(path, root).replace(os.sep, "/")
-                        hits.append(f"{rel}:{number}: {match.group(0)} -> {names[match.group(0)]}")
+            for rel, number, match in _matching_lines(path, pattern, root):
+                hits.append(f"{rel}:{number}: {match.group(0)} -> {names[match.group(0)]}")
     return hits
 
 

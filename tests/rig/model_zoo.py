@@ -26,22 +26,14 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from tests.rig.checkpoints import _tensor, tokenizer_files
+from tests.rig.checkpoints import QWEN3_DEFAULTS, _tensor, tokenizer_files
 
 __all__ = ["ZooModel", "ZOO", "SPEED_SIZES", "write_zoo_checkpoint"]
 
 _VOCAB = 1024
-_TEXT = dict(
-    vocab_size=_VOCAB,
-    hidden_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    intermediate_size=256,
-    max_position_embeddings=2048,
-    tie_word_embeddings=False,
-)
+# The rig's aligned text sizes (each release class keeps its own norm eps and rope theta).
+_TEXT = {k: v for k, v in QWEN3_DEFAULTS.items() if k not in ("rms_norm_eps", "rope_theta")}
+_TEXT.update(vocab_size=_VOCAB, tie_word_embeddings=False)
 # A "small" checkpoint for speed comparisons (tens of MB instead of a few).
 SPEED_SIZES = dict(
     hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, shared_expert_intermediate_size=512,
