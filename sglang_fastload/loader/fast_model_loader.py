@@ -327,8 +327,6 @@ class FastModelLoader(DefaultModelLoader):
         """
         import copy
 
-        from sglang.srt.configs.load_config import LoadFormat
-
         fast_config = self.load_config
         as_auto = copy.copy(fast_config)  # no __post_init__: nothing re-validated
         as_auto.load_format = LoadFormat.AUTO
