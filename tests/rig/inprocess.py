@@ -168,18 +168,12 @@ def load_params(
     """
     if tp_size < 1 or ep_size < 1 or tp_size % ep_size:
         raise ValueError(f"tp_size={tp_size} must be a positive multiple of ep_size={ep_size}")
-    if update_path is None:
-        updates: List[str] = []
-    elif isinstance(update_path, (str, os.PathLike)):
-        updates = [os.fspath(update_path)]
-    else:
-        updates = [os.fspath(p) for p in update_path]
     spec = {
         "model_path": os.fspath(model_path),
         "tp_size": tp_size,
         "ep_size": ep_size,
         "load_format": load_format,
-        "updates": [{"model_path": p, "load_format": update_load_format or load_format} for p in updates],
+        "updates": _update_list(update_path, update_load_format or load_format),
         "extra_config": extra_config,
         "keep_initial": keep_initial,
         "keep_history": keep_history,
