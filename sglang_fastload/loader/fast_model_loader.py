@@ -37,7 +37,7 @@ from sglang_fastload.loader.dispatch import auto_means_fast
 from sglang_fastload.loader.replay import replay_load_weights
 from sglang_fastload.loader.summary import LoadSummary
 from sglang_fastload.model_support import unsupported_architecture_reason
-from sglang_fastload.served_checkpoint import record_served, weight_file_identities
+from sglang_fastload.served_checkpoint import record_served
 
 logger = logging.getLogger(__name__)
 
@@ -405,9 +405,7 @@ class FastModelLoader(DefaultModelLoader):
                 progress.close()
         check_unchanged(prepared.stats)
         if startup:
-            record_served(
-                model, prepared.directory, self.load_config.load_format, weight_file_identities(prepared.directory)
-            )
+            record_served(model, prepared.directory, self.load_config.load_format)
         state_of(model).loaded = True
         summary = LoadSummary(
             directory=prepared.directory,
