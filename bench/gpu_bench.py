@@ -115,6 +115,7 @@ CONTENDERS: Dict[str, Contender] = {
         Contender("fast16", "fast", {"num_threads": 16}, upstream_scan=False, description="sglang-fastload, 16 threads"),
         Contender("fast8", "fast", {"num_threads": 8}, upstream_scan=False, description="sglang-fastload, 8 threads"),
         Contender("fast4", "fast", {"num_threads": 4}, upstream_scan=False, description="sglang-fastload, 4 threads"),
+        Contender("fast-c4", "fast", {"chunk_mb": 4}, upstream_scan=False, description="sglang-fastload, 4 MiB buffers"),
         Contender("fast-c8", "fast", {"chunk_mb": 8}, upstream_scan=False, description="sglang-fastload, 8 MiB buffers"),
         Contender("fast-c32", "fast", {"chunk_mb": 32}, upstream_scan=False, description="sglang-fastload, 32 MiB buffers"),
         Contender("fast-c16", "fast", {"chunk_mb": 16}, upstream_scan=False, description="sglang-fastload, 16 MiB buffers"),

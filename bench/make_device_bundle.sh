@@ -8,7 +8,10 @@
 #   .devbundle/sglang_fastload-*.whl   this project's wheel (installed there by device_setup.sh)
 # Wheels are cached in .whl/. Both folders are listed in .git/info/exclude and travel with
 # the device call through its `carry` argument. Usage: bash bench/make_device_bundle.sh
+# [--wheel-only]   (--wheel-only: rebuild this project's wheel, keep an existing site.tar.xz)
 set -euo pipefail
+wheel_only=0
+[ "${1:-}" = "--wheel-only" ] && wheel_only=1
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 py=${PYTHON:-$root/.venv/bin/python}
@@ -44,6 +47,9 @@ PLATFORM=(--python-version 3.12 --implementation cp --abi cp312
   --platform manylinux_2_34_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
   --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64)
 
+if [ "$wheel_only" = 1 ] && [ -f .devbundle/site.tar.xz ]; then
+  echo "==> keeping .devbundle/site.tar.xz" >&2
+else
 echo "==> downloading cp312 wheels into .whl/" >&2
 mkdir -p .whl .devbundle
 "$py" -m pip download -q --no-deps --only-binary=:all: "${PLATFORM[@]}" -d .whl "${PACKAGES[@]}"
@@ -75,6 +81,7 @@ rm -rf "$stage/site/bin"
 echo "==> compressing (xz)" >&2
 tar -C "$stage/site" -cf - . | xz -T0 -9 >.devbundle/site.tar.xz.tmp
 mv .devbundle/site.tar.xz.tmp .devbundle/site.tar.xz
+fi
 
 echo "==> building the sglang-fastload wheel" >&2
 rm -f .devbundle/sglang_fastload-*.whl

@@ -1,0 +1,406 @@
+"""Ceilings of the host side of a load, one GPU: where a byte can go from the page cache to the device.
+
+Measures, on files whose pages are in the page cache:
+- host memory copy bandwidth (torch, N threads) and pinned-buffer allocation speed;
+- page-cache reads into pinned buffers, by threads and chunk size;
+- the bounce pipeline the ``fast`` executor uses (read into a pinned buffer, one host-to-device
+  copy per chunk, double-buffered, one stream per thread), by threads and chunk size;
+- zero-copy: the file mapped read-only, its pages registered with CUDA
+  (``cudaHostRegister`` with the read-only flag) and copied to the device straight from the
+  page cache, whole-file and per chunk, with the registration cost on its own;
+- pinned host-to-device copy alone.
+
+Only torch is needed (no SGLang). Example (device)::
+
+    python3 bench/host_path_bench.py --gb 8 --out $OUT/host_path.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import mmap
+import os
+import platform
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List
+
+import torch
+
+MiB = 1 << 20
+CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly
+PROT_READ = 1
+MAP_SHARED = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def _sh(cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=20).stdout[-4000:]
+    except Exception as exc:  # noqa: BLE001 - informational only
+        return f"<{exc}>"
+
+
+def system_info() -> Dict:
+    return {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "lscpu": _sh("lscpu | egrep 'Model name|Socket|NUMA|L3|L2|Thread|Core'"),
+        "numa_nodes": _sh("ls /sys/devices/system/node | grep node"),
+        "thp": _sh("cat /sys/kernel/mm/transparent_hugepage/enabled"),
+        "meminfo": _sh("egrep 'MemTotal|MemFree|Cached|Hugepages' /proc/meminfo"),
+        "topo": _sh("nvidia-smi topo -m"),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+    }
+
+
+def make_files(directory: str, total_bytes: int, files: int) -> List[str]:
+    os.makedirs(directory, exist_ok=True)
+    block = torch.randint(0, 256, (64 * MiB,), dtype=torch.uint8).numpy().tobytes()
+    per = total_bytes // files // (64 * MiB) * (64 * MiB)
+    paths = []
+    for i in range(files):
+        path = os.path.join(directory, f"part{i}.bin")
+        if not (os.path.exists(path) and os.path.getsize(path) == per):
+            with open(path, "wb") as f:
+                for _ in range(per // len(block)):
+                    f.write(block)
+        paths.append(path)
+    return paths
+
+
+def chunk_list(paths: List[str], chunk: int):
+    out = []
+    for p in paths:
+        size = os.path.getsize(p)
+        for off in range(0, size, chunk):
+            out.append((p, off, min(chunk, size - off)))
+    return out
+
+
+def timed(fn, repeats: int = 2) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def memcpy_bandwidth(threads: int, nbytes: int) -> Dict:
+    torch.set_num_threads(threads)
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.zeros(nbytes, dtype=torch.uint8)
+    s = timed(lambda: dst.copy_(src), 3)
+    return {"threads": threads, "bytes": nbytes, "seconds": s, "copy_gbps": nbytes / s / 1e9}
+
+
+def pin_speed(nbytes: int) -> Dict:
+    t0 = time.perf_counter()
+    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    t_alloc = time.perf_counter() - t0
+    plain = torch.ones(nbytes, dtype=torch.uint8)
+    cudart = torch.cuda.cudart()
+    t0 = time.perf_counter()
+    err = cudart.cudaHostRegister(plain.data_ptr(), nbytes, 0)
+    t_reg = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if int(err) == 0:
+        cudart.cudaHostUnregister(plain.data_ptr())
+    t_unreg = time.perf_counter() - t0
+    del buf
+    return {
+        "bytes": nbytes,
+        "pin_memory_alloc_s": t_alloc,
+        "pin_memory_alloc_gbps": nbytes / t_alloc / 1e9,
+        "register_touched_anonymous_s": t_reg,
+        "register_error": int(err),
+        "register_gbps": nbytes / t_reg / 1e9,
+        "unregister_s": t_unreg,
+    }
+
+
+class Pool:
+    """One pinned slab, sliced into per-thread buffers for every configuration."""
+
+    def __init__(self, nbytes: int):
+        t0 = time.perf_counter()
+        self.slab = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        self.alloc_s = time.perf_counter() - t0
+
+    def buffers(self, threads: int, nbuf: int, chunk: int):
+        need = threads * nbuf * chunk
+        assert need <= self.slab.numel(), (threads, nbuf, chunk)
+        return [[self.slab.narrow(0, (t * nbuf + i) * chunk, chunk) for i in range(nbuf)] for t in range(threads)]
+
+
+def _preadinto(fd: int, buf: torch.Tensor, off: int, n: int) -> None:
+    view = memoryview((ctypes.c_char * n).from_address(buf.data_ptr())).cast("B")
+    done = 0
+    while done < n:
+        got = os.preadv(fd, [view[done:]], off + done)
+        if got <= 0:
+            raise OSError("short read")
+        done += got
+
+
+def read_only(paths, threads: int, chunk: int, pool: Pool) -> Dict:
+    chunks = chunk_list(paths, chunk)
+    bufs = pool.buffers(threads, 1, chunk)
+    fds = {p: os.open(p, os.O_RDONLY) for p in paths}
+    total = sum(c[2] for c in chunks)
+
+    def run():
+        def task(t):
+            for p, off, n in chunks[t::threads]:
+                _preadinto(fds[p], bufs[t][0], off, n)
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(task, range(threads)))
+
+    s = timed(run)
+    for fd in fds.values():
+        os.close(fd)
+    return {"threads": threads, "chunk_mib": chunk // MiB, "bytes": total, "seconds": s, "gbps": total / s / 1e9}
+
+
+def bounce(paths, threads: int, chunk: int, nbuf: int, pool: Pool, device_dst: torch.Tensor) -> Dict:
+    chunks = chunk_list(paths, chunk)
+    bufs = pool.buffers(threads, nbuf, chunk)
+    streams = [torch.cuda.Stream() for _ in range(threads)]
+    fds = {p: os.open(p, os.O_RDONLY) for p in paths}
+    bases = {}
+    pos = 0
+    for p in paths:
+        bases[p] = pos
+        pos += os.path.getsize(p)
+    total = sum(c[2] for c in chunks)
+    read_s = [0.0] * threads
+    wait_s = [0.0] * threads
+
+    def run():
+        def task(t):
+            events = [None] * nbuf
+            for k, (p, off, n) in enumerate(chunks[t::threads]):
+                i = k % nbuf
+                t0 = time.perf_counter()
+                if events[i] is not None:
+                    events[i].synchronize()
+                t1 = time.perf_counter()
+                _preadinto(fds[p], bufs[t][i], off, n)
+                t2 = time.perf_counter()
+                wait_s[t] += t1 - t0
+                read_s[t] += t2 - t1
+                with torch.cuda.stream(streams[t]):
+                    device_dst.narrow(0, bases[p] + off, n).copy_(bufs[t][i].narrow(0, 0, n), non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(streams[t])
+                events[i] = ev
+            streams[t].synchronize()
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(task, range(threads)))
+
+    s = timed(run)
+    for fd in fds.values():
+        os.close(fd)
+    return {
+        "threads": threads, "chunk_mib": chunk // MiB, "buffers": nbuf, "bytes": total, "seconds": s,
+        "gbps": total / s / 1e9,
+        "read_s_per_thread_2runs": sum(read_s) / threads, "wait_s_per_thread_2runs": sum(wait_s) / threads,
+    }
+
+
+def _map(path: str):
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    addr = _libc.mmap(None, size, PROT_READ, MAP_SHARED, fd, 0)
+    os.close(fd)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap failed")
+    return addr, size
+
+
+def _host_tensor(addr: int, n: int) -> torch.Tensor:
+    # Read-only memory: the tensor is only ever the source of a copy.
+    return torch.frombuffer((ctypes.c_char * n).from_address(addr), dtype=torch.uint8)
+
+
+def zero_copy_whole(paths, threads: int, chunk: int, device_dst: torch.Tensor, flags: int) -> Dict:
+    cudart = torch.cuda.cudart()
+    maps = [(_map(p), p) for p in paths]
+    streams = [torch.cuda.Stream() for _ in range(threads)]
+    out = {"threads": threads, "chunk_mib": chunk // MiB, "flags": flags}
+    t0 = time.perf_counter()
+    errs = [int(cudart.cudaHostRegister(addr, size, flags)) for (addr, size), _ in maps]
+    out["register_s"] = time.perf_counter() - t0
+    out["register_errors"] = errs
+    total = sum(size for (addr, size), _ in maps)
+    out["bytes"] = total
+    out["register_gbps"] = total / out["register_s"] / 1e9
+    if any(errs):
+        for (addr, size), _ in maps:
+            _libc.munmap(addr, size)
+        return out
+    work = []
+    base = 0
+    for (addr, size), _ in maps:
+        for off in range(0, size, chunk):
+            work.append((addr + off, base + off, min(chunk, size - off)))
+        base += size
+
+    def run():
+        def task(t):
+            with torch.cuda.stream(streams[t]):
+                for a, d, n in work[t::threads]:
+                    device_dst.narrow(0, d, n).copy_(_host_tensor(a, n), non_blocking=True)
+            streams[t].synchronize()
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(task, range(threads)))
+
+    out["copy_s"] = timed(run)
+    out["copy_gbps"] = total / out["copy_s"] / 1e9
+    t0 = time.perf_counter()
+    for (addr, size), _ in maps:
+        cudart.cudaHostUnregister(addr)
+    out["unregister_s"] = time.perf_counter() - t0
+    for (addr, size), _ in maps:
+        _libc.munmap(addr, size)
+    out["end_to_end_gbps"] = total / (out["register_s"] + out["copy_s"] + out["unregister_s"]) / 1e9
+    return out
+
+
+def zero_copy_chunks(paths, threads: int, chunk: int, device_dst: torch.Tensor, flags: int) -> Dict:
+    """Register, copy and unregister chunk by chunk (what an update would do per file range)."""
+    cudart = torch.cuda.cudart()
+    maps = [(_map(p), p) for p in paths]
+    streams = [torch.cuda.Stream() for _ in range(threads)]
+    work = []
+    base = 0
+    for (addr, size), _ in maps:
+        for off in range(0, size, chunk):
+            work.append((addr + off, base + off, min(chunk, size - off)))
+        base += size
+    total = sum(w[2] for w in work)
+    reg_s = [0.0] * threads
+    errors: List[int] = []
+    lock = threading.Lock()
+
+    def run():
+        def task(t):
+            pending = []
+            for a, d, n in work[t::threads]:
+                t0 = time.perf_counter()
+                err = int(cudart.cudaHostRegister(a, n, flags))
+                reg_s[t] += time.perf_counter() - t0
+                if err:
+                    with lock:
+                        errors.append(err)
+                    return
+                with torch.cuda.stream(streams[t]):
+                    device_dst.narrow(0, d, n).copy_(_host_tensor(a, n), non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(streams[t])
+                pending.append((ev, a))
+                while len(pending) > 2:
+                    ev0, a0 = pending.pop(0)
+                    ev0.synchronize()
+                    cudart.cudaHostUnregister(a0)
+            for ev0, a0 in pending:
+                ev0.synchronize()
+                cudart.cudaHostUnregister(a0)
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(task, range(threads)))
+
+    s = timed(run)
+    for (addr, size), _ in maps:
+        _libc.munmap(addr, size)
+    return {
+        "threads": threads, "chunk_mib": chunk // MiB, "flags": flags, "bytes": total, "seconds": s,
+        "gbps": total / s / 1e9, "errors": sorted(set(errors)),
+        "register_s_per_thread_2runs": sum(reg_s) / threads,
+    }
+
+
+def h2d(nbytes: int, streams: int, pool: Pool, device_dst: torch.Tensor) -> Dict:
+    src = pool.slab.narrow(0, 0, nbytes)
+    ss = [torch.cuda.Stream() for _ in range(streams)]
+    part = nbytes // streams
+
+    def run():
+        for _ in range(4):
+            for i, s in enumerate(ss):
+                with torch.cuda.stream(s):
+                    device_dst.narrow(0, i * part, part).copy_(src.narrow(0, i * part, part), non_blocking=True)
+        torch.cuda.synchronize()
+
+    s = timed(run, 3)
+    return {"bytes": 4 * part * streams, "streams": streams, "seconds": s, "gbps": 4 * part * streams / s / 1e9}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="/var/tmp/sglang-fastload-hostpath")
+    ap.add_argument("--gb", type=float, default=8.0)
+    ap.add_argument("--files", type=int, default=2)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true", help="fewer configurations (dry runs)")
+    args = ap.parse_args()
+    res: Dict = {"command": " ".join(os.sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "system": system_info()}
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+    def log(key, value):
+        res.setdefault(key, []).append(value)
+        print(key, json.dumps(value), flush=True)
+        save()
+
+    t0 = time.perf_counter()
+    paths = make_files(args.dir, int(args.gb * 1e9), args.files)
+    res["files"] = {"paths": paths, "bytes": sum(os.path.getsize(p) for p in paths), "write_s": time.perf_counter() - t0}
+    total = res["files"]["bytes"]
+    cpu = os.cpu_count() or 8
+    thread_set = [t for t in (4, 8, 16) if t <= max(4, cpu)]
+    chunk_set = [1, 2, 4, 8, 16, 64] if not args.quick else [4, 64]
+    for t in sorted({min(cpu, 16), 8}):
+        log("memcpy", memcpy_bandwidth(t, 2 << 30))
+    torch.set_num_threads(cpu)
+    pool = Pool(max(thread_set) * 3 * 64 * MiB)
+    res["pool_alloc"] = {"bytes": pool.slab.numel(), "seconds": pool.alloc_s, "gbps": pool.slab.numel() / pool.alloc_s / 1e9}
+    read_only(paths, max(thread_set), 64 * MiB, pool)  # warm the page cache
+    for t in thread_set:
+        for c in chunk_set:
+            log("read_pinned", read_only(paths, t, c * MiB, pool))
+    if not torch.cuda.is_available():
+        print("no CUDA: host-only measurements done")
+        return
+    log("pin", pin_speed(1 << 30))
+    device_dst = torch.empty(total, dtype=torch.uint8, device="cuda")
+    for streams in (1, 4):
+        log("h2d_pinned", h2d(1 << 30, streams, pool, device_dst))
+    for t in thread_set:
+        for c in chunk_set:
+            log("bounce", bounce(paths, t, c * MiB, 2, pool, device_dst))
+    for t, c in ((8, 4), (16, 4), (16, 8), (8, 16)):
+        if t in thread_set and c in chunk_set:
+            log("bounce", bounce(paths, t, c * MiB, 3, pool, device_dst))
+    for flags in (CUDA_HOST_REGISTER_READ_ONLY, 0):
+        log("zero_copy_whole", zero_copy_whole(paths, 4, 64 * MiB, device_dst, flags))
+    for t in (4, 8, 16):
+        for c in (16, 64, 256):
+            log("zero_copy_chunks", zero_copy_chunks(paths, t, c * MiB, device_dst, CUDA_HOST_REGISTER_READ_ONLY))
+    res["wall_s"] = time.perf_counter() - t0
+    save()
+
+
+if __name__ == "__main__":
+    main()
