@@ -329,6 +329,109 @@ def zero_copy_chunks(paths, threads: int, chunk: int, device_dst: torch.Tensor, 
     }
 
 
+MADV_HUGEPAGE = 14
+MADV_POPULATE_READ = 22
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def _pieces(maps, piece: int):
+    out = []
+    for addr, size in maps:
+        for off in range(0, size, piece):
+            out.append((addr + off, off, min(piece, size - off), addr))
+    return out
+
+
+def register_parallel(paths, threads: int, piece: int, populate: bool, device_dst: torch.Tensor, copy_streams: int = 4) -> Dict:
+    """Map the files, (populate,) register ``piece``-sized ranges from ``threads`` threads at
+    once, copy everything to the device, unregister in parallel: each phase timed alone; then
+    the same with registration and copies overlapped (each thread registers a piece and
+    queues its copy at once)."""
+    cudart = torch.cuda.cudart()
+    out = {"threads": threads, "piece_mib": piece // MiB, "populate": populate}
+    maps = [_map(p) for p in paths]
+    bases = {}
+    pos = 0
+    for addr, size in maps:
+        bases[addr] = pos
+        pos += size
+    pieces = _pieces(maps, piece)
+    total = sum(p[2] for p in pieces)
+    out["bytes"] = total
+    pool = ThreadPoolExecutor(threads)
+
+    def each(fn):
+        t0 = time.perf_counter()
+        res = list(pool.map(lambda t: [fn(p) for p in pieces[t::threads]], range(threads)))
+        return time.perf_counter() - t0, [x for r in res for x in r]
+
+    if populate:
+        out["populate_s"], errs = each(lambda p: _libc.madvise(p[0], p[2], MADV_POPULATE_READ))
+        out["populate_errors"] = sorted(set(errs))
+    out["register_s"], errs = each(lambda p: int(cudart.cudaHostRegister(p[0], p[2], CUDA_HOST_REGISTER_READ_ONLY)))
+    out["register_errors"] = sorted(set(errs))
+    out["register_gbps"] = total / out["register_s"] / 1e9
+    if any(errs):
+        pool.shutdown()
+        return out
+    streams = [torch.cuda.Stream() for _ in range(copy_streams)]
+    t0 = time.perf_counter()
+    for i, (a, off, n, base) in enumerate(pieces):
+        with torch.cuda.stream(streams[i % copy_streams]):
+            device_dst.narrow(0, bases[base] + off, n).copy_(_host_tensor(a, n), non_blocking=True)
+    torch.cuda.synchronize()
+    out["copy_s"] = time.perf_counter() - t0
+    out["copy_gbps"] = total / out["copy_s"] / 1e9
+    out["unregister_s"], _ = each(lambda p: cudart.cudaHostUnregister(p[0]))
+    # Overlapped: register and queue the copy piece by piece, in every thread.
+    tstreams = [torch.cuda.Stream() for _ in range(threads)]
+
+    def reg_copy(t):
+        with torch.cuda.stream(tstreams[t]):
+            for a, off, n, base in pieces[t::threads]:
+                cudart.cudaHostRegister(a, n, CUDA_HOST_REGISTER_READ_ONLY)
+                device_dst.narrow(0, bases[base] + off, n).copy_(_host_tensor(a, n), non_blocking=True)
+        tstreams[t].synchronize()
+
+    t0 = time.perf_counter()
+    list(pool.map(reg_copy, range(threads)))
+    out["overlapped_s"] = time.perf_counter() - t0
+    out["overlapped_gbps"] = total / out["overlapped_s"] / 1e9
+    out["overlapped_unregister_s"], _ = each(lambda p: cudart.cudaHostUnregister(p[0]))
+    pool.shutdown()
+    for addr, size in maps:
+        _libc.munmap(addr, size)
+    return out
+
+
+def pin_variants(nbytes: int, threads: int) -> Dict:
+    """Ways to get pinned staging memory at start-up: pin_memory vs register of plain memory."""
+    cudart = torch.cuda.cudart()
+    out = {"bytes": nbytes, "threads": threads}
+    for huge in (False, True):
+        key = "huge" if huge else "small"
+        t0 = time.perf_counter()
+        raw = torch.empty(nbytes + (2 << 20), dtype=torch.uint8)
+        start = (-raw.data_ptr()) % (2 << 20)
+        buf = raw.narrow(0, start, nbytes)
+        if huge:
+            out[key + "_madvise_err"] = _libc.madvise(buf.data_ptr(), nbytes, MADV_HUGEPAGE)
+        parts = buf.chunk(threads)
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(lambda x: x.fill_(0), parts))
+        out[key + "_touch_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        err = int(cudart.cudaHostRegister(buf.data_ptr(), nbytes, 0))
+        out[key + "_register_s"] = time.perf_counter() - t0
+        out[key + "_register_err"] = err
+        t0 = time.perf_counter()
+        if not err:
+            cudart.cudaHostUnregister(buf.data_ptr())
+        out[key + "_unregister_s"] = time.perf_counter() - t0
+        del raw, buf, parts
+    return out
+
+
 def h2d(nbytes: int, streams: int, pool: Pool, device_dst: torch.Tensor) -> Dict:
     src = pool.slab.narrow(0, 0, nbytes)
     ss = [torch.cuda.Stream() for _ in range(streams)]
@@ -352,6 +455,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=2)
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="fewer configurations (dry runs)")
+    ap.add_argument("--suite", default="all", choices=["all", "zero-copy"], help="zero-copy: registration and pinning only")
     args = ap.parse_args()
     res: Dict = {"command": " ".join(os.sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "system": system_info()}
 
@@ -371,6 +475,21 @@ def main() -> None:
     cpu = os.cpu_count() or 8
     thread_set = [t for t in (4, 8, 16) if t <= max(4, cpu)]
     chunk_set = [1, 2, 4, 8, 16, 64] if not args.quick else [4, 64]
+    if args.suite == "zero-copy":
+        with ThreadPoolExecutor(8) as ex:  # page cache warm
+            list(ex.map(lambda p: open(p, "rb").read(), paths))
+        device_dst = torch.empty(total, dtype=torch.uint8, device="cuda")
+        for t, piece, pop in ((1, 256, False), (4, 256, False), (8, 256, False), (16, 256, False),
+                              (16, 64, False), (8, 1024, False), (8, 256, True), (16, 64, True)):
+            try:
+                log("register_parallel", register_parallel(paths, t, piece * MiB, pop, device_dst))
+            except Exception as exc:  # noqa: BLE001
+                log("register_parallel", {"threads": t, "piece_mib": piece, "error": repr(exc)})
+        for t in (1, 8):
+            log("pin_variants", pin_variants(2 << 30, t))
+        res["wall_s"] = time.perf_counter() - t0
+        save()
+        return
     for t in sorted({min(cpu, 16), 8}):
         log("memcpy", memcpy_bandwidth(t, 2 << 30))
     torch.set_num_threads(cpu)
