@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import mmap
 import os
 import platform
 import subprocess
@@ -432,6 +431,74 @@ def pin_variants(nbytes: int, threads: int) -> Dict:
     return out
 
 
+def hybrid(paths, threads: int, chunk: int, fraction: float, piece: int, zc_threads: int, pool: Pool, device_dst: torch.Tensor) -> Dict:
+    """Part of the bytes (every piece whose running share is below ``fraction``) copied
+    zero-copy from registered page cache by ``zc_threads`` threads, the rest by the bounce
+    pipeline (``threads`` readers, 2 pinned buffers of ``chunk`` each), all at once."""
+    cudart = torch.cuda.cudart()
+    maps = [_map(p) for p in paths]
+    bases, pos = {}, 0
+    for addr, size in maps:
+        bases[addr] = pos
+        pos += size
+    zc, rest = [], []
+    taken = 0.0
+    for i, pc in enumerate(_pieces(maps, piece)):
+        if taken < fraction * (i + 1):
+            zc.append(pc)
+            taken += 1
+        else:
+            rest.append(pc)
+    path_of = {addr: p for (addr, _), p in zip(maps, paths)}
+    fds = {p: os.open(p, os.O_RDONLY) for p in paths}
+    chunks = []
+    for a, off, n, base in rest:
+        for o in range(0, n, chunk):
+            chunks.append((base, off + o, min(chunk, n - o)))
+    bufs = pool.buffers(threads, 2, chunk)
+    streams = [torch.cuda.Stream() for _ in range(threads + zc_threads)]
+    total = sum(p[2] for p in zc) + sum(c[2] for c in chunks)
+
+    def bounce_task(t):
+        events = [None, None]
+        for k, (base, off, n) in enumerate(chunks[t::threads]):
+            i = k % 2
+            if events[i] is not None:
+                events[i].synchronize()
+            _preadinto(fds[path_of[base]], bufs[t][i], off, n)
+            with torch.cuda.stream(streams[t]):
+                device_dst.narrow(0, bases[base] + off, n).copy_(bufs[t][i].narrow(0, 0, n), non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(streams[t])
+            events[i] = ev
+        streams[t].synchronize()
+
+    def zc_task(z):
+        s = streams[threads + z]
+        with torch.cuda.stream(s):
+            for a, off, n, base in zc[z::zc_threads]:
+                cudart.cudaHostRegister(a, n, CUDA_HOST_REGISTER_READ_ONLY)
+                device_dst.narrow(0, bases[base] + off, n).copy_(_host_tensor(a, n), non_blocking=True)
+        s.synchronize()
+
+    with ThreadPoolExecutor(threads + zc_threads) as ex:
+        t0 = time.perf_counter()
+        futs = [ex.submit(zc_task, z) for z in range(zc_threads)] + [ex.submit(bounce_task, t) for t in range(threads)]
+        for f in futs:
+            f.result()
+        wall = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        list(ex.map(lambda pc: cudart.cudaHostUnregister(pc[0]), zc))
+        unreg = time.perf_counter() - t1
+    for fd in fds.values():
+        os.close(fd)
+    for addr, size in maps:
+        _libc.munmap(addr, size)
+    return {"threads": threads, "chunk_mib": chunk // MiB, "fraction": fraction, "piece_mib": piece // MiB,
+            "zc_threads": zc_threads, "bytes": total, "zc_bytes": sum(p[2] for p in zc), "seconds": wall,
+            "gbps": total / wall / 1e9, "unregister_s": unreg, "with_unregister_gbps": total / (wall + unreg) / 1e9}
+
+
 def h2d(nbytes: int, streams: int, pool: Pool, device_dst: torch.Tensor) -> Dict:
     src = pool.slab.narrow(0, 0, nbytes)
     ss = [torch.cuda.Stream() for _ in range(streams)]
@@ -455,7 +522,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=2)
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="fewer configurations (dry runs)")
-    ap.add_argument("--suite", default="all", choices=["all", "zero-copy"], help="zero-copy: registration and pinning only")
+    ap.add_argument("--suite", default="all", choices=["all", "zero-copy", "hybrid"], help="zero-copy: registration and pinning only")
     args = ap.parse_args()
     res: Dict = {"command": " ".join(os.sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "system": system_info()}
 
@@ -475,6 +542,26 @@ def main() -> None:
     cpu = os.cpu_count() or 8
     thread_set = [t for t in (4, 8, 16) if t <= max(4, cpu)]
     chunk_set = [1, 2, 4, 8, 16, 64] if not args.quick else [4, 64]
+    if args.suite == "hybrid":
+        with ThreadPoolExecutor(8) as ex:  # page cache warm
+            list(ex.map(lambda p: open(p, "rb").read(), paths))
+        device_dst = torch.empty(total, dtype=torch.uint8, device="cuda")
+        pool = Pool(16 * 2 * 64 * MiB)
+        res["pool_alloc"] = {"bytes": pool.slab.numel(), "seconds": pool.alloc_s}
+        for rep in range(2):
+            for t, c, f, pc, z in ((16, 64, 0.0, 256, 1), (16, 64, 0.25, 256, 1), (16, 64, 0.4, 256, 1),
+                                   (16, 64, 0.5, 256, 1), (16, 64, 0.4, 256, 2), (12, 64, 0.4, 256, 1),
+                                   (8, 64, 0.4, 256, 1), (16, 16, 0.4, 256, 1), (16, 64, 0.4, 64, 2),
+                                   (16, 64, 0.6, 256, 2)):
+                try:
+                    r = hybrid(paths, t, c * MiB, f, pc * MiB, z, pool, device_dst)
+                    r["rep"] = rep
+                    log("hybrid", r)
+                except Exception as exc:  # noqa: BLE001
+                    log("hybrid", {"args": [t, c, f, pc, z], "error": repr(exc)})
+        res["wall_s"] = time.perf_counter() - t0
+        save()
+        return
     if args.suite == "zero-copy":
         with ThreadPoolExecutor(8) as ex:  # page cache warm
             list(ex.map(lambda p: open(p, "rb").read(), paths))
