@@ -6,6 +6,11 @@ reads the next chunk into the other. On CPU, slices whose bytes are exactly the
 destination's elements are read straight into the parameter's memory. Strided slices with
 short runs (row-parallel shards) are gathered element by element from a read-only mapping
 of the file, so each rank copies only the bytes it keeps.
+
+On CUDA one more thread, the zero-copy lane, takes a share of the chunks (``zero_copy_share``
+of the bytes, interleaved with the readers' chunks): it registers the file's page-cache
+pages with CUDA and lets the device copy them with no CPU pass (``host_memory.py`` says why
+both paths at once beat either alone).
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ import torch
 
 from sglang_fastload import constants
 from sglang_fastload.errors import CheckpointError
+from sglang_fastload.loader import host_memory
 from sglang_fastload.loader.plan import CopyStep, LoadPlan, is_contiguous
 
 _ALIGN = 64
+# Share of a CUDA load's bytes sent through the zero-copy lane (see host_memory.py).
+DEFAULT_ZERO_COPY_SHARE = 0.5
 
 
 @dataclasses.dataclass
@@ -212,7 +220,8 @@ class _Worker:
         size = max(nbytes, self.chunk_bytes)
         for i, buf in enumerate(self.buffers):
             if buf is None or buf.numel() < nbytes:
-                self.buffers[i] = torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda)
+                self.buffers[i] = None  # drop the old registration before making the next
+                self.buffers[i] = host_memory.pinned_empty(size) if self.cuda else torch.empty(size, dtype=torch.uint8)
         if self.cuda and (self.scratch is None or self.scratch.numel() < nbytes):
             self.scratch = torch.empty(size, dtype=torch.uint8, device=self.device)
 
@@ -276,6 +285,8 @@ class _BoundChunk:
             parameter (CPU) or into the staging buffer (CUDA).
         buffer: which of the worker's two host buffers stages the rest (-1: none).
         segments: ``(buffer memory, file offset)`` reads into that buffer.
+        places: ``(file offset, nbytes, buffer position)`` of the same reads (the zero-copy
+            lane copies them from the page cache into the device scratch instead).
         staged_bytes: bytes of the buffer in use.
         dsts, srcs: the copies out of the staged bytes (on CUDA, out of the device scratch
             after one host-to-device copy of the buffer).
@@ -289,6 +300,7 @@ class _BoundChunk:
     gathers: List[Tuple[torch.Tensor, CopyStep]]
     buffer: int
     segments: List[Tuple[memoryview, int]]
+    places: List[Tuple[int, int, int]]
     staged_bytes: int
     dsts: List[torch.Tensor]
     srcs: List[torch.Tensor]
@@ -307,6 +319,7 @@ class _Binding:
     buffers: List[Tuple[Optional[torch.Tensor], ...]]
     per_worker: List[List[_BoundChunk]]
     zeros: List[torch.Tensor]
+    lane: int = -1  # index of the zero-copy lane in ``workers`` (-1: none)
 
 
 def _same_dtype(step: CopyStep, params: Dict[str, torch.Tensor]) -> bool:
@@ -343,7 +356,7 @@ def _bind_chunk(chunk: _Chunk, file_index: int, params: Dict[str, torch.Tensor],
     bound = _BoundChunk(
         file=file_index, nbytes=chunk.nbytes,
         direct=[(_writable_view(a, n), off) for a, off, n in direct],
-        gathers=gathers, buffer=-1, segments=[], staged_bytes=0, dsts=[], srcs=[],
+        gathers=gathers, buffer=-1, segments=[], places=[], staged_bytes=0, dsts=[], srcs=[],
         host=None, device=None, fault_bytes=chunk.nbytes,
     )
     if not staged:
@@ -377,6 +390,7 @@ def _bind_chunk(chunk: _Chunk, file_index: int, params: Dict[str, torch.Tensor],
     base = buf.data_ptr()
     bound.buffer = turn
     bound.segments = [(_writable_view(base + p, n), off) for off, n, p in segments]
+    bound.places = [tuple(x) for x in segments]
     bound.staged_bytes = pos
     source = worker.scratch if cuda else buf
     for step, start in layout:
@@ -404,6 +418,22 @@ def _staged_size(chunk: _Chunk, cuda: bool, params: Dict[str, torch.Tensor]) -> 
 _MAX_BINDINGS = 2
 
 
+def _split_for_lane(chunks: List[_Chunk], share: float) -> Tuple[List[_Chunk], List[_Chunk]]:
+    """Chunks for the zero-copy lane (about ``share`` of the bytes, spread over the load) and
+    the rest. The lane takes only chunks without gathered steps (those need a CPU pass)."""
+    lane: List[_Chunk] = []
+    rest: List[_Chunk] = []
+    seen = taken = 0
+    for c in chunks:
+        seen += c.nbytes
+        if share > 0 and taken < share * seen and not any(st.gather for st in c.steps):
+            lane.append(c)
+            taken += c.nbytes
+        else:
+            rest.append(c)
+    return lane, rest
+
+
 def _bind(
     plan: LoadPlan,
     params: Dict[str, torch.Tensor],
@@ -411,8 +441,10 @@ def _bind(
     threads: int,
     chunk_bytes: int,
     cache: Optional[dict],
+    zero_copy_share: float = 0.0,
 ) -> _Binding:
-    """Chunks of ``plan`` with their views made, dealt round-robin to ``threads`` workers.
+    """Chunks of ``plan`` with their views made, dealt round-robin to ``threads`` workers
+    (plus, on CUDA with ``zero_copy_share`` > 0, the zero-copy lane's chunks to one more).
 
     Reused from ``cache`` while the parameters and the workers' buffers stay where they
     were (checked by address on every call); a plan rebound to other files of the same
@@ -422,18 +454,21 @@ def _bind(
     steps_lists = tuple(fp.steps for fp in plan.files)
     names = sorted(plan.param_meta)
     ptrs = tuple(params[n].data_ptr() for n in names)
-    key = (tuple(map(id, steps_lists)), str(device), threads, chunk_bytes)
+    cuda = device.type == "cuda"
+    share = zero_copy_share if cuda else 0.0
+    key = (tuple(map(id, steps_lists)), str(device), threads, chunk_bytes, share)
     bound = cache.get(key)
     if bound is not None and bound.param_ptrs == ptrs and all(
         all(x is y for x, y in zip(tuple(w.buffers) + (w.scratch,), b)) for w, b in zip(bound.workers, bound.buffers)
     ):
         return bound
-    chunks = _chunks(plan, chunk_bytes)
+    lane_chunks, chunks = _split_for_lane(_chunks(plan, chunk_bytes), share)
     threads = max(1, min(threads, len(chunks)))
-    workers = _workers(device, threads, chunk_bytes)
-    cuda = device.type == "cuda"
+    workers = _workers(device, threads + (1 if lane_chunks else 0), chunk_bytes)
     file_index = {fp.path: i for i, fp in enumerate(plan.files)}
     dealt: List[List[_Chunk]] = [chunks[w::threads] for w in range(threads)]
+    if lane_chunks:
+        dealt.append(lane_chunks)
     for w, mine in zip(workers, dealt):
         w.reserve(max([_staged_size(c, cuda, params) for c in mine] + [0]))
     per_worker = []
@@ -446,6 +481,7 @@ def _bind(
         buffers=[tuple(w.buffers) + (w.scratch,) for w in workers],
         per_worker=per_worker,
         zeros=[_param_view(params[z.param], z.dst) for z in plan.zeros],
+        lane=threads if lane_chunks else -1,
     )
     cache.pop(key, None)
     cache[key] = bound
@@ -489,6 +525,33 @@ def _run_bound(
         on_bytes(chunk.nbytes)
 
 
+def _run_lane(
+    chunk: _BoundChunk,
+    mapped: host_memory.MappedFile,
+    worker: _Worker,
+    on_bytes: Optional[Callable[[int], None]],
+    fault: _FaultBudget,
+) -> None:
+    """Zero-copy lane: the device copies the chunk's bytes from registered page cache."""
+    stats = worker.stats
+    for off, n, _ in chunk.places:
+        if off + n > mapped.size:
+            raise CheckpointError(
+                mapped.path, f"file has {mapped.size} bytes but the plan reads up to byte {off + n} "
+                "(truncated or changed during the load)",
+            )
+        mapped.ensure(off, n)
+    with torch.cuda.stream(worker.stream):
+        for off, n, p in chunk.places:
+            chunk.device.narrow(0, p, n).copy_(mapped.view(off, n), non_blocking=True)
+            stats.bytes_read += n
+            stats.read_calls += 1
+        torch._foreach_copy_(chunk.dsts, chunk.srcs)
+    fault.spend(chunk.fault_bytes)
+    if on_bytes:
+        on_bytes(chunk.nbytes)
+
+
 def execute_plan(
     plan: LoadPlan,
     params: Dict[str, torch.Tensor],
@@ -498,6 +561,7 @@ def execute_plan(
     chunk_bytes: int = 64 << 20,
     on_bytes: Optional[Callable[[int], None]] = None,
     cache: Optional[dict] = None,
+    zero_copy_share: float = DEFAULT_ZERO_COPY_SHARE,
 ) -> ExecutionStats:
     """Read the plan's bytes and write them into the parameters.
 
@@ -511,6 +575,8 @@ def execute_plan(
         on_bytes: called with the bytes of each finished chunk (progress).
         cache: where to keep the plan's bound views for the next call with the same
             parameters (owned by the model, so it lives and dies with it); None: no reuse.
+        zero_copy_share: on CUDA, the share of bytes copied straight from registered page
+            cache by the zero-copy lane (0: staging buffers only).
 
     Returns:
         Bytes read, read calls and seconds.
@@ -520,7 +586,8 @@ def execute_plan(
     """
     t0 = time.perf_counter()
     fault = _FaultBudget(take_injected_fault(), [fp.path for fp in plan.files])
-    bound = _bind(plan, params, device, num_threads, chunk_bytes, cache)
+    host_memory.wait_for_releases()  # the previous load's mappings are gone before new ones
+    bound = _bind(plan, params, device, num_threads, chunk_bytes, cache, zero_copy_share)
     workers = bound.workers
     for w in workers:
         w.stats = ExecutionStats()
@@ -529,6 +596,7 @@ def execute_plan(
     paths = [fp.path for fp in plan.files]
     fds = {path: os.open(path, os.O_RDONLY) for path in paths}
     mappings = None
+    mapped: Dict[str, Optional[host_memory.MappedFile]] = {}
     try:
         mappings = _FileMappings(plan, fds)
         if device.type == "cuda":
@@ -546,6 +614,12 @@ def execute_plan(
                     if failed.is_set():
                         return  # another reader failed: the load is abandoned
                     path = paths[chunk.file]
+                    if index == bound.lane:
+                        if path not in mapped:
+                            mapped[path] = host_memory.open_mapped(path)
+                        if mapped[path] is not None:
+                            _run_lane(chunk, mapped[path], worker, on_bytes, fault)
+                            continue
                     _run_bound(chunk, path, fds[path], worker, on_bytes, fault, mappings)
             except BaseException:
                 failed.set()
@@ -554,7 +628,7 @@ def execute_plan(
         if len(workers) == 1:
             task(0)
         else:
-            pool = _reader_pool(num_threads)
+            pool = _reader_pool(len(workers))
             futures = [pool.submit(task, i) for i in range(len(workers))]
             try:
                 for f in futures:
@@ -567,7 +641,15 @@ def execute_plan(
                         f.exception()
         for w in workers:
             w.finish()
+        host_memory.release_later([m for m in mapped.values() if m is not None])
+        mapped.clear()
     finally:
+        if mapped:  # a failed load: no copy from the mappings may still be queued
+            if bound.lane >= 0:
+                workers[bound.lane].finish()
+            for m in mapped.values():
+                if m is not None:
+                    m.release()
         if mappings is not None:
             mappings.close()
         for fd in fds.values():

@@ -31,7 +31,7 @@ from sglang_fastload.checkpoint.safetensors_header import read_header, torch_dty
 from sglang_fastload.errors import CheckpointError, UnsupportedModelError
 from sglang_fastload.loader import validate
 from sglang_fastload.loader.checkpoint_state import state_of
-from sglang_fastload.loader.executor import execute_plan
+from sglang_fastload.loader.executor import DEFAULT_ZERO_COPY_SHARE, execute_plan
 from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, build_plan, numel
 from sglang_fastload.loader.dispatch import auto_means_fast
 from sglang_fastload.loader.replay import replay_load_weights
@@ -41,7 +41,7 @@ from sglang_fastload.served_checkpoint import record_served
 
 logger = logging.getLogger(__name__)
 
-EXTRA_CONFIG_KEYS = {"enable_multithread_load", "num_threads", "chunk_mb", "min_segment_bytes"}
+EXTRA_CONFIG_KEYS = {"enable_multithread_load", "num_threads", "chunk_mb", "min_segment_bytes", "zero_copy_share"}
 # Page-cache reads scale to ~16 threads on a large host; 8 stays useful where cores are few
 # (reads release the GIL and mostly wait on memory).
 DEFAULT_NUM_THREADS = max(8, min(16, os.cpu_count() or 8))
@@ -294,6 +294,9 @@ class FastModelLoader(DefaultModelLoader):
         self.num_threads = threads
         self.chunk_bytes = int(float(extra.get("chunk_mb", 64)) * (1 << 20))
         self.min_segment_bytes = int(extra.get("min_segment_bytes", DEFAULT_MIN_SEGMENT_BYTES))
+        self.zero_copy_share = float(extra.get("zero_copy_share", DEFAULT_ZERO_COPY_SHARE))
+        if not 0.0 <= self.zero_copy_share <= 1.0:
+            raise ValueError("zero_copy_share in --model-loader-extra-config must be between 0 and 1")
         self.last_summary: Optional[LoadSummary] = None
 
     def _get_weights_iterator(self, source, **kwargs):
@@ -399,6 +402,7 @@ class FastModelLoader(DefaultModelLoader):
                 chunk_bytes=self.chunk_bytes,
                 on_bytes=progress.update if progress is not None else None,
                 cache=state_of(model).executor_cache,
+                zero_copy_share=self.zero_copy_share,
             )
         finally:
             if progress is not None:
