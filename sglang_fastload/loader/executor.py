@@ -543,9 +543,10 @@ def _run_lane(
         mapped.ensure(off, n)
     with torch.cuda.stream(worker.stream):
         for off, n, p in chunk.places:
-            chunk.device.narrow(0, p, n).copy_(mapped.view(off, n), non_blocking=True)
+            for o, m in mapped.pieces(off, n):
+                chunk.device.narrow(0, p + o - off, m).copy_(mapped.view(o, m), non_blocking=True)
+                stats.read_calls += 1
             stats.bytes_read += n
-            stats.read_calls += 1
         torch._foreach_copy_(chunk.dsts, chunk.srcs)
     fault.spend(chunk.fault_bytes)
     if on_bytes:

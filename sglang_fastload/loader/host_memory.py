@@ -13,13 +13,12 @@ Measured on one H200 host (``bench/host_path_bench.py``, docs/benchmarks.md):
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import logging
 import os
 import threading
 import weakref
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -40,6 +39,10 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+# Page-cache registration unit: whole blocks, so registrations never overlap (64 MiB pieces
+# registered at ~36 GB/s, 256 MiB at ~42 GB/s on an H200 host; smaller blocks register fewer
+# bytes that another tensor-parallel rank keeps).
+REGISTER_BLOCK = 32 << 20
 
 
 def _register(address: int, nbytes: int, flags: int) -> int:
@@ -83,49 +86,48 @@ def pinned_empty(nbytes: int) -> torch.Tensor:
     return buf
 
 
-def uncovered(ranges: List[Tuple[int, int]], start: int, end: int) -> List[Tuple[int, int]]:
-    """The parts of ``[start, end)`` outside ``ranges`` (sorted, disjoint ``(start, end)`` pairs).
+def _clear_last_error() -> None:
+    """Reset CUDA's last-error state after a failed registration (torch would report it later)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+        for path in paths:
+            ctypes.CDLL(path).cudaGetLastError()
+    except OSError:
+        pass
 
-    Args:
-        ranges: what is covered already.
-        start, end: the range asked for.
 
-    Returns:
-        Sorted, disjoint pieces of ``[start, end)`` not in ``ranges``.
+def block_pieces(offset: int, nbytes: int, block: int) -> List[Tuple[int, int]]:
+    """``[offset, offset + nbytes)`` cut at multiples of ``block``: ``(offset, nbytes)`` pieces.
+
+    A device copy from registered memory must lie inside one registration; registrations
+    are whole blocks, so every piece does.
     """
     out = []
-    pos = start
-    i = bisect.bisect_right(ranges, (start, float("inf"))) - 1
-    i = max(i, 0)
-    while pos < end and i < len(ranges):
-        s, e = ranges[i]
-        if e <= pos:
-            i += 1
-            continue
-        if s >= end:
-            break
-        if s > pos:
-            out.append((pos, s))
-        pos = max(pos, e)
-        i += 1
-    if pos < end:
-        out.append((pos, end))
+    pos, end = offset, offset + nbytes
+    while pos < end:
+        stop = min(end, (pos // block + 1) * block)
+        out.append((pos, stop - pos))
+        pos = stop
     return out
 
 
 class MappedFile:
-    """A checkpoint file mapped read-only, its pages registered with CUDA as copies need them.
+    """A checkpoint file mapped read-only, its pages registered with CUDA block by block as
+    copies need them.
 
-    Registration is page-granular and never overlaps itself; a range that cannot be
-    registered is still copied correctly (CUDA's pageable path, slower). ``release`` must
-    run only when no copy from the mapping is in flight.
+    Blocks never overlap, and callers cut copies at block boundaries (``pieces``): CUDA
+    rejects a copy that spans two registrations. A block that cannot be registered is still
+    copied correctly (CUDA's pageable path, slower). ``release`` must run only when no copy
+    from the mapping is in flight.
     """
 
-    def __init__(self, path: str, fd: int):
+    def __init__(self, path: str, fd: int, block: int = REGISTER_BLOCK):
         self.path = path
         self.size = os.fstat(fd).st_size
+        self.block = block
         self.address = 0
-        self.registered: List[Tuple[int, int]] = []  # sorted, disjoint page-aligned (start, end)
+        self.registered: Dict[int, int] = {}  # block index -> registered bytes
         self.failed = False
         if self.size:
             address = _libc.mmap(None, self.size, _PROT_READ, _MAP_SHARED, fd, 0)
@@ -133,30 +135,38 @@ class MappedFile:
                 raise OSError(ctypes.get_errno(), f"cannot map {path}")
             self.address = address
 
+    def pieces(self, offset: int, nbytes: int) -> List[Tuple[int, int]]:
+        """``[offset, offset + nbytes)`` cut where registrations end."""
+        return block_pieces(offset, nbytes, self.block)
+
     def ensure(self, offset: int, nbytes: int) -> None:
-        """Register the pages holding ``[offset, offset + nbytes)`` (best effort)."""
-        if self.failed:
+        """Register the blocks holding ``[offset, offset + nbytes)`` (best effort)."""
+        if self.failed or nbytes <= 0:
             return
-        start = offset // PAGE * PAGE
-        end = min(-(-(offset + nbytes) // PAGE) * PAGE, -(-self.size // PAGE) * PAGE)
-        for s, e in uncovered(self.registered, start, end):
-            err = _register(self.address + s, e - s, _REGISTER_READ_ONLY)
+        mapped_end = -(-self.size // PAGE) * PAGE
+        for k in range(offset // self.block, (offset + nbytes - 1) // self.block + 1):
+            if k in self.registered:
+                continue
+            start = k * self.block
+            length = min(mapped_end, start + self.block) - start
+            err = _register(self.address + start, length, _REGISTER_READ_ONLY)
             if err != 0:
+                _clear_last_error()
                 self.failed = True  # e.g. no read-only registration on this platform
                 logger.info("sglang-fastload: page-cache registration unavailable (CUDA error %d); "
                             "copying through staging buffers only", err)
                 return
-            bisect.insort(self.registered, (s, e))
+            self.registered[k] = length
 
     def view(self, offset: int, nbytes: int) -> torch.Tensor:
         """The file's bytes ``[offset, offset + nbytes)`` as a CPU tensor over the mapping."""
         return host_view(self.address + offset, nbytes)
 
     def release(self) -> None:
-        """Unregister every range and unmap the file."""
-        for s, _ in self.registered:
-            _unregister(self.address + s)
-        self.registered = []
+        """Unregister every block and unmap the file."""
+        for k in self.registered:
+            _unregister(self.address + k * self.block)
+        self.registered = {}
         if self.address:
             _libc.munmap(self.address, self.size)
             self.address = 0

@@ -1,37 +1,25 @@
-"""The pure parts of the CUDA host paths: which page ranges still need registering, and which
+"""The pure parts of the CUDA host paths: how copies are cut at registration blocks, and which
 chunks the zero-copy lane takes (the CUDA calls themselves run in the GPU benchmarks)."""
 
 import random
 
 from sglang_fastload.loader.executor import _Chunk, _split_for_lane
-from sglang_fastload.loader.host_memory import uncovered
+from sglang_fastload.loader.host_memory import block_pieces
 from sglang_fastload.loader.plan import CopyStep
 
 
-def _covered_set(ranges):
-    return {x for s, e in ranges for x in range(s, e)}
-
-
-def test_uncovered_matches_a_set_model():
+def test_block_pieces_cover_the_range_and_never_cross_a_block():
     rng = random.Random(7)
-    for _ in range(300):
-        ranges = []
-        for _ in range(rng.randrange(0, 6)):
-            s = rng.randrange(0, 90)
-            ranges.append((s, s + rng.randrange(1, 15)))
-        # Registered ranges are kept sorted and disjoint: merge the random ones first.
-        merged = []
-        for s, e in sorted(ranges):
-            if merged and s <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], e))
-            else:
-                merged.append((s, e))
-        start = rng.randrange(0, 100)
-        end = start + rng.randrange(0, 30)
-        got = uncovered(merged, start, end)
-        assert _covered_set(got) == set(range(start, end)) - _covered_set(merged)
-        assert got == sorted(got) and all(s < e for s, e in got)
-        assert all(a[1] <= b[0] for a, b in zip(got, got[1:]))
+    for _ in range(500):
+        block = rng.choice([1, 4, 16, 4096])
+        offset, nbytes = rng.randrange(0, 50_000), rng.randrange(0, 20_000)
+        pieces = block_pieces(offset, nbytes, block)
+        assert sum(n for _, n in pieces) == nbytes
+        pos = offset
+        for o, n in pieces:
+            assert o == pos and n > 0
+            assert o // block == (o + n - 1) // block  # inside one registration
+            pos += n
 
 
 def _step(offset, nbytes, gather=False):
