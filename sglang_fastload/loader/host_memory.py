@@ -13,12 +13,13 @@ Measured on one H200 host (``bench/host_path_bench.py``, docs/benchmarks.md):
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import logging
 import os
 import threading
 import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -39,10 +40,6 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_FAILED = ctypes.c_void_p(-1).value
-# Page-cache registration unit: whole blocks, so registrations never overlap (64 MiB pieces
-# registered at ~36 GB/s, 256 MiB at ~42 GB/s on an H200 host; smaller blocks register fewer
-# bytes that another tensor-parallel rank keeps).
-REGISTER_BLOCK = 32 << 20
 
 
 def _register(address: int, nbytes: int, flags: int) -> int:
@@ -97,37 +94,71 @@ def _clear_last_error() -> None:
         pass
 
 
-def block_pieces(offset: int, nbytes: int, block: int) -> List[Tuple[int, int]]:
-    """``[offset, offset + nbytes)`` cut at multiples of ``block``: ``(offset, nbytes)`` pieces.
+def uncovered(ranges: List[Tuple[int, int]], start: int, end: int) -> List[Tuple[int, int]]:
+    """The parts of ``[start, end)`` outside ``ranges`` (sorted, disjoint ``(start, end)`` pairs).
 
-    A device copy from registered memory must lie inside one registration; registrations
-    are whole blocks, so every piece does.
+    Args:
+        ranges: what is covered already.
+        start, end: the range asked for.
+
+    Returns:
+        Sorted, disjoint pieces of ``[start, end)`` not in ``ranges``.
     """
     out = []
-    pos, end = offset, offset + nbytes
-    while pos < end:
-        stop = min(end, (pos // block + 1) * block)
-        out.append((pos, stop - pos))
-        pos = stop
+    pos = start
+    i = max(bisect.bisect_right(ranges, (start, float("inf"))) - 1, 0)
+    while pos < end and i < len(ranges):
+        s, e = ranges[i]
+        if e <= pos:
+            i += 1
+            continue
+        if s >= end:
+            break
+        if s > pos:
+            out.append((pos, s))
+        pos = max(pos, e)
+        i += 1
+    if pos < end:
+        out.append((pos, end))
+    return out
+
+
+def cut_at(edges: List[int], offset: int, nbytes: int) -> List[Tuple[int, int]]:
+    """``[offset, offset + nbytes)`` cut at every value of the sorted ``edges`` inside it.
+
+    A device copy from registered memory must lie inside one registration, so copies are
+    cut where registrations begin and end.
+
+    Returns:
+        ``(offset, nbytes)`` pieces, in order.
+    """
+    end = offset + nbytes
+    out = []
+    pos = offset
+    for edge in edges[bisect.bisect_right(edges, offset):bisect.bisect_left(edges, end)]:
+        out.append((pos, edge - pos))
+        pos = edge
+    if pos < end:
+        out.append((pos, end - pos))
     return out
 
 
 class MappedFile:
-    """A checkpoint file mapped read-only, its pages registered with CUDA block by block as
-    copies need them.
+    """A checkpoint file mapped read-only, its pages registered with CUDA as copies need them.
 
-    Blocks never overlap, and callers cut copies at block boundaries (``pieces``): CUDA
-    rejects a copy that spans two registrations. A block that cannot be registered is still
-    copied correctly (CUDA's pageable path, slower). ``release`` must run only when no copy
-    from the mapping is in flight.
+    Registrations are page-aligned and never overlap (CUDA refuses to register a page
+    twice); copies are cut where registrations begin and end (``pieces``: CUDA rejects a copy
+    that spans two). A range that cannot be registered is still copied correctly (CUDA's
+    pageable path, slower). ``release`` must run only when no copy from the mapping is in
+    flight.
     """
 
-    def __init__(self, path: str, fd: int, block: int = REGISTER_BLOCK):
+    def __init__(self, path: str, fd: int):
         self.path = path
         self.size = os.fstat(fd).st_size
-        self.block = block
         self.address = 0
-        self.registered: Dict[int, int] = {}  # block index -> registered bytes
+        self.registered: List[Tuple[int, int]] = []  # sorted, disjoint (start, end)
+        self.edges: List[int] = []  # every start and end of ``registered``, sorted
         self.failed = False
         if self.size:
             address = _libc.mmap(None, self.size, _PROT_READ, _MAP_SHARED, fd, 0)
@@ -136,37 +167,36 @@ class MappedFile:
             self.address = address
 
     def pieces(self, offset: int, nbytes: int) -> List[Tuple[int, int]]:
-        """``[offset, offset + nbytes)`` cut where registrations end."""
-        return block_pieces(offset, nbytes, self.block)
+        """``[offset, offset + nbytes)`` cut where registrations begin and end."""
+        return cut_at(self.edges, offset, nbytes)
 
     def ensure(self, offset: int, nbytes: int) -> None:
-        """Register the blocks holding ``[offset, offset + nbytes)`` (best effort)."""
+        """Register the pages holding ``[offset, offset + nbytes)`` not registered yet (best effort)."""
         if self.failed or nbytes <= 0:
             return
-        mapped_end = -(-self.size // PAGE) * PAGE
-        for k in range(offset // self.block, (offset + nbytes - 1) // self.block + 1):
-            if k in self.registered:
-                continue
-            start = k * self.block
-            length = min(mapped_end, start + self.block) - start
-            err = _register(self.address + start, length, _REGISTER_READ_ONLY)
+        start = offset // PAGE * PAGE
+        end = min(-(-(offset + nbytes) // PAGE) * PAGE, -(-self.size // PAGE) * PAGE)
+        for s, e in uncovered(self.registered, start, end):
+            err = _register(self.address + s, e - s, _REGISTER_READ_ONLY)
             if err != 0:
                 _clear_last_error()
                 self.failed = True  # e.g. no read-only registration on this platform
                 logger.info("sglang-fastload: page-cache registration unavailable (CUDA error %d); "
                             "copying through staging buffers only", err)
                 return
-            self.registered[k] = length
+            bisect.insort(self.registered, (s, e))
+            bisect.insort(self.edges, s)
+            bisect.insort(self.edges, e)
 
     def view(self, offset: int, nbytes: int) -> torch.Tensor:
         """The file's bytes ``[offset, offset + nbytes)`` as a CPU tensor over the mapping."""
         return host_view(self.address + offset, nbytes)
 
     def release(self) -> None:
-        """Unregister every block and unmap the file."""
-        for k in self.registered:
-            _unregister(self.address + k * self.block)
-        self.registered = {}
+        """Unregister every range and unmap the file."""
+        for s, _ in self.registered:
+            _unregister(self.address + s)
+        self.registered, self.edges = [], []
         if self.address:
             _libc.munmap(self.address, self.size)
             self.address = 0

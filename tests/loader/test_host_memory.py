@@ -1,25 +1,60 @@
-"""The pure parts of the CUDA host paths: how copies are cut at registration blocks, and which
-chunks the zero-copy lane takes (the CUDA calls themselves run in the GPU benchmarks)."""
+"""The pure parts of the CUDA host paths: which page ranges still need registering, how
+copies are cut where registrations end, and which chunks the zero-copy lane takes (the CUDA
+calls themselves run in the GPU benchmarks)."""
 
 import random
 
 from sglang_fastload.loader.executor import _Chunk, _split_for_lane
-from sglang_fastload.loader.host_memory import block_pieces
+from sglang_fastload.loader.host_memory import cut_at, uncovered
 from sglang_fastload.loader.plan import CopyStep
 
 
-def test_block_pieces_cover_the_range_and_never_cross_a_block():
+def _merged(rng):
+    ranges = []
+    for _ in range(rng.randrange(0, 6)):
+        s = rng.randrange(0, 90)
+        ranges.append((s, s + rng.randrange(1, 15)))
+    merged = []  # registrations are kept sorted and disjoint
+    for s, e in sorted(ranges):
+        if merged and s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+        else:
+            merged.append((s, e))
+    return merged
+
+
+def _points(ranges):
+    return {x for s, e in ranges for x in range(s, e)}
+
+
+def test_uncovered_is_exactly_what_is_not_registered_yet():
     rng = random.Random(7)
-    for _ in range(500):
-        block = rng.choice([1, 4, 16, 4096])
-        offset, nbytes = rng.randrange(0, 50_000), rng.randrange(0, 20_000)
-        pieces = block_pieces(offset, nbytes, block)
+    for _ in range(300):
+        registered = _merged(rng)
+        start = rng.randrange(0, 100)
+        end = start + rng.randrange(0, 30)
+        got = uncovered(registered, start, end)
+        assert _points(got) == set(range(start, end)) - _points(registered)
+        assert all(s < e for s, e in got) and all(a[1] <= b[0] for a, b in zip(got, got[1:]))
+
+
+def test_copies_are_cut_so_none_spans_two_registrations():
+    rng = random.Random(11)
+    for _ in range(300):
+        registered = _merged(rng)
+        edges = sorted({x for r in registered for x in r})
+        offset, nbytes = rng.randrange(0, 100), rng.randrange(0, 40)
+        pieces = cut_at(edges, offset, nbytes)
         assert sum(n for _, n in pieces) == nbytes
         pos = offset
         for o, n in pieces:
             assert o == pos and n > 0
-            assert o // block == (o + n - 1) // block  # inside one registration
             pos += n
+            inside = [r for r in registered if r[0] <= o < r[1]]
+            if inside:  # a piece starting in a registration ends inside it
+                assert o + n <= inside[0][1]
+            else:  # a piece starting outside never reaches into one
+                assert not any(o < r[0] < o + n for r in registered)
 
 
 def _step(offset, nbytes, gather=False):
