@@ -33,8 +33,9 @@ from sglang_fastload.loader import host_memory
 from sglang_fastload.loader.plan import CopyStep, LoadPlan, is_contiguous
 
 _ALIGN = 64
-# Share of a CUDA load's bytes sent through the zero-copy lane (see host_memory.py).
-DEFAULT_ZERO_COPY_SHARE = 0.5
+# Share of a CUDA load's bytes sent through the zero-copy lane (see host_memory.py): 0.35 beat
+# 0, 0.5 and 0.65 on an H200 host (docs/benchmarks.md).
+DEFAULT_ZERO_COPY_SHARE = 0.35
 
 
 @dataclasses.dataclass

@@ -136,8 +136,9 @@ def cut_at(edges: List[int], offset: int, nbytes: int) -> List[Tuple[int, int]]:
     out = []
     pos = offset
     for edge in edges[bisect.bisect_right(edges, offset):bisect.bisect_left(edges, end)]:
-        out.append((pos, edge - pos))
-        pos = edge
+        if edge > pos:  # touching registrations share an edge
+            out.append((pos, edge - pos))
+            pos = edge
     if pos < end:
         out.append((pos, end - pos))
     return out

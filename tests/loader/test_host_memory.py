@@ -16,7 +16,7 @@ def _merged(rng):
         ranges.append((s, s + rng.randrange(1, 15)))
     merged = []  # registrations are kept sorted and disjoint
     for s, e in sorted(ranges):
-        if merged and s <= merged[-1][1]:
+        if merged and s < merged[-1][1]:  # touching registrations stay apart, as in CUDA
             merged[-1] = (merged[-1][0], max(merged[-1][1], e))
         else:
             merged.append((s, e))
@@ -74,3 +74,39 @@ def test_lane_takes_its_share_spread_over_the_load_and_never_gathers():
     positions = [chunks.index(c) for c in lane]
     assert all(any(q * 10 <= p < (q + 1) * 10 for p in positions) for q in range(4))
     assert _split_for_lane(chunks, 0.0) == ([], chunks)
+
+
+def test_mapped_file_registers_each_page_once_and_copies_inside_registrations(tmp_path, monkeypatch):
+    """A real file, really mapped; only the CUDA registration call is replaced by a recorder
+    (this machine has no CUDA), which refuses overlaps as CUDA does."""
+    from sglang_fastload.loader import host_memory
+
+    page = host_memory.PAGE
+    data = bytes(random.Random(3).randrange(256) for _ in range(page * 9 + 123))
+    path = tmp_path / "shard.safetensors"
+    path.write_bytes(data)
+    calls = []
+
+    def recording_register(address, nbytes, flags):
+        assert address % page == 0 and nbytes % page == 0 and flags == host_memory._REGISTER_READ_ONLY
+        assert all(address + nbytes <= a or a + n <= address for a, n in calls), "page registered twice"
+        calls.append((address, nbytes))
+        return 0
+
+    monkeypatch.setattr(host_memory, "_register", recording_register)
+    monkeypatch.setattr(host_memory, "_unregister", lambda address: None)
+    mapped = host_memory.open_mapped(str(path))
+    rng = random.Random(5)
+    for _ in range(60):
+        off = rng.randrange(0, len(data))
+        n = rng.randrange(1, len(data) - off + 1)
+        mapped.ensure(off, n)
+        got = b""
+        for o, m in mapped.pieces(off, n):
+            assert m > 0
+            assert any(mapped.address + o >= a and mapped.address + o + m <= a + k for a, k in calls)
+            got += mapped.view(o, m).numpy().tobytes()
+        assert got == data[off:off + n]
+    covered = sum(k for _, k in calls)
+    assert covered == -(-len(data) // page) * page  # every page once, nothing beyond the file
+    mapped.release()
