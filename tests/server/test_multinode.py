@@ -105,9 +105,35 @@ def whole_and_replicated_bytes(ckpt, params):
 
 
 @pytest.fixture(scope="module")
-def upstream_tp2(dense_pair):
+def spawned_nodes(dense_pair):
+    """Nodes 0 and 1 of one `fast` server on A, spawned (not yet healthy); each node has
+    its own HTTP port (node 1 answers only /health there) and binds its rank to its own CPU."""
+    a, _ = dense_pair
+    rendezvous = f"127.0.0.1:{free_port()}"
+    cores = os.cpu_count() or 1
+    nodes = [
+        SGLangServer(
+            a,
+            load_format="fast",
+            tp_size=NODES,
+            extra_args=node_command_args(rank, rendezvous),
+            env={"SGLANG_CPU_OMP_THREADS_BIND": str(rank % cores)},
+        )
+        for rank in range(NODES)
+    ]
+    try:
+        for node in nodes:
+            node.start(wait=False)  # node 0 is healthy only once node 1's rank joined
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+@pytest.fixture(scope="module")
+def upstream_tp2(dense_pair, spawned_nodes):
     """Upstream `auto` (overlay off) at TP=2, fresh loads of A and of B: each rank's
-    parameters and the weight-checker checksums of them."""
+    parameters and the weight-checker checksums of them (computed while the nodes start)."""
     a, b = dense_pair
     results = load_cases([CaseSpec(a), CaseSpec(b)], tp_size=NODES, env={"SGLANG_FASTLOAD": "0"})
     out = {}
@@ -125,31 +151,11 @@ def upstream_tp2(dense_pair):
 
 
 @pytest.fixture(scope="module")
-def node_pair(dense_pair, upstream_tp2):
-    """Nodes 0 and 1 of one `fast` server on A; each node has its own HTTP port (node 1
-    answers only /health there) and binds its one rank to its own CPU."""
-    a, _ = dense_pair
-    rendezvous = f"127.0.0.1:{free_port()}"
-    cores = os.cpu_count() or 1
-    nodes = [
-        SGLangServer(
-            a,
-            load_format="fast",
-            tp_size=NODES,
-            extra_args=node_command_args(rank, rendezvous),
-            env={"SGLANG_CPU_OMP_THREADS_BIND": str(rank % cores)},
-        )
-        for rank in range(NODES)
-    ]
-    try:
-        for node in nodes:
-            node.start(wait=False)  # node 0 is healthy only once node 1's rank joined
-        for node in nodes:
-            node.wait_healthy()
-        yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
+def node_pair(spawned_nodes, upstream_tp2):
+    """The two nodes, both healthy."""
+    for node in spawned_nodes:
+        node.wait_healthy()
+    return spawned_nodes
 
 
 def test_each_node_loads_its_ranks_share_bit_exact(node_pair, upstream_tp2, dense_pair):
