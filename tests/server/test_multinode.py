@@ -13,7 +13,6 @@ import re
 
 import pytest
 
-from sglang_fastload.loader.fast_model_loader import DEFAULT_NUM_THREADS
 from tests.rig.checkpoints import load_tensors
 from tests.rig.inprocess import CaseSpec, free_port, load_cases
 from tests.rig.server import SGLangServer
@@ -36,6 +35,8 @@ def node_command_args(node_rank: int, rendezvous: str) -> list:
 
 def summaries(node):
     """(tp rank, bytes read, plan) of each `fast` load in this node's log, in order."""
+    from sglang_fastload.loader.fast_model_loader import DEFAULT_NUM_THREADS
+
     found = SUMMARY.findall(node.log_text())
     assert all(int(m[2]) == NODES and m[6] == "fast" for m in found), found
     # A node's CPUs serve its own ranks only: one rank per node reads with the one-rank default.
@@ -78,11 +79,13 @@ def weight_checker_checksums(params):
 
 
 def assert_serving(node0, expected, label):
+    """Every rank's checksums, as node 0 reports them, equal upstream's for ``label``."""
     got = checksums(node0)
     for rank in range(NODES):
         want = expected[rank]
         have = got[rank]
-        differ = sorted(n for n in set(want["checksums"]) | set(have["checksums"]) if want["checksums"].get(n) != have["checksums"].get(n))
+        names = set(want["checksums"]) | set(have["checksums"])
+        differ = sorted(n for n in names if want["checksums"].get(n) != have["checksums"].get(n))
         assert not differ, f"rank {rank} does not hold upstream's parameters of {label}: {differ[:8]}"
         assert have["per_gpu_checksum"] == want["per_gpu_checksum"], (rank, label)
 
