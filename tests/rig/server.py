@@ -164,6 +164,10 @@ class SGLangServer:
         env = dict(os.environ)
         env.setdefault("TORCHDYNAMO_DISABLE", "1")
         env.setdefault("HF_HUB_OFFLINE", "1")
+        # Stopping the group kills the schedulers first; the launcher then sleeps 5 s "to let
+        # GPU activity settle" before py-spy/CUDA crash diagnostics that a CPU rig never needs.
+        env.setdefault("SGLANG_PYSPY_DUMP_BEFORE_CRASH", "0")
+        env.setdefault("SGLANG_CUDA_COREDUMP_BEFORE_CRASH", "0")
         env.pop("SGLANG_USE_CPU_ENGINE", None)
         env.pop("SGLANG_CPU_OMP_THREADS_BIND", None)
         if self.tp_size > 1:
