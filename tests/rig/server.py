@@ -164,6 +164,10 @@ class SGLangServer:
         env = dict(os.environ)
         env.setdefault("TORCHDYNAMO_DISABLE", "1")
         env.setdefault("HF_HUB_OFFLINE", "1")
+        # Stopping the group kills the schedulers first; the launcher then sleeps 5 s "to let
+        # GPU activity settle" before py-spy/CUDA crash diagnostics that a CPU rig never needs.
+        env.setdefault("SGLANG_PYSPY_DUMP_BEFORE_CRASH", "0")
+        env.setdefault("SGLANG_CUDA_COREDUMP_BEFORE_CRASH", "0")
         env.pop("SGLANG_USE_CPU_ENGINE", None)
         env.pop("SGLANG_CPU_OMP_THREADS_BIND", None)
         if self.tp_size > 1:
@@ -182,7 +186,12 @@ class SGLangServer:
                 env[key] = str(value)
         return env
 
-    def start(self) -> "SGLangServer":
+    def start(self, wait: bool = True) -> "SGLangServer":
+        """Spawn the server and (``wait``) block until ``/health`` answers.
+
+        ``wait=False`` returns right after the spawn, for servers that only become healthy
+        together (the nodes of one multi-node server); call :meth:`wait_healthy` next.
+        """
         if self.proc is not None:
             raise RuntimeError("server already started")
         self._log_dir.mkdir(parents=True, exist_ok=True)
@@ -204,12 +213,23 @@ class SGLangServer:
         with _LIVE_LOCK:
             _LIVE.add(self)
         self._finalizer = weakref.finalize(self, SGLangServer._stop_group, self.proc, set(self._known_pids))
+        self._spawned_at = t0
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self) -> "SGLangServer":
+        """Block until the started server answers ``/health`` (stopping it on failure).
+
+        Raises:
+            ServerStartError: it exited first or stayed unhealthy past the start-up deadline.
+        """
         try:
             self._wait_healthy()
         except BaseException:
             self.stop()
             raise
-        self.start_s = time.perf_counter() - t0
+        self.start_s = time.perf_counter() - self._spawned_at
         self.pids()  # remember the schedulers for stop()
         return self
 
