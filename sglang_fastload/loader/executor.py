@@ -212,19 +212,14 @@ class _Worker:
         self.events: List[Optional[object]] = [None, None]
         self.stream = torch.cuda.Stream(device=device) if self.cuda else None
         self.scratch: Optional[torch.Tensor] = None
+        self.slab: Optional[torch.Tensor] = None  # what ``buffers`` are views of
         self.chunk_bytes = chunk_bytes
         self.stats = ExecutionStats()
 
-    def reserve(self, nbytes: int) -> None:
-        """Make both host buffers (and the device scratch) hold at least ``nbytes``."""
-        self.finish()  # nothing queued may still use a buffer about to be replaced
-        size = max(nbytes, self.chunk_bytes)
-        for i, buf in enumerate(self.buffers):
-            if buf is None or buf.numel() < nbytes:
-                self.buffers[i] = None  # drop the old registration before making the next
-                self.buffers[i] = host_memory.pinned_empty(size) if self.cuda else torch.empty(size, dtype=torch.uint8)
-        if self.cuda and (self.scratch is None or self.scratch.numel() < nbytes):
-            self.scratch = torch.empty(size, dtype=torch.uint8, device=self.device)
+    def needs(self, nbytes: int) -> bool:
+        """True when a host buffer (or the device scratch) holds fewer than ``nbytes``."""
+        small = [b is None or b.numel() < nbytes for b in self.buffers]
+        return any(small) or (self.cuda and (self.scratch is None or self.scratch.numel() < nbytes))
 
     def wait(self, i: int) -> None:
         """Block until the device is done with host buffer ``i``."""
@@ -260,6 +255,31 @@ def _reader_pool(threads: int) -> ThreadPoolExecutor:
             pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastload-reader")
             _READER_POOLS[threads] = pool
         return pool
+
+
+def _reserve(workers: List[_Worker], sizes: List[int]) -> None:
+    """Give every worker that needs it two host buffers and a device scratch of its size.
+
+    The host buffers of all those workers come from one slab: pinning is paid per call
+    (registering one large huge-page slab costs a fraction of registering many buffers).
+    """
+    short = [(w, max(n, w.chunk_bytes)) for w, n in zip(workers, sizes) if w.needs(n)]
+    if not short:
+        return
+    for w, _ in short:
+        w.finish()  # nothing queued may still use a buffer about to be replaced
+        w.buffers = [None, None]  # drop old registrations before making the next
+    cuda = short[0][0].cuda
+    total = sum(2 * size for _, size in short)
+    slab = host_memory.pinned_empty(total) if cuda else torch.empty(total, dtype=torch.uint8)
+    pos = 0
+    for w, size in short:
+        w.buffers = [slab.narrow(0, pos, size), slab.narrow(0, pos + size, size)]
+        w.slab = slab  # keeps the registration (made for the slab tensor) alive
+        pos += 2 * size
+        if cuda:
+            w.scratch = None
+            w.scratch = torch.empty(size, dtype=torch.uint8, device=w.device)
 
 
 def _workers(device: torch.device, count: int, chunk_bytes: int) -> List[_Worker]:
@@ -470,8 +490,7 @@ def _bind(
     dealt: List[List[_Chunk]] = [chunks[w::threads] for w in range(threads)]
     if lane_chunks:
         dealt.append(lane_chunks)
-    for w, mine in zip(workers, dealt):
-        w.reserve(max([_staged_size(c, cuda, params) for c in mine] + [0]))
+    _reserve(workers, [max([_staged_size(c, cuda, params) for c in mine] + [0]) for mine in dealt])
     per_worker = []
     for w, mine in zip(workers, dealt):
         per_worker.append([_bind_chunk(c, file_index[c.path], params, w, i % 2) for i, c in enumerate(mine)])
