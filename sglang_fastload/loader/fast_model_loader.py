@@ -425,6 +425,7 @@ class FastModelLoader(DefaultModelLoader):
             threads=self.num_threads,
             rank=_rank_suffix(),
             load_format=_format_label(self.load_config.load_format),
+            copy_setup_seconds=stats.setup_seconds,
         )
         self.last_summary = summary
         logger.info(summary.line())

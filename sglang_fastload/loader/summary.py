@@ -20,6 +20,7 @@ class LoadSummary:
     threads: int = 0
     rank: str = ""
     load_format: str = "fast"
+    copy_setup_seconds: float = 0.0  # part of copy_seconds spent before the first read
 
     def line(self) -> str:
         total = self.plan_seconds + self.validate_seconds + self.copy_seconds
@@ -31,5 +32,6 @@ class LoadSummary:
             f"({self.bytes_read / 1e9:.3f} GB) with {self.threads} threads; "
             f"plan {self.plan_seconds:.3f} s ({'cached' if self.plan_cached else 'built'}), "
             f"validate {self.validate_seconds:.3f} s, read/copy {self.copy_seconds:.3f} s, "
-            f"total {total:.3f} s, {gbps:.2f} GB/s; format {self.load_format}"
+            f"total {total:.3f} s, {gbps:.2f} GB/s; format {self.load_format}; "
+            f"read/copy set-up {self.copy_setup_seconds:.3f} s"
         )
