@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Tuple
 
 import torch
@@ -55,6 +56,17 @@ def host_view(address: int, nbytes: int) -> torch.Tensor:
     return torch.frombuffer((ctypes.c_char * nbytes).from_address(address), dtype=torch.uint8)
 
 
+def _touch(buf: torch.Tensor, piece: int = 64 << 20) -> None:
+    """Fault ``buf``'s pages in from several threads (a server process may give torch one
+    intra-op thread; the kernel's page zeroing, ~0.2 s per GB on one thread, is the cost)."""
+    pieces = [buf.narrow(0, p, min(piece, buf.numel() - p)) for p in range(0, buf.numel(), piece)]
+    if len(pieces) <= 1:
+        buf.fill_(0)
+        return
+    with ThreadPoolExecutor(min(len(pieces), os.cpu_count() or 4, 16)) as pool:
+        list(pool.map(lambda t: t.fill_(0), pieces))
+
+
 def pinned_empty(nbytes: int) -> torch.Tensor:
     """An uninitialised uint8 host tensor of ``nbytes`` that CUDA copies from asynchronously.
 
@@ -75,7 +87,7 @@ def pinned_empty(nbytes: int) -> torch.Tensor:
     start = (-raw.data_ptr()) % _HUGE
     buf = raw.narrow(0, start, nbytes)
     _libc.madvise(buf.data_ptr(), nbytes, _MADV_HUGEPAGE)  # advice only: failure is harmless
-    buf.fill_(0)  # fault the pages in now, in torch's threads, not inside the registration
+    _touch(buf)
     address = buf.data_ptr()
     if _register(address, nbytes, _REGISTER_DEFAULT) != 0:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
