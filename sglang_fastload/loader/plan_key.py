@@ -79,27 +79,37 @@ def _tensor_digest(t: torch.Tensor) -> str:
 
 # --------------------------------------------------------------------------- source files
 
-_FILE_DIGESTS: Dict[str, str] = {}
+# (path, size, mtime) -> content digest: each file is read once per process while unchanged.
+_FILE_DIGESTS: Dict[tuple, str] = {}
 
 
 def _file_digest(path: str) -> str:
-    cached = _FILE_DIGESTS.get(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"unreadable:{exc.errno}"
+    memo = (path, st.st_size, st.st_mtime_ns)
+    cached = _FILE_DIGESTS.get(memo)
     if cached is None:
         try:
             with open(path, "rb") as f:
                 cached = hashlib.sha256(f.read()).hexdigest()
         except OSError as exc:
             cached = f"unreadable:{exc.errno}"
-        _FILE_DIGESTS[path] = cached
+        _FILE_DIGESTS[memo] = cached
     return cached
 
 
-def package_source_digest() -> str:
+def package_source_digest(root: Optional[str] = None) -> str:
     """Digest of this package's own files (engine, checkpoint parsing, overlay forks).
 
-    A changed engine must not reuse plans made by another, version bump or not.
+    A changed engine must not reuse plans made by another, version bump or not; the same
+    files installed elsewhere give the same digest.
+
+    Args:
+        root: the package directory (default: this installed package).
     """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     h = hashlib.sha256()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")

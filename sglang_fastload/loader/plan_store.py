@@ -14,9 +14,12 @@ any problem writing is logged and ignored.
 
 from __future__ import annotations
 
+import functools
+import gc
 import gzip
 import json
 import logging
+import operator
 import os
 import threading
 import time
@@ -43,6 +46,11 @@ GZIP_LEVEL = 1
 _DTYPES = {str(d): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 
 
+@functools.lru_cache(maxsize=None)
+def _torch_dtype(st_dtype: str) -> torch.dtype:
+    return getattr(torch, torch_dtype_name(st_dtype))
+
+
 class PlanFileError(ValueError):
     """A stored plan file is unusable (malformed, other schema, does not fit)."""
 
@@ -63,71 +71,96 @@ def path_for(directory: str, key: str) -> str:
 
 
 # --------------------------------------------------------------------------- encoding
+#
+# Each file's steps are one flat list of integers (names and dtypes as indexes into the
+# plan's tables), so reading a plan creates few Python objects: a plan of 19,000 steps
+# parses in a few tens of milliseconds. One step:
+#   tensor, param, itemsize, src dtype + 1 (0: none), gather (0/1), ndim,
+#   dst offset, dst sizes (ndim), dst strides (ndim), view offset, view strides (ndim),
+#   read count, (file offset, bytes) per read
+# A step's view has the sizes of its destination (a copy moves equal shapes).
 
 
 def encode_plan(plan: LoadPlan, key: str) -> dict:
-    """A plan as JSON-able data; files by base name (a plan is bound to a directory at load)."""
+    """A plan as JSON-able data; files by base name (a plan is bound to a directory at load).
+
+    Raises:
+        ValueError: a step whose view and destination shapes differ (not storable).
+    """
     names: Dict[str, int] = {}
+    dtypes: Dict[str, int] = {}
 
     def n(name: str) -> int:
         return names.setdefault(name, len(names))
 
-    def g(geometry) -> list:
-        return [geometry[0], list(geometry[1]), list(geometry[2])]
-
-    files = [
-        [
-            os.path.basename(fp.path),
-            [
-                [n(s.tensor), n(s.param), g(s.dst), [list(r) for r in s.reads], g(s.view),
-                 s.itemsize, None if s.src_dtype is None else str(s.src_dtype), int(s.gather)]
-                for s in fp.steps
-            ],
-        ]
-        for fp in plan.files
-    ]
+    files = []
+    for fp in plan.files:
+        flat: list = []
+        for st in fp.steps:
+            if tuple(st.view[1]) != tuple(st.dst[1]):
+                raise ValueError(f"step {st.tensor!r} views {st.view[1]} but writes {st.dst[1]}")
+            dt = 0 if st.src_dtype is None else 1 + dtypes.setdefault(str(st.src_dtype), len(dtypes))
+            flat += (n(st.tensor), n(st.param), st.itemsize, dt, int(st.gather), len(st.dst[1]), st.dst[0])
+            flat += st.dst[1]
+            flat += st.dst[2]
+            flat.append(st.view[0])
+            flat += st.view[2]
+            flat.append(len(st.reads))
+            for offset, size in st.reads:
+                flat += (offset, size)
+        files.append([os.path.basename(fp.path), len(fp.steps), flat])
+    zeros: list = []
+    for z in plan.zeros:
+        zeros += (n(z.param), len(z.dst[1]), z.dst[0], *z.dst[1], *z.dst[2])
     return {
         "schema": PLAN_SCHEMA_VERSION,
         "key": key,
         "plan": {
             "files": files,
-            "zeros": [[n(z.param), g(z.dst)] for z in plan.zeros],
+            "zeros": [len(plan.zeros), zeros],
             "param_meta": [[n(p), list(shape), str(dtype)] for p, (shape, dtype) in plan.param_meta.items()],
             "tensors_used": sorted(n(t) for t in plan.tensors_used),
             "tensor_count": plan.tensor_count,
             "names": list(names),
+            "dtypes": list(dtypes),
         },
     }
 
 
-def _int(v) -> int:
-    if type(v) is not int:
-        raise PlanFileError(f"expected an integer, found {type(v).__name__}")
-    return v
+def _ints(values, what: str) -> list:
+    """``values`` when it is a list of integers >= 0 (every number a plan holds is)."""
+    if type(values) is not list or not set(map(type, values)) <= {int} or (values and min(values) < 0):
+        raise PlanFileError(f"{what}: a list of integers >= 0 was expected")
+    return values
 
 
-def _geometry(v) -> Tuple[int, Tuple[int, ...], Tuple[int, ...]]:
-    offset, sizes, strides = v
-    sizes, strides = tuple(map(_int, sizes)), tuple(map(_int, strides))
-    if len(sizes) != len(strides):
-        raise PlanFileError("a geometry's sizes and strides differ in length")
-    return _int(offset), sizes, strides
+def _last(offset: int, sizes: tuple, strides: tuple) -> int:
+    """Index of a geometry's last element (sizes and strides >= 0; -1 when it has none)."""
+    if 0 in sizes:
+        return -1
+    return offset + sum(map(operator.mul, sizes, strides)) - sum(strides)
 
 
-def _dtype(v):
-    if v is None:
-        return None
-    try:
-        return _DTYPES[v]
-    except (KeyError, TypeError):
-        raise PlanFileError(f"unknown dtype {v!r}") from None
+def decode_plan(
+    data, key: str, headers: Mapping[str, object], params: Mapping[str, torch.Tensor]
+) -> LoadPlan:
+    """Rebuild a stored plan, checking it against the checkpoint and the live parameters.
 
+    A stored plan is not trusted: every step must read only bytes of its own tensor (with
+    that tensor's dtype), view only bytes it read, and write only inside its parameter;
+    every parameter must have the shape and dtype the plan was made for.
 
-def decode_plan(data, key: str) -> LoadPlan:
-    """Rebuild a plan from ``encode_plan``'s data (file paths are base names).
+    Args:
+        data: the parsed JSON of a plan file.
+        key: the key the file was looked up under.
+        headers: ``{path: parsed header}`` of the checkpoint being loaded.
+        params: the live parameters (``named_parameters(remove_duplicate=False)``).
+
+    Returns:
+        The plan, its files by base name.
 
     Raises:
-        PlanFileError: anything malformed, another schema, or a plan stored under another key.
+        PlanFileError: naming what is malformed or does not fit.
     """
     if not isinstance(data, dict) or data.get("schema") != PLAN_SCHEMA_VERSION:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
@@ -135,89 +168,90 @@ def decode_plan(data, key: str) -> LoadPlan:
     if data.get("key") != key:
         raise PlanFileError("stored under another key")
     try:
-        body = data["plan"]
-        names = body["names"]
-        if not all(type(x) is str for x in names):
-            raise PlanFileError("a name is not a string")
-        files = []
-        for base, steps in body["files"]:
-            if type(base) is not str or os.path.basename(base) != base:
-                raise PlanFileError(f"file name {base!r} is not a base name")
-            files.append(
-                FilePlan(
-                    base,
-                    [
-                        CopyStep(
-                            names[t], names[p], _geometry(dst),
-                            tuple((_int(o), _int(k)) for o, k in reads),
-                            _geometry(view), _int(itemsize), _dtype(dt), bool(_int(gather)),
-                        )
-                        for t, p, dst, reads, view, itemsize, dt, gather in steps
-                    ],
-                )
-            )
-        zeros = [RecordedZero(names[p], _geometry(dst)) for p, dst in body["zeros"]]
-        param_meta = {names[p]: (tuple(map(_int, shape)), _dtype(dt)) for p, shape, dt in body["param_meta"]}
-        tensors_used = frozenset(names[t] for t in body["tensors_used"])
-        return LoadPlan(files, zeros, param_meta, tensors_used, _int(body["tensor_count"]))
+        return _decode_body(data["plan"], headers, params)
     except PlanFileError:
         raise
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise PlanFileError(f"malformed: {type(exc).__name__}: {exc}") from None
 
 
-# --------------------------------------------------------------------------- checks
-
-
-def _max_index(geometry) -> int:
-    offset, sizes, strides = geometry
-    if 0 in sizes:
-        return -1
-    return offset + sum((s - 1) * st for s, st in zip(sizes, strides))
-
-
-def _within(geometry, numel_: int) -> bool:
-    offset, sizes, strides = geometry
-    return offset >= 0 and min(sizes, default=0) >= 0 and min(strides, default=0) >= 0 and _max_index(geometry) < numel_
-
-
-def check_plan_fits(plan: LoadPlan, headers: Mapping[str, object], params: Mapping[str, torch.Tensor]) -> None:
-    """A stored plan must read only its tensors' bytes and write only inside its parameters.
-
-    Args:
-        plan: a decoded plan (file paths are base names).
-        headers: ``{path: parsed header}`` of the checkpoint being loaded.
-        params: the live parameters by name (``named_parameters(remove_duplicate=False)``).
-
-    Raises:
-        PlanFileError: naming the first step, zero-fill or parameter that does not fit.
-    """
-    by_base = {os.path.basename(p): h for p, h in headers.items()}
-    for name, (shape, dtype) in plan.param_meta.items():
-        p = params.get(name)
-        if p is None or tuple(p.shape) != shape or p.dtype != dtype:
+def _decode_body(body, headers, params) -> LoadPlan:
+    names = body["names"]
+    if type(names) is not list or not set(map(type, names)) <= {str}:
+        raise PlanFileError("the name table is not a list of strings")
+    dtypes = [_DTYPES[d] for d in body["dtypes"]]
+    if len(dtypes) > len(set(body["dtypes"])):
+        raise PlanFileError("the dtype table repeats a dtype")
+    param_meta: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}
+    sizes: Dict[int, int] = {}  # name index -> parameter elements
+    for p, shape, dt in body["param_meta"]:
+        name, shape, dtype = names[p], tuple(_ints(shape, "a parameter shape")), _DTYPES[dt]
+        live = params.get(name)
+        if live is None or tuple(live.shape) != shape or live.dtype != dtype:
             raise PlanFileError(f"parameter {name!r} is not {list(shape)} {dtype} in this model")
-    sizes = {name: numel((0, shape, ())) for name, (shape, _) in plan.param_meta.items()}
-    for fp in plan.files:
-        header = by_base.get(fp.path)
+        param_meta[name] = (shape, dtype)
+        sizes[p] = numel((0, shape, ()))
+    by_base = {os.path.basename(p): h for p, h in headers.items()}
+    files = []
+    for base, count, flat in body["files"]:
+        header = by_base.get(base) if type(base) is str else None
         if header is None:
-            raise PlanFileError(f"file {fp.path!r} is not in the checkpoint")
-        for s in fp.steps:
-            entry = header.tensors.get(s.tensor)
-            if entry is None or s.param not in sizes:
-                raise PlanFileError(f"step {s.tensor!r} -> {s.param!r} names an unknown tensor or parameter")
-            if s.src_dtype is not None and str(s.src_dtype) != "torch." + torch_dtype_name(entry.dtype):
-                raise PlanFileError(f"step {s.tensor!r} reads the tensor as another dtype")
-            if s.itemsize != entry.itemsize or any(o < entry.start or o + k > entry.end or k < 0 for o, k in s.reads):
-                raise PlanFileError(f"step {s.tensor!r} reads outside the tensor")
-            if not _within(s.dst, sizes[s.param]):
-                raise PlanFileError(f"step {s.tensor!r} writes outside parameter {s.param!r}")
-            span = s.reads[0][1] if s.gather else s.nbytes
-            if s.dst[1] != s.view[1] or not _within(s.view, span // max(1, s.itemsize)):
-                raise PlanFileError(f"step {s.tensor!r} views outside the bytes it reads")
-    for z in plan.zeros:
-        if z.param not in sizes or not _within(z.dst, sizes[z.param]):
-            raise PlanFileError(f"a zero-fill writes outside parameter {z.param!r}")
+            raise PlanFileError(f"file {base!r} is not in the checkpoint")
+        _ints(flat, f"steps of {base}")
+        entries = header.tensors
+        steps = []
+        append = steps.append
+        i = 0
+        for _ in range(count):
+            t, p, itemsize, dt, gather, nd, dst_off = flat[i:i + 7]
+            i += 7
+            dst_sizes = tuple(flat[i:i + nd])
+            dst_strides = tuple(flat[i + nd:i + 2 * nd])
+            view_off = flat[i + 2 * nd]
+            view_strides = tuple(flat[i + 2 * nd + 1:i + 3 * nd + 1])
+            nreads = flat[i + 3 * nd + 1]
+            i += 3 * nd + 2
+            reads = tuple(zip(flat[i:i + 2 * nreads:2], flat[i + 1:i + 2 * nreads:2]))
+            i += 2 * nreads
+            tensor, param = names[t], names[p]
+            entry = entries.get(tensor)
+            if entry is None or p not in sizes or len(reads) != nreads or len(view_strides) != nd or gather > 1:
+                raise PlanFileError(f"step {tensor!r} -> {param!r} names an unknown tensor or parameter")
+            src_dtype = dtypes[dt - 1] if dt else None
+            if itemsize != entry.itemsize or (dt and src_dtype is not _torch_dtype(entry.dtype)):
+                raise PlanFileError(f"step {tensor!r} reads the tensor as another dtype")
+            start, end = entry.start, entry.end
+            for offset, size in reads:
+                if offset < start or offset + size > end:
+                    raise PlanFileError(f"step {tensor!r} reads outside the tensor")
+            if _last(dst_off, dst_sizes, dst_strides) >= sizes[p]:
+                raise PlanFileError(f"step {tensor!r} writes outside parameter {param!r}")
+            span = reads[0][1] if gather else sum(size for _, size in reads)
+            if (gather and nreads != 1) or (_last(view_off, dst_sizes, view_strides) + 1) * itemsize > span:
+                raise PlanFileError(f"step {tensor!r} views outside the bytes it reads")
+            append(
+                CopyStep(tensor, param, (dst_off, dst_sizes, dst_strides), reads,
+                         (view_off, dst_sizes, view_strides), itemsize, src_dtype, gather == 1)
+            )
+        if i != len(flat):
+            raise PlanFileError(f"steps of {base}: {len(flat) - i} integers left over")
+        files.append(FilePlan(base, steps))
+    count, flat = body["zeros"]
+    _ints(flat, "zero-fills")
+    zeros = []
+    i = 0
+    for _ in range(count):
+        p, nd, off = flat[i:i + 3]
+        dst = (off, tuple(flat[i + 3:i + 3 + nd]), tuple(flat[i + 3 + nd:i + 3 + 2 * nd]))
+        i += 3 + 2 * nd
+        if p not in sizes or len(dst[2]) != nd or _last(*dst) >= sizes[p]:
+            raise PlanFileError(f"a zero-fill writes outside parameter {names[p]!r}")
+        zeros.append(RecordedZero(names[p], dst))
+    tensors_used = frozenset(names[t] for t in _ints(body["tensors_used"], "tensors used"))
+    tensor_count = body["tensor_count"]
+    if type(tensor_count) is not int:
+        raise PlanFileError("the tensor count is not an integer")
+    return LoadPlan(files, zeros, param_meta, tensors_used, tensor_count)
 
 
 # --------------------------------------------------------------------------- the directory
@@ -234,17 +268,21 @@ def read_plan(key: str, headers: Mapping[str, object], params: Mapping[str, torc
     if directory is None:
         return None
     path = path_for(directory, key)
+    collecting = gc.isenabled()
+    gc.disable()  # parsing creates many objects: a full collection of a server's heap costs more
     try:
         with gzip.open(path, "rb") as f:
             data = json.loads(f.read())
-        plan = decode_plan(data, key)
-        check_plan_fits(plan, headers, params)
+        plan = decode_plan(data, key, headers, params)
     except FileNotFoundError:
         logger.info("sglang-fastload: no stored load plan for this model and checkpoint layout (%s)", path)
         return None
     except Exception as exc:  # corrupt, truncated, unreadable, other schema: build instead
         logger.warning("sglang-fastload: ignoring stored load plan %s (%s: %s); building it", path, type(exc).__name__, exc)
         return None
+    finally:
+        if collecting:
+            gc.enable()
     try:
         os.utime(path)  # most recently used: kept longest by pruning
     except OSError:
