@@ -48,9 +48,11 @@ SERVER_ARGS_DENY_SUFFIXES = ("_port", "_ports")
 # Keys of the HF config that name where it was read from, not what the model is.
 CONFIG_DENY = frozenset({"_name_or_path", "_commit_hash"})
 
-# Environment variables never part of the key: this package's own switches, which cannot
-# change the model or its loaders, and the fault injection of tests.
+# Environment variables never part of the key: this package's own switches (they cannot
+# change the model or its loaders), and names of per-start values, endpoints and secrets
+# (SGLang's launcher sets SGLANG_RUN_ID to a new value at every start).
 ENV_DENY_PREFIX = "SGLANG_FASTLOAD"
+ENV_DENY_WORDS = ("RUN_ID", "PORT", "HOST", "ADDR", "URL", "KEY", "TOKEN", "SECRET", "PASSWORD")
 
 
 def digest(ingredients: Mapping) -> str:
@@ -250,6 +252,7 @@ def sglang_environment() -> Dict[str, str]:
     return {
         k: v for k, v in os.environ.items()
         if k.startswith("SGLANG_") and not k.startswith(ENV_DENY_PREFIX)
+        and not any(word in k for word in ENV_DENY_WORDS)
     }
 
 
