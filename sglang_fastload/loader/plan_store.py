@@ -192,6 +192,7 @@ def _decode_body(body, headers, params) -> LoadPlan:
         param_meta[name] = (shape, dtype)
         sizes[p] = numel((0, shape, ()))
     by_base = {os.path.basename(p): h for p, h in headers.items()}
+    extents: Dict[tuple, int] = {}  # (sizes, strides) -> _last(0, sizes, strides)
     files = []
     for base, count, flat in body["files"]:
         header = by_base.get(base) if type(base) is str else None
@@ -224,10 +225,17 @@ def _decode_body(body, headers, params) -> LoadPlan:
             for offset, size in reads:
                 if offset < start or offset + size > end:
                     raise PlanFileError(f"step {tensor!r} reads outside the tensor")
-            if _last(dst_off, dst_sizes, dst_strides) >= sizes[p]:
+            # Steps repeat a few shapes (every expert alike): their extents are computed once.
+            dst_extent = extents.get((dst_sizes, dst_strides))
+            if dst_extent is None:
+                dst_extent = extents[(dst_sizes, dst_strides)] = _last(0, dst_sizes, dst_strides)
+            view_extent = extents.get((dst_sizes, view_strides))
+            if view_extent is None:
+                view_extent = extents[(dst_sizes, view_strides)] = _last(0, dst_sizes, view_strides)
+            if dst_extent >= 0 and dst_off + dst_extent >= sizes[p]:
                 raise PlanFileError(f"step {tensor!r} writes outside parameter {param!r}")
-            span = reads[0][1] if gather else sum(size for _, size in reads)
-            if (gather and nreads != 1) or (_last(view_off, dst_sizes, view_strides) + 1) * itemsize > span:
+            span = reads[0][1] if nreads == 1 else sum(size for _, size in reads)
+            if (gather and nreads != 1) or (view_extent >= 0 and (view_off + view_extent + 1) * itemsize > span):
                 raise PlanFileError(f"step {tensor!r} views outside the bytes it reads")
             append(
                 CopyStep(tensor, param, (dst_off, dst_sizes, dst_strides), reads,

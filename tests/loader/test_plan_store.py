@@ -303,3 +303,13 @@ def test_server_args_deny_list_names_real_fields():
 
     fields = set(ServerArgs.__struct_fields__)
     assert plan_key.SERVER_ARGS_DENY <= fields, sorted(plan_key.SERVER_ARGS_DENY - fields)
+
+
+def test_environment_in_the_key_leaves_out_per_start_values(monkeypatch):
+    # SGLang's launcher sets SGLANG_RUN_ID anew at every start; a loader switch stays in.
+    monkeypatch.setenv("SGLANG_RUN_ID", "sglang-run-1")
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
+    monkeypatch.setenv(constants.ENV_PLAN_DIR, "/somewhere")
+    env = plan_key.sglang_environment()
+    assert env.get("SGLANG_USE_CPU_ENGINE") == "1"
+    assert "SGLANG_RUN_ID" not in env and constants.ENV_PLAN_DIR not in env
