@@ -125,15 +125,17 @@ def package_source_digest(root: Optional[str] = None) -> str:
 def model_source_modules(model: torch.nn.Module) -> List[str]:
     """Names of the modules whose code decides how ``model`` is built and loaded.
 
-    Every ``sglang`` module defining a class in the MRO of the model or of any of its
-    submodules, or a parameter's ``weight_loader``, plus every loaded module of
-    ``SOURCE_PACKAGES``.
+    Every ``sglang`` module defining a class in the MRO of the model, of any of its
+    submodules or of any parameter, or a parameter's ``weight_loader``, plus every loaded
+    module of ``SOURCE_PACKAGES``.
     """
     names = set()
     for m in model.modules():
         for cls in type(m).__mro__:
             names.add(cls.__module__)
     for p in model.parameters():
+        for cls in type(p).__mro__:  # SGLang's parameter classes carry loading methods
+            names.add(cls.__module__)
         loader = getattr(p, "weight_loader", None)
         func = getattr(loader, "__func__", loader)
         module = getattr(func, "__module__", None)

@@ -5,7 +5,9 @@ One gzip-compressed JSON file per key (``plan_key.py``) in ``SGLANG_FASTLOAD_PLA
 ``SGLANG_FASTLOAD_PLAN_STORE=0`` switches the store off. JSON, never pickle: whoever can
 write the directory cannot make a load run code, and every stored plan is checked against
 the checkpoint's headers and the live parameters before it is used (each read within its
-tensor's bytes, each write within its parameter).
+tensor's bytes, each write within its parameter). Which tensor feeds which parameter cannot
+be checked without the replay the store saves, so the directory is created private (0700),
+like any cache of what a process will load.
 
 The store never fails a load: any problem reading (missing, corrupt, other schema,
 unreadable directory) means the plan is built as without a store, with one log line;
@@ -326,7 +328,10 @@ def write_plan(key: str, plan: LoadPlan) -> Optional[str]:
         except OSError:
             pass
         return None
-    prune(directory, constants.PLAN_STORE_MAX_FILES)
+    try:
+        prune(directory, constants.PLAN_STORE_MAX_FILES)
+    except Exception as exc:  # never a reason for a failed load
+        logger.warning("sglang-fastload: could not prune the load plan store %s (%s)", directory, exc)
     return path
 
 
