@@ -36,7 +36,7 @@ from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, bui
 from sglang_fastload.loader.dispatch import auto_means_fast
 from sglang_fastload.loader.replay import replay_load_weights
 from sglang_fastload.loader import plan_store
-from sglang_fastload.loader.plan_key import LoadKnobs, plan_key
+from sglang_fastload.loader.plan_key import LoadKnobs, plan_key_and_parts
 from sglang_fastload.loader.summary import PLAN_BUILT, PLAN_CACHED, PLAN_STORED, LoadSummary
 from sglang_fastload.model_support import unsupported_architecture_reason
 from sglang_fastload.served_checkpoint import record_served
@@ -205,10 +205,10 @@ class PreparedLoad:
             # A plan stored by an earlier start is as good as one built here: its key covers
             # everything the plan depends on (plan_key.py), and it is checked against these
             # headers and parameters before use.
-            store_key = cls._store_key(ckpt.loader, model, headers, target_device)
+            store_key, parts = cls._store_key(ckpt.loader, model, headers, target_device)
             if store_key is not None:
                 params = dict(model.named_parameters(remove_duplicate=False))
-                plan = plan_store.read_plan(store_key, headers, params)
+                plan = plan_store.read_plan(store_key, headers, params, parts)
             if plan is not None:
                 source = PLAN_STORED
                 state.remember_plan(key, plan, built=False)
@@ -239,16 +239,17 @@ class PreparedLoad:
         )
 
     @staticmethod
-    def _store_key(loader, model, headers, target_device) -> Optional[str]:
-        """The plan store's key for this load, or None (store off, or a key not computable)."""
+    def _store_key(loader, model, headers, target_device) -> Tuple[Optional[str], str]:
+        """The plan store's key for this load and its parts, or ``(None, "")`` (store off,
+        or a key that cannot be computed here)."""
         if plan_store.store_dir() is None:
-            return None
+            return None, ""
         knobs = LoadKnobs(loader.min_segment_bytes, loader.chunk_bytes, str(target_device))
         try:
-            return plan_key(model, knobs, headers)
+            return plan_key_and_parts(model, knobs, headers)
         except Exception as exc:
             logger.info("sglang-fastload: load plan store not used (%s: %s)", type(exc).__name__, exc)
-            return None
+            return None, ""
 
     @staticmethod
     def _make_plan(ckpt, model, headers, tensors, directory):

@@ -322,3 +322,14 @@ def key_ingredients(model: torch.nn.Module, knobs: LoadKnobs, headers: Mapping[s
 def plan_key(model: torch.nn.Module, knobs: LoadKnobs, headers: Mapping[str, object]) -> str:
     """The stored plan's key: ``digest(key_ingredients(...))``."""
     return digest(key_ingredients(model, knobs, headers))
+
+
+def plan_key_and_parts(model: torch.nn.Module, knobs: LoadKnobs, headers: Mapping[str, object]) -> Tuple[str, str]:
+    """The key, and a short digest of each ingredient ("server_args=1a2b3c4d ...").
+
+    Two starts that should share a plan but do not log different parts: the part that
+    differs names the ingredient that changed between them.
+    """
+    ingredients = key_ingredients(model, knobs, headers)
+    parts = " ".join(f"{name}={digest({name: value})[:8]}" for name, value in sorted(ingredients.items()))
+    return digest(ingredients), parts

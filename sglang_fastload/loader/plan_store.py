@@ -267,8 +267,16 @@ def _decode_body(body, headers, params) -> LoadPlan:
 # --------------------------------------------------------------------------- the directory
 
 
-def read_plan(key: str, headers: Mapping[str, object], params: Mapping[str, torch.Tensor]) -> Optional[LoadPlan]:
+def read_plan(
+    key: str, headers: Mapping[str, object], params: Mapping[str, torch.Tensor], parts: str = ""
+) -> Optional[LoadPlan]:
     """The plan stored under ``key``, checked against the checkpoint and the parameters.
+
+    Args:
+        key: the plan's key (``plan_key``).
+        headers: ``{path: parsed header}`` of the checkpoint being loaded.
+        params: the live parameters (``named_parameters(remove_duplicate=False)``).
+        parts: the key's parts (``plan_key_and_parts``), logged when nothing is stored.
 
     Returns:
         The plan (file paths are base names), or None (store off, nothing stored, or an
@@ -285,7 +293,10 @@ def read_plan(key: str, headers: Mapping[str, object], params: Mapping[str, torc
             data = json.loads(f.read())
         plan = decode_plan(data, key, headers, params)
     except FileNotFoundError:
-        logger.info("sglang-fastload: no stored load plan for this model and checkpoint layout (%s)", path)
+        logger.info(
+            "sglang-fastload: no stored load plan for this model and checkpoint layout (%s%s)",
+            path, f"; key parts {parts}" if parts else "",
+        )
         return None
     except Exception as exc:  # corrupt, truncated, unreadable, other schema: build instead
         logger.warning("sglang-fastload: ignoring stored load plan %s (%s: %s); building it", path, type(exc).__name__, exc)
