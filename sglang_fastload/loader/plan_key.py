@@ -9,6 +9,7 @@ costs a second, a wrong reuse would load wrong weights.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 import os
@@ -68,15 +69,14 @@ def _stable_repr(value) -> str:
         return json.dumps(sorted(map(str, value)))
     if isinstance(value, torch.Tensor):
         return _tensor_digest(value)
-    name = getattr(value, "name", None)
-    if isinstance(name, str) and type(value).__module__ != "builtins":
-        return f"{type(value).__name__}.{name}"
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__name__}.{value.name}"
     return str(value)
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
-    t = t.detach().to("cpu").contiguous()
-    return f"{t.dtype}{tuple(t.shape)}:" + hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return f"{t.dtype}{tuple(t.shape)}:" + hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------- source files
