@@ -313,3 +313,30 @@ def test_environment_in_the_key_leaves_out_per_start_values(monkeypatch):
     env = plan_key.sglang_environment()
     assert env.get("SGLANG_USE_CPU_ENGINE") == "1"
     assert "SGLANG_RUN_ID" not in env and constants.ENV_PLAN_DIR not in env
+
+
+def _expert_location(physical_to_logical):
+    from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+
+    layers, physical = physical_to_logical.shape
+    logical_to_all = torch.full((layers, physical, physical), -1, dtype=torch.int32)  # one logical per physical
+    for layer in range(layers):
+        for slot, expert in enumerate(physical_to_logical[layer].tolist()):
+            logical_to_all[layer, expert, 0] = slot
+    valid = torch.ones(layers, physical, dtype=torch.int32)
+    return ExpertLocationMetadata(
+        physical_to_logical, physical_to_logical.clone(), logical_to_all, logical_to_all.clone(), valid, 2, None
+    )
+
+
+def test_expert_location_map_is_part_of_the_key(monkeypatch):
+    # EPLB may give a rank other experts with identical shapes: the map must change the key.
+    from sglang.srt.eplb import expert_location
+
+    trivial = torch.arange(4, dtype=torch.int32).repeat(2, 1)
+    moved = torch.tensor([[0, 1, 2, 3], [2, 3, 0, 1]], dtype=torch.int32)
+    seen = []
+    for meta in (None, _expert_location(trivial), _expert_location(trivial.clone()), _expert_location(moved)):
+        monkeypatch.setattr(expert_location, "get_global_expert_location_metadata", lambda meta=meta: meta)
+        seen.append(plan_key.expert_location_digest())
+    assert seen[0] is None and seen[1] == seen[2] and seen[1] != seen[3], seen
