@@ -63,10 +63,16 @@ def plan_files(store):
 
 
 @pytest.fixture(scope="module")
-def one_rank(store, checkpoint_factory, qwen3_a, qwen3_moe_a, tmp_path_factory):
+def one_rank(store, checkpoint_factory, qwen3_a, qwen3_b, qwen3_moe_a, tmp_path_factory):
     """Two starts at TP=1 sharing a store; between them the MoE plan file is truncated."""
     first = load_cases(
-        [CaseSpec(qwen3_a, "fast"), CaseSpec(qwen3_moe_a, "fast"), CaseSpec(qwen3_a, "auto"), CaseSpec(qwen3_moe_a, "auto")],
+        [
+            CaseSpec(qwen3_a, "fast"),
+            CaseSpec(qwen3_moe_a, "fast"),
+            CaseSpec(qwen3_a, "auto"),
+            CaseSpec(qwen3_moe_a, "auto"),
+            CaseSpec(qwen3_b, "auto"),
+        ],
         env=store_env(store),
     )
     assert_ok(first)
@@ -89,6 +95,7 @@ def one_rank(store, checkpoint_factory, qwen3_a, qwen3_moe_a, tmp_path_factory):
             CaseSpec(other_config, "fast"),
             CaseSpec(qwen3_a, "fast", server_args={"dtype": "float32"}),
             CaseSpec(qwen3_a, "auto", server_args={"dtype": "float32"}),
+            CaseSpec(qwen3_b, "fast"),  # another directory (a trainer's next step), same layout
         ],
         env=store_env(store),
     )
@@ -108,6 +115,12 @@ def test_next_start_reads_the_stored_plan_bit_identical_to_upstream(one_rank):
     assert plan_words(second[0]) == ["stored"]
     assert not written(second[0]) and "no stored load plan" not in second[0][0].log
     assert_bits(first[2], second[0], "qwen3, stored plan vs auto")
+
+
+def test_another_checkpoint_directory_of_the_same_layout_reads_the_stored_plan(one_rank):
+    first, _, second = one_rank
+    assert plan_words(second[6]) == ["stored"]
+    assert_bits(first[4], second[6], "qwen3 B through the plan stored for A")
 
 
 def test_truncated_store_file_is_rebuilt_with_a_warning_and_loads_correctly(one_rank):
