@@ -35,7 +35,7 @@ SEED_B = 2
 
 # The load-plan store is off for the suite (the environment reaches every rank and server
 # it starts): a plan stored by one test must not turn another's "built" into "stored".
-# tests/loader/test_plan_store.py switches it on, with a directory of its own.
+# Tests of the store switch it on, each with a directory of its own.
 os.environ[_constants.ENV_PLAN_STORE] = "0"
 
 
