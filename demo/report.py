@@ -15,7 +15,7 @@ SUMMARY_RE = re.compile(
     r"sglang-fastload: loaded (?P<directory>.+?)(?: \[tp rank (?P<rank>\d+)/(?P<world>\d+)\])?: "
     r"(?P<files>\d+) files, (?P<tensors>\d+) tensors \((?P<used>\d+) used here\), "
     r"read (?P<bytes_read>\d+) of (?P<checkpoint_bytes>\d+) bytes \([^)]*\) with (?P<threads>\d+) threads; "
-    r"plan (?P<plan_s>[\d.]+) s \((?P<plan>cached|built)\), validate (?P<validate_s>[\d.]+) s, "
+    r"plan (?P<plan_s>[\d.]+) s \((?P<plan>cached|built|stored)\), validate (?P<validate_s>[\d.]+) s, "
     r"read/copy (?P<copy_s>[\d.]+) s, total (?P<total_s>[\d.]+) s, (?P<gbps>[\d.]+) GB/s"
 )
 
@@ -31,6 +31,7 @@ class LoadLine:
     threads: int
     plan_s: float
     plan_cached: bool
+    plan_source: str  # "cached", "stored" (read from the plan store) or "built"
     validate_s: float
     copy_s: float
     total_s: float
@@ -52,6 +53,7 @@ def parse_summaries(text: str) -> List[LoadLine]:
                 threads=int(m["threads"]),
                 plan_s=float(m["plan_s"]),
                 plan_cached=m["plan"] == "cached",
+                plan_source=m["plan"],
                 validate_s=float(m["validate_s"]),
                 copy_s=float(m["copy_s"]),
                 total_s=float(m["total_s"]),

@@ -340,7 +340,7 @@ def run_server(name: str, a: Path, b: Path, args, log_dir: Path, all_pids: List[
                 s = startup[0]
                 say(
                     f"  [{name}] start-up load (its log): {sum(x.bytes_read for x in startup) / 1e9:.3f} GB, "
-                    f"plan {s.plan_s:.3f} s ({'cached' if s.plan_cached else 'built'}), validate {s.validate_s:.3f} s, "
+                    f"plan {s.plan_s:.3f} s ({s.plan_source}), validate {s.validate_s:.3f} s, "
                     f"read/copy {s.copy_s:.3f} s, {fmt(combined_copy_gbps(startup), 2)} GB/s"
                 )
             else:

@@ -50,3 +50,12 @@ UPDATE_REREAD_PAUSE_S = 0.5
 # Weight files whose identities (device, inode, size, mtime) say whether a served checkpoint
 # directory still holds what was loaded from it.
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+# Load plans kept between server starts (sglang_fastload/loader/plan_store.py): "0" switches
+# the store off; the directory defaults to $XDG_CACHE_HOME (else ~/.cache) + PLAN_STORE_SUBDIR.
+ENV_PLAN_STORE = "SGLANG_FASTLOAD_PLAN_STORE"
+ENV_PLAN_DIR = "SGLANG_FASTLOAD_PLAN_DIR"
+PLAN_STORE_SUBDIR = ("sglang_fastload", "plans")
+# Plan files kept (the most recently used): one per model, rank, placement and layout, so
+# two or more configurations of an 8-rank server.
+PLAN_STORE_MAX_FILES = 32

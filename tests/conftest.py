@@ -27,10 +27,16 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
+from sglang_fastload import constants as _constants  # noqa: E402
 from tests.rig import checkpoints as _ckpts  # noqa: E402
 
 SEED_A = 1
 SEED_B = 2
+
+# The load-plan store is off for the suite (the environment reaches every rank and server
+# it starts): a plan stored by one test must not turn another's "built" into "stored".
+# Tests of the store switch it on, each with a directory of its own.
+os.environ[_constants.ENV_PLAN_STORE] = "0"
 
 
 def pytest_configure(config):

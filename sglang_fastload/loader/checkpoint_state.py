@@ -24,7 +24,8 @@ class ModelLoadState:
             not carry the start-up checkpoint's tensor set: each new layout is replayed
             against the model's own loader, which decides what it consumes.
         plans: layout key -> plan, most recent last.
-        plan_builds / plan_hits: counters (observable in logs and tests).
+        plan_builds / plan_hits / plan_reads: plans built, reused from memory, read from
+            the plan store (observable in logs and tests).
         executor_cache: the executor's views bound to this model's parameters (reused by
             the next load of the same plan).
     """
@@ -33,6 +34,7 @@ class ModelLoadState:
     plans: "collections.OrderedDict" = dataclasses.field(default_factory=collections.OrderedDict)
     plan_builds: int = 0
     plan_hits: int = 0
+    plan_reads: int = 0
     executor_cache: dict = dataclasses.field(default_factory=dict)
 
     def cached_plan(self, key) -> Optional[LoadPlan]:
@@ -42,8 +44,12 @@ class ModelLoadState:
             self.plan_hits += 1
         return plan
 
-    def remember_plan(self, key, plan: LoadPlan) -> None:
-        self.plan_builds += 1
+    def remember_plan(self, key, plan: LoadPlan, *, built: bool = True) -> None:
+        """Keep ``plan`` for ``key``; ``built`` False: it was read from the plan store."""
+        if built:
+            self.plan_builds += 1
+        else:
+            self.plan_reads += 1
         self.plans[key] = plan
         while len(self.plans) > _MAX_PLANS:
             self.plans.popitem(last=False)

@@ -35,7 +35,9 @@ from sglang_fastload.loader.executor import DEFAULT_ZERO_COPY_SHARE, execute_pla
 from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, build_plan, numel
 from sglang_fastload.loader.dispatch import auto_means_fast
 from sglang_fastload.loader.replay import replay_load_weights
-from sglang_fastload.loader.summary import LoadSummary
+from sglang_fastload.loader import plan_store
+from sglang_fastload.loader.plan_key import LoadKnobs, plan_key_and_parts
+from sglang_fastload.loader.summary import PLAN_BUILT, PLAN_CACHED, PLAN_STORED, LoadSummary
 from sglang_fastload.model_support import unsupported_architecture_reason
 from sglang_fastload.served_checkpoint import record_served
 
@@ -195,19 +197,31 @@ class PreparedLoad:
         state = state_of(model)
         key = (str(target_device), tuple((os.path.basename(p), h.layout_key()) for p, h in sorted(headers.items())))
         plan = state.cached_plan(key)
-        cached = plan is not None
+        source = PLAN_CACHED if plan is not None else None
         tensors: Dict[str, Tuple[str, Tuple[int, ...], str]] = {}
-        if not cached:
+        t1 = time.perf_counter()
+        store_key = None
+        if source is None:
+            # A plan stored by an earlier start is as good as one built here: its key covers
+            # everything the plan depends on (plan_key.py), and it is checked against these
+            # headers and parameters before use.
+            store_key, parts = cls._store_key(ckpt.loader, model, headers, target_device)
+            if store_key is not None:
+                params = dict(model.named_parameters(remove_duplicate=False))
+                plan = plan_store.read_plan(store_key, headers, params, parts)
+            if plan is not None:
+                source = PLAN_STORED
+                state.remember_plan(key, plan, built=False)
+        if source is None:
             # What the checkpoint must satisfy is what the model's own loader consumes: the
             # replay checks that shapes and dtypes fit and that every parameter is fed. A
-            # cached plan was checked when it was made for this exact layout (names,
-            # dtypes, shapes, offsets, sizes); a different tensor set is another layout.
+            # cached or stored plan was checked when it was made for this exact layout
+            # (names, dtypes, shapes, offsets, sizes); a different tensor set is another layout.
             for path, header in headers.items():
                 for name, entry in header.tensors.items():
                     tensors[name] = (path, entry.shape, entry.dtype)
-        t1 = time.perf_counter()
-        if not cached:
             plan = cls._make_plan(ckpt, model, headers, tensors, directory)
+            source = PLAN_BUILT
             state.remember_plan(key, plan)
         t2 = time.perf_counter()
         return cls(
@@ -215,11 +229,27 @@ class PreparedLoad:
             headers=headers,
             tensors=tensors,
             plan=plan,
-            plan_cached=cached,
+            plan_cached=source == PLAN_CACHED,
+            plan_source=source,
+            # A built plan is stored once a load with it succeeded.
+            store_key=store_key if source == PLAN_BUILT else None,
             validate_seconds=t1 - t0,
             plan_seconds=t2 - t1,
             stats=stamp_files(headers),
         )
+
+    @staticmethod
+    def _store_key(loader, model, headers, target_device) -> Tuple[Optional[str], str]:
+        """The plan store's key for this load and its parts, or ``(None, "")`` (store off,
+        or a key that cannot be computed here)."""
+        if plan_store.store_dir() is None:
+            return None, ""
+        knobs = LoadKnobs(loader.min_segment_bytes, loader.chunk_bytes, str(target_device))
+        try:
+            return plan_key_and_parts(model, knobs, headers)
+        except Exception as exc:
+            logger.info("sglang-fastload: load plan store not used (%s: %s)", type(exc).__name__, exc)
+            return None, ""
 
     @staticmethod
     def _make_plan(ckpt, model, headers, tensors, directory):
@@ -368,6 +398,17 @@ class FastModelLoader(DefaultModelLoader):
         update_guard.note_writing()
         DefaultModelLoader.load_weights_and_postprocess(model, weights, target_device)
 
+    @staticmethod
+    def _store_plan(prepared: PreparedLoad) -> None:
+        # After the load, so only plans that loaded a checkpoint are kept, and once.
+        key, prepared.store_key = prepared.store_key, None
+        t0 = time.perf_counter()
+        path = plan_store.write_plan(key, prepared.plan)
+        if path is not None:
+            logger.info(
+                "sglang-fastload: load plan stored in %.3f s%s: %s", time.perf_counter() - t0, _rank_suffix(), path
+            )
+
     def _load_prepared(self, model, prepared: PreparedLoad, target_device) -> None:
         # A cached plan may come from another checkpoint of the same layout: bind its files
         # (matched by name, as in the layout key) to this checkpoint's.
@@ -408,6 +449,8 @@ class FastModelLoader(DefaultModelLoader):
             if progress is not None:
                 progress.close()
         check_unchanged(prepared.stats)
+        if prepared.store_key is not None:
+            self._store_plan(prepared)
         if startup:
             record_served(model, prepared.directory, self.load_config.load_format)
         state_of(model).loaded = True
@@ -420,6 +463,7 @@ class FastModelLoader(DefaultModelLoader):
             bytes_read=stats.bytes_read,
             plan_seconds=prepared.plan_seconds,
             plan_cached=prepared.plan_cached,
+            plan_source=prepared.plan_source,
             validate_seconds=prepared.validate_seconds,
             copy_seconds=stats.seconds,
             threads=self.num_threads,

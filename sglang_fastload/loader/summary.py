@@ -5,8 +5,18 @@ from __future__ import annotations
 import dataclasses
 
 
+# Where a load's plan came from: reused from memory, read from the plan store, or built
+# (replayed). The summary line says it in these words.
+PLAN_CACHED = "cached"
+PLAN_STORED = "stored"
+PLAN_BUILT = "built"
+
+
 @dataclasses.dataclass
 class LoadSummary:
+    """What one fast load did; ``plan_source`` is one of ``cached``, ``stored``, ``built``
+    (``plan_cached`` is kept for readers of the older field: True only for ``cached``)."""
+
     directory: str
     files: int = 0
     tensors: int = 0
@@ -15,6 +25,7 @@ class LoadSummary:
     bytes_read: int = 0
     plan_seconds: float = 0.0
     plan_cached: bool = False
+    plan_source: str = ""
     validate_seconds: float = 0.0
     copy_seconds: float = 0.0
     threads: int = 0
@@ -23,6 +34,7 @@ class LoadSummary:
     copy_setup_seconds: float = 0.0  # part of copy_seconds spent before the first read
 
     def line(self) -> str:
+        source = self.plan_source or (PLAN_CACHED if self.plan_cached else PLAN_BUILT)
         total = self.plan_seconds + self.validate_seconds + self.copy_seconds
         gbps = self.bytes_read / self.copy_seconds / 1e9 if self.copy_seconds > 0 else 0.0
         return (
@@ -30,7 +42,7 @@ class LoadSummary:
             f"{self.tensors} tensors ({self.tensors_used} used here), "
             f"read {self.bytes_read} of {self.checkpoint_bytes} bytes "
             f"({self.bytes_read / 1e9:.3f} GB) with {self.threads} threads; "
-            f"plan {self.plan_seconds:.3f} s ({'cached' if self.plan_cached else 'built'}), "
+            f"plan {self.plan_seconds:.3f} s ({source}), "
             f"validate {self.validate_seconds:.3f} s, read/copy {self.copy_seconds:.3f} s, "
             f"total {total:.3f} s, {gbps:.2f} GB/s; format {self.load_format}; "
             f"read/copy set-up {self.copy_setup_seconds:.3f} s"

@@ -117,6 +117,11 @@ def test_summary_parser_reads_the_loaders_own_line():
         assert got.rank == (1 if rank else 0)
         assert (got.files, got.tensors, got.bytes_read, got.checkpoint_bytes, got.threads) == (4, 807, 209987584, 210082464, 8)
         assert got.plan_cached and got.copy_s == pytest.approx(0.033) and got.gbps == pytest.approx(6.36, abs=0.01)
+    # A plan read from the plan store, or built: the word says which.
+    for source in ("stored", "built"):
+        line = LoadSummary(directory="/m", plan_source=source).line()
+        (got,) = parse_summaries(line)
+        assert (got.plan_source, got.plan_cached) == (source, False), line
 
 
 def test_table_aligns_columns():

@@ -301,6 +301,7 @@ class CaseSpec:
     update_path: Union[None, PathLike, Sequence[PathLike]] = None
     keep_initial: bool = False
     ep_size: Optional[int] = None  # None: the batch's ep_size; another one rebuilds the groups
+    server_args: Optional[dict] = None  # further ServerArgs fields of this case (e.g. dtype)
 
 
 def _update_list(update_path, load_format: str) -> List[dict]:
@@ -362,6 +363,7 @@ def load_cases(
                 "updates": _update_list(c.update_path, c.load_format),
                 "keep_initial": c.keep_initial,
                 "ep_size": c.ep_size or ep_size,
+                "server_args": c.server_args or {},
             }
             for c in cases
         ],

@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from sglang_fastload import constants
 from tests.rig.checkpoints import write_llama
 from tests.rig.inprocess import compare_params, load_params
 from tests.rig.server import SGLangServer
@@ -15,7 +16,14 @@ TRACE_SITE = __import__("pathlib").Path(__file__).with_name("trace_site")
 
 def test_fast_server_updates_match_upstream_servers(dense_pair, upstream_outputs, tmp_path):
     a, b = dense_pair
-    with SGLangServer(a, load_format="fast", extra_config={"chunk_mb": 8, "num_threads": 2}) as server:
+    # The plan store is on (in a directory of this test): the start builds the plan and
+    # stores it; a restart of the same server (at the end) reads it back.
+    flags = dict(
+        load_format="fast",
+        extra_config={"chunk_mb": 8, "num_threads": 2},
+        env={constants.ENV_PLAN_STORE: "1", constants.ENV_PLAN_DIR: str(tmp_path / "plans")},
+    )
+    with SGLangServer(a, **flags) as server:
         log = server.log_text()
         # The scheduler process (where weights load) runs the overlay and says so.
         assert re.search(r"sglang-fastload overlay active \(pid \d+\)", log), server.log_tail()
@@ -42,6 +50,12 @@ def test_fast_server_updates_match_upstream_servers(dense_pair, upstream_outputs
         assert status == 200 and body["success"], body
         assert server.log_text().count("sglang-fastload: loaded") == loads + 1
         assert outputs(server) == upstream_outputs["B"]
+    # A new server process with the same flags finds the stored plan (SGLang's launcher sets
+    # per-start values, e.g. SGLANG_RUN_ID, that must not be in the key) and serves A exactly.
+    with SGLangServer(a, **flags) as server:
+        summaries = re.findall(r"sglang-fastload: loaded .*?plan [\d.]+ s \((\w+)\)", server.log_text())
+        assert summaries == ["stored"], server.log_tail()
+        assert outputs(server) == upstream_outputs["A"]
 
 
 def _update_reads(tmp_path, a, b, overlay, extra, tag):

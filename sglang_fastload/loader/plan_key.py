@@ -1,0 +1,335 @@
+"""The key of a stored load plan: a digest of everything a plan depends on.
+
+A stored plan is reused only when every ingredient below is the same as when it was built,
+so a plan can never be applied to a model, a placement, a checkpoint layout or a code base
+it was not made for. Each ingredient errs towards changing the key: a needless rebuild
+costs a second, a wrong reuse would load wrong weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import os
+import sys
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+
+import torch
+
+# Bump whenever the stored file's layout or the meaning of a plan's fields changes.
+PLAN_SCHEMA_VERSION = 1
+
+# Upstream packages whose loaded modules can change how a model is built or how its
+# weight loaders slice (layers: linear/embedding/MoE loaders; model_loader: the default
+# loader and weight utilities). Model modules are chosen from the model itself.
+SOURCE_PACKAGES = ("sglang.srt.layers.", "sglang.srt.model_loader.")
+
+# ServerArgs fields that cannot change how the model is built or what its loaders copy:
+# where the server listens and the rendezvous of its processes (per start), the seed
+# (SGLang draws one per start when none is given; a plan holds no values), the
+# checkpoint's own location (the layout key covers its files; a trainer restarts from a
+# new step directory), the served name, secrets (rotating a key must not cost a rebuild),
+# and logging/metrics output.
+SERVER_ARGS_DENY = frozenset(
+    {
+        "model_path", "tokenizer_path", "served_model_name", "weight_version", "download_dir",
+        "host", "port", "nccl_port", "dist_init_addr", "random_seed",
+        "api_key", "admin_api_key", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs",
+        "ssl_keyfile_password", "watermark_key", "watermark_key_b",
+        "log_level", "log_level_http", "log_requests", "log_requests_level",
+        "log_requests_format", "log_requests_target", "crash_dump_folder",
+        "export_metrics_to_file_dir", "otlp_traces_endpoint", "file_storage_path",
+    }
+)
+# ... and any field naming a network port of some side service.
+SERVER_ARGS_DENY_SUFFIXES = ("_port", "_ports")
+
+# Keys of the HF config that name where it was read from, not what the model is.
+CONFIG_DENY = frozenset({"_name_or_path", "_commit_hash"})
+
+# Environment variables never part of the key: this package's own switches (they cannot
+# change the model or its loaders), and names of per-start values, endpoints and secrets
+# (SGLang's launcher sets SGLANG_RUN_ID to a new value at every start).
+ENV_DENY_PREFIX = "SGLANG_FASTLOAD"
+ENV_DENY_WORDS = ("RUN_ID", "PORT", "HOST", "ADDR", "URL", "KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+def digest(ingredients: Mapping) -> str:
+    """sha256 of the canonical JSON of ``ingredients`` (sorted keys, no whitespace)."""
+    text = json.dumps(ingredients, sort_keys=True, separators=(",", ":"), default=_stable_repr)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _stable_repr(value) -> str:
+    # Enums, dtypes, paths: their text. An object whose text carries its address would make
+    # every key unique: never a wrong reuse, only a rebuild.
+    if isinstance(value, (set, frozenset)):
+        return json.dumps(sorted(map(str, value)))
+    if isinstance(value, torch.Tensor):
+        return _tensor_digest(value)
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__name__}.{value.name}"
+    return str(value)
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return f"{t.dtype}{tuple(t.shape)}:" + hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- source files
+
+# (path, size, mtime) -> content digest: each file is read once per process while unchanged.
+_FILE_DIGESTS: Dict[tuple, str] = {}
+
+
+def _file_digest(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"unreadable:{exc.errno}"
+    memo = (path, st.st_size, st.st_mtime_ns)
+    cached = _FILE_DIGESTS.get(memo)
+    if cached is None:
+        try:
+            with open(path, "rb") as f:
+                cached = hashlib.sha256(f.read()).hexdigest()
+        except OSError as exc:
+            cached = f"unreadable:{exc.errno}"
+        _FILE_DIGESTS[memo] = cached
+    return cached
+
+
+def package_source_digest(root: Optional[str] = None) -> str:
+    """Digest of this package's own files (engine, checkpoint parsing, overlay forks).
+
+    A changed engine must not reuse plans made by another, version bump or not; the same
+    files installed elsewhere give the same digest.
+
+    Args:
+        root: the package directory (default: this installed package).
+    """
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(filenames):
+            if name.endswith((".py", ".json")):
+                path = os.path.join(dirpath, name)
+                h.update(os.path.relpath(path, root).encode() + b"\0" + _file_digest(path).encode() + b"\n")
+    return h.hexdigest()
+
+
+def model_source_modules(model: torch.nn.Module) -> List[str]:
+    """Names of the modules whose code decides how ``model`` is built and loaded.
+
+    Every ``sglang`` module defining a class in the MRO of the model, of any of its
+    submodules or of any parameter, or a parameter's ``weight_loader``, plus every loaded
+    module of ``SOURCE_PACKAGES``.
+    """
+    names = set()
+    for m in model.modules():
+        for cls in type(m).__mro__:
+            names.add(cls.__module__)
+    for p in model.parameters():
+        for cls in type(p).__mro__:  # SGLang's parameter classes carry loading methods
+            names.add(cls.__module__)
+        loader = getattr(p, "weight_loader", None)
+        func = getattr(loader, "__func__", loader)
+        module = getattr(func, "__module__", None)
+        if module:
+            names.add(module)
+    names.update(n for n in list(sys.modules) if n.startswith(SOURCE_PACKAGES))
+    return sorted(n for n in names if n == "sglang" or n.startswith("sglang."))
+
+
+def modules_source_digest(module_names: Iterable[str]) -> str:
+    """Digest of the source files of ``module_names`` (as loaded: overlay forks included)."""
+    h = hashlib.sha256()
+    for name in module_names:
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None)
+        h.update(name.encode() + b"\0" + (_file_digest(path) if path else "no-file").encode() + b"\n")
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def parameter_layout(model: torch.nn.Module) -> List[list]:
+    """``[name, shape, dtype, tied-to index, storage offset]`` of every parameter, in order.
+
+    The tied-to index is the position of the first parameter sharing the storage (itself
+    when none does), so tying is part of the key.
+    """
+    out = []
+    first: Dict[int, int] = {}
+    for i, (name, p) in enumerate(model.named_parameters(remove_duplicate=False)):
+        storage = p.untyped_storage()._cdata
+        out.append([name, list(p.shape), str(p.dtype), first.setdefault(storage, i), p.storage_offset()])
+    return out
+
+
+def model_config_dict(model: torch.nn.Module) -> Optional[dict]:
+    """The model's HF config as a dict, without the keys naming where it was read from."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    to_dict = getattr(config, "to_dict", None)
+    data = to_dict() if callable(to_dict) else dict(vars(config))
+    return {k: v for k, v in data.items() if k not in CONFIG_DENY}
+
+
+def parallel_placement() -> Dict[str, Optional[int]]:
+    """This process's ranks and group sizes (None where SGLang has no such group here)."""
+    from sglang.srt.distributed import parallel_state as ps
+
+    getters = {
+        "world": (ps.get_world_rank, ps.get_world_size),
+        "tp": (ps.get_tensor_model_parallel_rank, ps.get_tensor_model_parallel_world_size),
+        "attn_tp": (ps.get_attn_tensor_model_parallel_rank, ps.get_attn_tensor_model_parallel_world_size),
+        "attn_cp": (ps.get_attn_context_model_parallel_rank, ps.get_attn_context_model_parallel_world_size),
+        "pp": (ps.get_pipeline_model_parallel_rank, ps.get_pipeline_model_parallel_world_size),
+        "moe_ep": (ps.get_moe_expert_parallel_rank, ps.get_moe_expert_parallel_world_size),
+        "moe_tp": (ps.get_moe_tensor_parallel_rank, ps.get_moe_tensor_parallel_world_size),
+        "moe_dp": (ps.get_moe_data_parallel_rank, ps.get_moe_data_parallel_world_size),
+        "dcp": (ps.get_dcp_rank, ps.get_dcp_world_size),
+    }
+    out: Dict[str, Optional[int]] = {}
+    for name, (rank, size) in getters.items():
+        for suffix, fn in (("rank", rank), ("size", size)):
+            try:
+                out[f"{name}_{suffix}"] = int(fn())
+            except Exception:
+                out[f"{name}_{suffix}"] = None
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        out["attn_dp_rank"] = int(get_parallel().attn_dp_rank)
+        out["attn_dp_size"] = int(get_parallel().attn_dp_size)
+    except Exception:
+        out["attn_dp_rank"] = out["attn_dp_size"] = None
+    return out
+
+
+def expert_location_digest() -> Optional[str]:
+    """Digest of SGLang's expert-location map, when one is set (EPLB may move experts)."""
+    try:
+        from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
+
+        meta = get_global_expert_location_metadata()
+    except Exception:
+        return None
+    if meta is None:
+        return None
+    fields = {}
+    for f in dataclasses.fields(meta):
+        value = getattr(meta, f.name)
+        fields[f.name] = _tensor_digest(value) if isinstance(value, torch.Tensor) else value
+    return digest(fields)
+
+
+def server_args_dict() -> Optional[dict]:
+    """Every ServerArgs field except ``SERVER_ARGS_DENY`` (None when none is published)."""
+    try:
+        from sglang.srt.runtime_context import get_server_args
+
+        args = get_server_args()
+    except Exception:
+        return None
+    names = getattr(type(args), "__struct_fields__", None)
+    if names is None:
+        names = [f.name for f in dataclasses.fields(args)]
+    return {
+        n: getattr(args, n, None)
+        for n in names
+        if n not in SERVER_ARGS_DENY and not n.endswith(SERVER_ARGS_DENY_SUFFIXES)
+    }
+
+
+def sglang_environment() -> Dict[str, str]:
+    """SGLang's own environment switches (some change which loader branch runs)."""
+    return {
+        k: v for k, v in os.environ.items()
+        if k.startswith("SGLANG_") and not k.startswith(ENV_DENY_PREFIX)
+        and not any(word in k for word in ENV_DENY_WORDS)
+    }
+
+
+# --------------------------------------------------------------------------- the key
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadKnobs:
+    """The load settings that shape a plan."""
+
+    min_segment_bytes: int
+    chunk_bytes: int
+    target_device: str
+
+
+def checkpoint_layout(headers: Mapping[str, object]) -> List[Tuple[str, str]]:
+    """Per file (by base name, as plans bind files): a digest of its header's layout key."""
+    return [
+        (os.path.basename(path), hashlib.sha256(repr(h.layout_key()).encode()).hexdigest())
+        for path, h in sorted(headers.items())
+    ]
+
+
+def key_ingredients(model: torch.nn.Module, knobs: LoadKnobs, headers: Mapping[str, object]) -> dict:
+    """Everything a stored plan must match to be reused, as plain data.
+
+    Args:
+        model: the live model the plan would load into.
+        knobs: the loader settings that shape the plan.
+        headers: ``{path: parsed safetensors header}`` of the checkpoint.
+
+    Returns:
+        A JSON-able dict (see ``digest``).
+
+    Raises:
+        LookupError: no ServerArgs are published (the caller then skips the store); any
+            other failure to determine an ingredient propagates the same way.
+    """
+    import sglang
+
+    from sglang_fastload import __version__
+
+    server_args = server_args_dict()
+    if server_args is None:
+        raise LookupError("no ServerArgs are published in this process")
+    modules = model_source_modules(model)
+    cls = type(model)
+    return {
+        "schema": PLAN_SCHEMA_VERSION,
+        "package": {"version": __version__, "source": package_source_digest()},
+        "sglang": {"version": getattr(sglang, "__version__", None), "source": modules_source_digest(modules)},
+        "torch": torch.__version__,
+        "model_class": f"{cls.__module__}.{cls.__qualname__}",
+        "parameters": parameter_layout(model),
+        "config": model_config_dict(model),
+        "placement": parallel_placement(),
+        "expert_location": expert_location_digest(),
+        "server_args": server_args,
+        "environment": sglang_environment(),
+        "knobs": dataclasses.asdict(knobs),
+        "checkpoint": checkpoint_layout(headers),
+    }
+
+
+def plan_key(model: torch.nn.Module, knobs: LoadKnobs, headers: Mapping[str, object]) -> str:
+    """The stored plan's key: ``digest(key_ingredients(...))``."""
+    return digest(key_ingredients(model, knobs, headers))
+
+
+def plan_key_and_parts(model: torch.nn.Module, knobs: LoadKnobs, headers: Mapping[str, object]) -> Tuple[str, str]:
+    """The key, and a short digest of each ingredient ("server_args=1a2b3c4d ...").
+
+    Two starts that should share a plan but do not log different parts: the part that
+    differs names the ingredient that changed between them.
+    """
+    ingredients = key_ingredients(model, knobs, headers)
+    parts = " ".join(f"{name}={digest({name: value})[:8]}" for name, value in sorted(ingredients.items()))
+    return digest(ingredients), parts

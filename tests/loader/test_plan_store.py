@@ -1,0 +1,355 @@
+"""The load-plan store: a plan built at one start is read back at the next (new rank
+processes, real SGLang) and loads the same bits as upstream's ``auto``; every key ingredient
+the rig can vary makes the next start build; a damaged store file never fails a load; the
+store can be switched off; concurrent writers never leave a torn file."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shutil
+import threading
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sglang_fastload import constants
+from sglang_fastload.checkpoint.safetensors_header import read_header
+from sglang_fastload.loader import plan_key, plan_store
+from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, LoadPlan, make_step
+from tests.rig.inprocess import CaseSpec, compare_params, load_cases
+
+SUMMARY = re.compile(r"sglang-fastload: loaded \S+?(?: \[tp rank \d+/\d+\])?: .*?plan [\d.]+ s \((cached|stored|built)\)")
+STORED = re.compile(r"load plan stored in [\d.]+ s(?: \[tp rank \d+/\d+\])?: (\S+)")
+IGNORED = "ignoring stored load plan"
+
+
+def plan_words(result):
+    """The plan word of each rank's (only) load of one case."""
+    words = [SUMMARY.findall(rank.log) for rank in result]
+    assert all(len(w) == 1 for w in words), [rank.log[-2000:] for rank in result]
+    return [w[0] for w in words]
+
+
+def written(result):
+    return [path for rank in result for path in STORED.findall(rank.log)]
+
+
+def assert_ok(results):
+    for i, r in enumerate(results):
+        assert not isinstance(r, str), f"case {i} crashed:\n{r}"
+        assert all(e is None for e in r.errors), (i, r.errors)
+
+
+def assert_bits(reference, got, what):
+    diffs = compare_params(reference, got)
+    assert not diffs, f"{what}: {diffs[:5]}"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("plan-store")
+
+
+def store_env(store):
+    return {constants.ENV_PLAN_STORE: "1", constants.ENV_PLAN_DIR: str(store)}
+
+
+def plan_files(store):
+    return sorted(p for p in os.listdir(store) if p.endswith(plan_store.SUFFIX))
+
+
+@pytest.fixture(scope="module")
+def one_rank(store, checkpoint_factory, qwen3_a, qwen3_b, qwen3_moe_a, tmp_path_factory):
+    """Two starts at TP=1 sharing a store; between them the MoE plan file is truncated."""
+    first = load_cases(
+        [
+            CaseSpec(qwen3_a, "fast"),
+            CaseSpec(qwen3_moe_a, "fast"),
+            CaseSpec(qwen3_a, "auto"),
+            CaseSpec(qwen3_moe_a, "auto"),
+            CaseSpec(qwen3_b, "auto"),
+        ],
+        env=store_env(store),
+    )
+    assert_ok(first)
+    after_first = plan_files(store)
+    moe_file = written(first[1])[0]
+    with open(moe_file, "r+b") as f:
+        f.truncate(os.path.getsize(moe_file) // 2)
+
+    sharded = checkpoint_factory("qwen3", layout="sharded")  # same tensors, other files
+    other_config = tmp_path_factory.mktemp("qwen3-other-config") / "ckpt"
+    shutil.copytree(qwen3_a, other_config)
+    config = json.loads((other_config / "config.json").read_text())
+    config["rope_theta"] = float(config.get("rope_theta", 10000.0)) * 2  # same shapes
+    (other_config / "config.json").write_text(json.dumps(config))
+    second = load_cases(
+        [
+            CaseSpec(qwen3_a, "fast"),
+            CaseSpec(qwen3_moe_a, "fast"),
+            CaseSpec(sharded, "fast"),
+            CaseSpec(other_config, "fast"),
+            CaseSpec(qwen3_a, "fast", server_args={"dtype": "float32"}),
+            CaseSpec(qwen3_a, "auto", server_args={"dtype": "float32"}),
+            CaseSpec(qwen3_b, "fast"),  # another directory (a trainer's next step), same layout
+        ],
+        env=store_env(store),
+    )
+    assert_ok(second)
+    return first, after_first, second
+
+
+def test_first_start_builds_and_stores_the_plan(one_rank):
+    first, after_first, _ = one_rank
+    assert plan_words(first[0]) == ["built"] and plan_words(first[1]) == ["built"]
+    assert len(after_first) == 2, after_first
+    assert sorted(os.path.basename(p) for p in written(first[0]) + written(first[1])) == after_first
+
+
+def test_next_start_reads_the_stored_plan_bit_identical_to_upstream(one_rank):
+    first, _, second = one_rank
+    assert plan_words(second[0]) == ["stored"]
+    assert not written(second[0]) and "no stored load plan" not in second[0][0].log
+    assert_bits(first[2], second[0], "qwen3, stored plan vs auto")
+
+
+def test_another_checkpoint_directory_of_the_same_layout_reads_the_stored_plan(one_rank):
+    first, _, second = one_rank
+    assert plan_words(second[6]) == ["stored"]
+    assert_bits(first[4], second[6], "qwen3 B through the plan stored for A")
+
+
+def test_truncated_store_file_is_rebuilt_with_a_warning_and_loads_correctly(one_rank):
+    first, _, second = one_rank
+    assert plan_words(second[1]) == ["built"]
+    assert IGNORED in second[1][0].log, second[1][0].log[-3000:]
+    assert written(second[1]), "the rebuilt plan replaces the damaged file"
+    assert_bits(first[3], second[1], "qwen3-moe, rebuilt after a truncated store file")
+
+
+@pytest.mark.parametrize("case,what", [(2, "another shard split"), (3, "another config"), (4, "another dtype")])
+def test_another_layout_config_or_dtype_builds(one_rank, case, what):
+    _, _, second = one_rank
+    assert plan_words(second[case]) == ["built"], what
+    assert IGNORED not in second[case][0].log
+    if case == 4:
+        assert_bits(second[5], second[4], "float32 model from a bf16 checkpoint")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(one_rank, store, qwen3_a, qwen3_moe_a):
+    """Two starts at TP=2 (and EP=2 for the MoE model) on the store the TP=1 starts filled."""
+    before = set(plan_files(store))
+    first = load_cases(
+        [
+            CaseSpec(qwen3_a, "auto"),
+            CaseSpec(qwen3_a, "fast"),
+            CaseSpec(qwen3_moe_a, "auto", ep_size=2),
+            CaseSpec(qwen3_moe_a, "fast", ep_size=2),
+        ],
+        tp_size=2,
+        env=store_env(store),
+    )
+    assert_ok(first)
+    added = set(plan_files(store)) - before
+    second = load_cases(
+        [CaseSpec(qwen3_a, "fast"), CaseSpec(qwen3_moe_a, "fast", ep_size=2)], tp_size=2, env=store_env(store)
+    )
+    assert_ok(second)
+    return first, added, second
+
+
+def test_other_tensor_parallel_size_and_rank_build_their_own_plans(two_ranks):
+    first, added, _ = two_ranks
+    assert plan_words(first[1]) == ["built", "built"]
+    assert plan_words(first[3]) == ["built", "built"]
+    # One file per rank: the rank is part of the key.
+    assert len(added) == 4, added
+    assert len(set(written(first[1]))) == 2
+
+
+def test_tensor_and_expert_parallel_starts_read_their_stored_plans(two_ranks):
+    first, _, second = two_ranks
+    assert plan_words(second[0]) == ["stored", "stored"]
+    assert plan_words(second[1]) == ["stored", "stored"]
+    assert_bits(first[0], second[0], "qwen3 TP=2, stored plans vs auto")
+    assert_bits(first[2], second[1], "qwen3-moe TP=2 EP=2, stored plans vs auto")
+
+
+# --------------------------------------------------------------------------------------
+# the store and the key, in this process (no rank processes)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """A real one-tensor checkpoint, a plan for it made by ``make_step``, a parameter."""
+    monkeypatch.setenv(constants.ENV_PLAN_STORE, "1")
+    monkeypatch.setenv(constants.ENV_PLAN_DIR, str(tmp_path / "store"))
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.arange(12, dtype=torch.bfloat16).reshape(3, 4)}, str(path))
+    header = read_header(str(path))
+    entry = header.tensors["w"]
+    step = make_step("w", "p", (0, (3, 4), (4, 1)), (0, (3, 4), (4, 1)), entry.start, 2, DEFAULT_MIN_SEGMENT_BYTES, torch.bfloat16)
+    plan = LoadPlan([FilePlan(str(path), [step])], [], {"p": ((3, 4), torch.bfloat16)}, frozenset({"w"}), 1)
+    return plan, {str(path): header}, {"p": torch.empty(3, 4, dtype=torch.bfloat16)}
+
+
+def test_round_trip_binds_files_by_base_name(tiny):
+    plan, headers, params = tiny
+    path = plan_store.write_plan("k1", plan)
+    assert path is not None and os.path.exists(path)
+    got = plan_store.read_plan("k1", headers, params)
+    assert got is not None
+    assert [f.path for f in got.files] == ["model.safetensors"]
+    assert got.files[0].steps == plan.files[0].steps
+    assert (got.zeros, got.param_meta, got.tensors_used, got.tensor_count) == (plan.zeros, plan.param_meta, plan.tensors_used, plan.tensor_count)
+
+
+def _rewrite(path, edit):
+    with gzip.open(path, "rb") as f:
+        data = json.loads(f.read())
+    edit(data)
+    with gzip.open(path, "wb") as f:
+        f.write(json.dumps(data).encode())
+
+
+def _bump_read_offset(data):
+    data["plan"]["files"][0][2][-2] += 2  # the step's only read starts one element late
+
+
+@pytest.mark.parametrize(
+    "damage,reason",
+    [
+        (lambda p: open(p, "r+b").truncate(10), "EOFError"),
+        (lambda p: open(p, "wb").write(b"\x1f\x8b" + os.urandom(64)), ""),
+        (lambda p: _rewrite(p, lambda d: d.update(schema=99)), "schema 99"),
+        (lambda p: _rewrite(p, lambda d: d.update(key="other")), "another key"),
+        (lambda p: _rewrite(p, _bump_read_offset), "reads outside the tensor"),
+        (lambda p: _rewrite(p, lambda d: d["plan"]["files"][0][2].__setitem__(2, 4)), "another dtype"),
+        (lambda p: _rewrite(p, lambda d: d["plan"]["files"][0][2].__setitem__(7, 4)), "writes outside parameter"),
+        (lambda p: _rewrite(p, lambda d: d["plan"]["files"][0][2].__setitem__(6, 1.5)), "integers"),
+        (lambda p: _rewrite(p, lambda d: d["plan"]["param_meta"][0].__setitem__(1, [4, 3])), "is not [4, 3]"),
+        (lambda p: (os.unlink(p), os.mkdir(p)), "IsADirectoryError"),
+    ],
+    ids=["truncated", "garbage", "schema", "key", "read-offset", "itemsize", "dst-size", "float", "shape", "directory"],
+)
+def test_damaged_store_file_is_ignored_with_one_warning(tiny, caplog, damage, reason):
+    plan, headers, params = tiny
+    path = plan_store.write_plan("k1", plan)
+    assert plan_store.read_plan("k1", headers, params) is not None
+    damage(path)
+    with caplog.at_level("INFO", logger="sglang_fastload.loader.plan_store"):
+        assert plan_store.read_plan("k1", headers, params) is None
+    lines = [r for r in caplog.records if IGNORED in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelname == "WARNING" and reason in lines[0].getMessage(), caplog.text
+
+
+def test_missing_or_unreadable_store_directory_never_raises(tiny, tmp_path, monkeypatch, caplog):
+    plan, headers, params = tiny
+    assert plan_store.read_plan("absent", headers, params) is None
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(constants.ENV_PLAN_DIR, str(blocker / "plans"))  # cannot be created
+    with caplog.at_level("WARNING", logger="sglang_fastload.loader.plan_store"):
+        assert plan_store.write_plan("k1", plan) is None
+        assert plan_store.read_plan("k1", headers, params) is None
+    assert "could not store the load plan" in caplog.text
+
+
+def test_store_switched_off_writes_and_reads_nothing(tiny, tmp_path, monkeypatch):
+    plan, headers, params = tiny
+    monkeypatch.setenv(constants.ENV_PLAN_STORE, "0")
+    assert plan_store.store_dir() is None
+    assert plan_store.write_plan("k1", plan) is None
+    assert not (tmp_path / "store").exists()
+    monkeypatch.setenv(constants.ENV_PLAN_STORE, "1")
+    plan_store.write_plan("k1", plan)
+    monkeypatch.setenv(constants.ENV_PLAN_STORE, "0")
+    assert plan_store.read_plan("k1", headers, params) is None
+
+
+def test_default_directory_follows_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.delenv(constants.ENV_PLAN_DIR, raising=False)
+    monkeypatch.delenv(constants.ENV_PLAN_STORE, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert plan_store.store_dir() == str(tmp_path / "sglang_fastload" / "plans")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert plan_store.store_dir() == str(tmp_path / "home" / ".cache" / "sglang_fastload" / "plans")
+
+
+def test_concurrent_writers_leave_whole_files_and_the_store_stays_bounded(tiny, tmp_path):
+    plan, headers, params = tiny
+    keys = [f"k{i % 4}" for i in range(12)] + [f"other{i}" for i in range(constants.PLAN_STORE_MAX_FILES + 4)]
+    threads = [threading.Thread(target=plan_store.write_plan, args=(k, plan)) for k in keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    names = os.listdir(tmp_path / "store")
+    assert not [n for n in names if n.endswith(".tmp")], names
+    assert len(names) == constants.PLAN_STORE_MAX_FILES, len(names)
+    for name in names:
+        key = name[: -len(plan_store.SUFFIX)]
+        assert plan_store.read_plan(key, headers, params) is not None, name
+
+
+def test_package_source_digest_follows_content_not_location(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(plan_key.__file__)))
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        shutil.copytree(root, d, ignore=shutil.ignore_patterns("__pycache__"))
+    assert plan_key.package_source_digest(str(a)) == plan_key.package_source_digest(str(b))
+    engine = b / "loader" / "executor.py"
+    engine.write_text(engine.read_text() + "\n# changed\n")
+    assert plan_key.package_source_digest(str(a)) != plan_key.package_source_digest(str(b))
+
+
+def test_server_args_deny_list_names_real_fields():
+    # A stale name (renamed upstream) would silently put a per-start value into the key.
+    from sglang.srt.server_args import ServerArgs
+
+    fields = set(ServerArgs.__struct_fields__)
+    assert plan_key.SERVER_ARGS_DENY <= fields, sorted(plan_key.SERVER_ARGS_DENY - fields)
+
+
+def test_environment_in_the_key_leaves_out_per_start_values(monkeypatch):
+    # SGLang's launcher sets SGLANG_RUN_ID anew at every start; a loader switch stays in.
+    monkeypatch.setenv("SGLANG_RUN_ID", "sglang-run-1")
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
+    monkeypatch.setenv(constants.ENV_PLAN_DIR, "/somewhere")
+    env = plan_key.sglang_environment()
+    assert env.get("SGLANG_USE_CPU_ENGINE") == "1"
+    assert "SGLANG_RUN_ID" not in env and constants.ENV_PLAN_DIR not in env
+
+
+def _expert_location(physical_to_logical):
+    from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+
+    layers, physical = physical_to_logical.shape
+    logical_to_all = torch.full((layers, physical, physical), -1, dtype=torch.int32)  # one logical per physical
+    for layer in range(layers):
+        for slot, expert in enumerate(physical_to_logical[layer].tolist()):
+            logical_to_all[layer, expert, 0] = slot
+    valid = torch.ones(layers, physical, dtype=torch.int32)
+    return ExpertLocationMetadata(
+        physical_to_logical, physical_to_logical.clone(), logical_to_all, logical_to_all.clone(), valid, 2, None
+    )
+
+
+def test_expert_location_map_is_part_of_the_key(monkeypatch):
+    # EPLB may give a rank other experts with identical shapes: the map must change the key.
+    from sglang.srt.eplb import expert_location
+
+    trivial = torch.arange(4, dtype=torch.int32).repeat(2, 1)
+    moved = torch.tensor([[0, 1, 2, 3], [2, 3, 0, 1]], dtype=torch.int32)
+    seen = []
+    for meta in (None, _expert_location(trivial), _expert_location(trivial.clone()), _expert_location(moved)):
+        monkeypatch.setattr(expert_location, "get_global_expert_location_metadata", lambda meta=meta: meta)
+        seen.append(plan_key.expert_location_digest())
+    assert seen[0] is None and seen[1] == seen[2] and seen[1] != seen[3], seen
