@@ -153,11 +153,11 @@ def main(argv=None) -> int:
         }
         if fast_updates[c]:
             last = fast_updates[c][-1]
-            row["fast_last_update"] = {k: last[k] for k in ("plan_seconds", "plan_cached", "validate_seconds", "copy_seconds", "bytes_read")}
+            row["fast_last_update"] = {k: last[k] for k in ("plan_seconds", "plan_cached", "plan_source", "validate_seconds", "copy_seconds", "bytes_read")}
             row["fast_last_update"]["outside_read_copy_fraction"] = round(1 - last["copy_seconds"] / times[c]["update"][-1], 3)
         if fast_loads[c]:
             f = fast_loads[c][0]
-            row["fast_first_load"] = {k: f[k] for k in ("plan_seconds", "plan_cached", "validate_seconds", "copy_seconds")}
+            row["fast_first_load"] = {k: f[k] for k in ("plan_seconds", "plan_cached", "plan_source", "validate_seconds", "copy_seconds")}
         rows.append(row)
         print(f"| {c} | {load:.2f} ({min(times[c]['load']):.2f}–{max(times[c]['load']):.2f}) | {row['load_gbps']:.2f} | {row['load_speedup']:.2f} | "
               f"{upd:.3f} ({min(times[c]['update']):.3f}–{max(times[c]['update']):.3f}) | "
@@ -165,11 +165,11 @@ def main(argv=None) -> int:
     for row in rows:
         f = row.get("fast_first_load")
         if f:
-            print(f"\n{row['contender']}, first initial load: plan {f['plan_seconds']:.3f} s ({'cached' if f['plan_cached'] else 'built'}), "
+            print(f"\n{row['contender']}, first initial load: plan {f['plan_seconds']:.3f} s ({f.get('plan_source') or ('cached' if f['plan_cached'] else 'built')}), "
                   f"validate {f['validate_seconds']:.3f} s, read/copy {f['copy_seconds']:.3f} s (into freshly allocated memory)")
         f = row.get("fast_last_update")
         if f:
-            print(f"\n{row['contender']}, last update: plan {f['plan_seconds']:.3f} s ({'cached' if f['plan_cached'] else 'built'}), "
+            print(f"\n{row['contender']}, last update: plan {f['plan_seconds']:.3f} s ({f.get('plan_source') or ('cached' if f['plan_cached'] else 'built')}), "
                   f"validate {f['validate_seconds']:.3f} s, read/copy {f['copy_seconds']:.3f} s; "
                   f"{f['outside_read_copy_fraction']:.0%} of the update outside reads and copies")
     print()

@@ -45,6 +45,7 @@ import platform
 import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -798,7 +799,7 @@ def render_markdown(data: Dict) -> str:
                 extra = ""
                 if fs:
                     extra = (
-                        f"{fs['plan_seconds']:.3f} ({'cached' if fs['plan_cached'] else 'built'}) / "
+                        f"{fs['plan_seconds']:.3f} ({fs.get('plan_source') or ('cached' if fs['plan_cached'] else 'built')}) / "
                         f"{fs['validate_seconds']:.3f} / {fs['copy_seconds']:.3f}, "
                         f"{100 * s.get('outside_read_copy_fraction', 0):.1f}%"
                     )
@@ -1185,7 +1186,7 @@ def run_contender(cont: Contender, info, steps, args, session: Session, summarie
             extra = ""
             fs = s.get("fast_summary")
             if fs:
-                extra = (f"; plan {fs['plan_seconds']:.3f} s ({'cached' if fs['plan_cached'] else 'built'}), "
+                extra = (f"; plan {fs['plan_seconds']:.3f} s ({fs.get('plan_source') or ('cached' if fs['plan_cached'] else 'built')}), "
                          f"validate {fs['validate_seconds']:.3f} s, read/copy {fs['copy_seconds']:.3f} s")
             log(f"{cont.name} {phase}/{cache}: {s['seconds']:.3f} s, {_fmt(s.get('gbps'))} GB/s, "
                 f"x{_fmt(s.get('speedup_vs_auto'))} vs auto, {_fmt(s.get('fraction_of_ceiling'), '.0%')} of ceiling"
@@ -1345,6 +1346,9 @@ def main(argv=None) -> int:
         print("Expected wall time on the H200 machine (rates in PLAN_RATES; disk permitting):")
         print("\n".join(lines))
         return 0
+    # Every run starts with an empty plan store, so a start-up load is a first start (plan
+    # built) whatever earlier runs left in ~/.cache; set the variable to measure stored plans.
+    os.environ.setdefault("SGLANG_FASTLOAD_PLAN_DIR", tempfile.mkdtemp(prefix="gpu-bench-plans-"))
     hook = activate_site(args.site_dir)
     import torch
 
