@@ -36,7 +36,7 @@ from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, bui
 from sglang_fastload.loader.dispatch import auto_means_fast
 from sglang_fastload.loader.replay import replay_load_weights
 from sglang_fastload.loader import plan_store
-from sglang_fastload.loader.plan_key import LoadKnobs, plan_key_and_parts
+from sglang_fastload.loader.plan_key import LoadKnobs, expert_location_digest, plan_key_and_parts
 from sglang_fastload.loader.summary import PLAN_BUILT, PLAN_CACHED, PLAN_STORED, LoadSummary
 from sglang_fastload.model_support import unsupported_architecture_reason
 from sglang_fastload.served_checkpoint import record_served
@@ -176,6 +176,25 @@ class FastCheckpoint:
             return None, str(exc)
 
 
+def memory_plan_key(loader, headers, target_device) -> tuple:
+    """Key of a plan kept in memory between loads into one model.
+
+    Within one process the model, its placement and the code are fixed; what can still
+    change is the checkpoint layout, the knobs that shape a plan, and where SGLang keeps
+    each expert (EPLB can move experts between GPUs while the server runs).
+
+    Returns:
+        A hashable key.
+    """
+    return (
+        str(target_device),
+        tuple((os.path.basename(p), h.layout_key()) for p, h in sorted(headers.items())),
+        loader.min_segment_bytes,
+        loader.chunk_bytes,
+        expert_location_digest(),
+    )
+
+
 class PreparedLoad:
     """A validated plan for one checkpoint and one model, ready to execute."""
 
@@ -195,7 +214,7 @@ class PreparedLoad:
         headers = {path: read_header(path) for path in files.files}
         check_weight_map(files, headers)
         state = state_of(model)
-        key = (str(target_device), tuple((os.path.basename(p), h.layout_key()) for p, h in sorted(headers.items())))
+        key = memory_plan_key(ckpt.loader, headers, target_device)
         plan = state.cached_plan(key)
         source = PLAN_CACHED if plan is not None else None
         tensors: Dict[str, Tuple[str, Tuple[int, ...], str]] = {}

@@ -353,3 +353,25 @@ def test_expert_location_map_is_part_of_the_key(monkeypatch):
         monkeypatch.setattr(expert_location, "get_global_expert_location_metadata", lambda meta=meta: meta)
         seen.append(plan_key.expert_location_digest())
     assert seen[0] is None and seen[1] == seen[2] and seen[1] != seen[3], seen
+
+
+def test_plan_kept_in_memory_is_keyed_by_the_expert_location_map_and_plan_knobs(tiny, monkeypatch):
+    # Within one server, EPLB can move experts while shapes stay: a plan kept in memory for
+    # the old placement must not serve the next update (nor one with other plan knobs).
+    from types import SimpleNamespace
+
+    from sglang.srt.eplb import expert_location
+
+    from sglang_fastload.loader.fast_model_loader import memory_plan_key
+
+    _, headers, _ = tiny
+    loader = SimpleNamespace(min_segment_bytes=DEFAULT_MIN_SEGMENT_BYTES, chunk_bytes=64 << 20)
+    trivial = torch.arange(4, dtype=torch.int32).repeat(2, 1)
+    moved = torch.tensor([[0, 1, 2, 3], [2, 3, 0, 1]], dtype=torch.int32)
+    keys = []
+    for meta in (_expert_location(trivial), _expert_location(trivial.clone()), _expert_location(moved)):
+        monkeypatch.setattr(expert_location, "get_global_expert_location_metadata", lambda meta=meta: meta)
+        keys.append(memory_plan_key(loader, headers, "cpu"))
+    assert keys[0] == keys[1] and keys[0] != keys[2]
+    other_knobs = SimpleNamespace(min_segment_bytes=1, chunk_bytes=64 << 20)
+    assert memory_plan_key(other_knobs, headers, "cpu") != keys[2]
