@@ -32,24 +32,47 @@ def _unique_tensors(model: torch.nn.Module) -> List[Tuple[str, torch.Tensor]]:
     return out
 
 
+_ALIGN = 64
+
+
 class WeightSnapshot:
     """Host copies of one model's weights, reused between updates."""
 
     def __init__(self):
         self.host: Dict[str, torch.Tensor] = {}
+        self.layout: List[Tuple[str, Tuple[int, ...], torch.dtype]] = []
+        self.slab: torch.Tensor = torch.empty(0, dtype=torch.uint8)  # ``host`` are views of it
         self.nbytes = 0
         self.seconds = 0.0
+
+    def _allocate(self, tensors: List[Tuple[str, torch.Tensor]]) -> None:
+        # One slab for every buffer: pinning is paid per allocation, and one large
+        # registration costs a fraction of pin_memory=True per tensor (host_memory.py).
+        offsets, pos = [], 0
+        for _, t in tensors:
+            pos = -(-pos // _ALIGN) * _ALIGN
+            offsets.append(pos)
+            pos += t.numel() * t.element_size()
+        self.host, self.slab = {}, torch.empty(0, dtype=torch.uint8)
+        if any(t.is_cuda for _, t in tensors):
+            from sglang_fastload.loader.host_memory import pinned_empty
+
+            self.slab = pinned_empty(pos)
+        else:
+            self.slab = torch.empty(pos, dtype=torch.uint8)
+        for (name, t), off in zip(tensors, offsets):
+            nbytes = t.numel() * t.element_size()
+            self.host[name] = self.slab.narrow(0, off, nbytes).view(t.dtype).view(t.shape)
+        self.layout = [(name, tuple(t.shape), t.dtype) for name, t in tensors]
 
     def capture(self, model: torch.nn.Module) -> None:
         """Copy the model's weights into the host buffers (allocating them the first time)."""
         t0 = time.perf_counter()
         tensors = _unique_tensors(model)
+        if [(name, tuple(t.shape), t.dtype) for name, t in tensors] != self.layout:
+            self._allocate(tensors)
         for name, t in tensors:
-            buf = self.host.get(name)
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
-                self.host[name] = buf
-            buf.copy_(t, non_blocking=t.is_cuda)
+            self.host[name].copy_(t, non_blocking=t.is_cuda)
         if any(t.is_cuda for _, t in tensors):
             torch.cuda.synchronize()
         self.nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
