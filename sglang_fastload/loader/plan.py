@@ -102,10 +102,6 @@ class LoadPlan:
     def nbytes(self) -> int:
         return sum(f.nbytes for f in self.files)
 
-    @property
-    def step_count(self) -> int:
-        return sum(len(f.steps) for f in self.files)
-
 
 def numel(geometry: Geometry) -> int:
     return math.prod(geometry[1])
