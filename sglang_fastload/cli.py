@@ -91,6 +91,9 @@ def status(out=sys.stdout) -> int:
         f" ({constants.ENV_AUTO_MEANS_FAST}={'1' if auto_fast else 'unset'})",
         file=out,
     )
+    from sglang_fastload.loader import plan_store_location
+
+    print(f"  load plan store: {plan_store_location.describe()}", file=out)
     snapshot = os.environ.get(constants.ENV_UPDATE_SNAPSHOT, "").strip() == "1"
     print(
         f"  host snapshot before updates: {'on' if snapshot else 'off'}"

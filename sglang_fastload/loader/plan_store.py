@@ -34,11 +34,11 @@ from sglang_fastload import constants
 from sglang_fastload.checkpoint.safetensors_header import torch_dtype_name
 from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan, numel
 from sglang_fastload.loader.plan_key import PLAN_SCHEMA_VERSION
+from sglang_fastload.loader.plan_store_location import SUFFIX, store_dir
 from sglang_fastload.loader.replay import RecordedZero
 
 logger = logging.getLogger(__name__)
 
-SUFFIX = ".plan.json.gz"
 # Temporary files older than this are left-overs of a writer that died: removed on pruning.
 STALE_TMP_SECONDS = 3600
 # gzip level 1: plans are repetitive, so it already shrinks them ~10x at a fraction of the
@@ -55,17 +55,6 @@ def _torch_dtype(st_dtype: str) -> torch.dtype:
 
 class PlanFileError(ValueError):
     """A stored plan file is unusable (malformed, other schema, does not fit)."""
-
-
-def store_dir() -> Optional[str]:
-    """The store directory, or None when the store is switched off."""
-    if os.environ.get(constants.ENV_PLAN_STORE, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    explicit = os.environ.get(constants.ENV_PLAN_DIR)
-    if explicit:
-        return os.path.abspath(os.path.expanduser(explicit))
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, *constants.PLAN_STORE_SUBDIR)
 
 
 def path_for(directory: str, key: str) -> str:

@@ -180,7 +180,7 @@ def test_hook_imports_only_the_stdlib_and_itself():
         assert heavy not in imported, heavy
 
 
-def test_status_command_reports_active_and_inactive():
+def test_status_command_reports_active_and_inactive(tmp_path):
     proc = subprocess.run([PY, "-m", "sglang_fastload", "status"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ACTIVE" in proc.stdout and "sglang.srt.model_loader.loader ->" in proc.stdout
@@ -197,6 +197,19 @@ def test_status_command_reports_active_and_inactive():
     )
     assert "--load-format auto: served by fast for the models fast supports" in switched.stdout, switched.stdout
     assert "host snapshot before updates: on" in switched.stdout
+    store = tmp_path / "plans"
+    store.mkdir()
+    (store / "k.plan.json.gz").write_bytes(b"")
+    store_on = subprocess.run(
+        [PY, "-m", "sglang_fastload", "status"], capture_output=True, text=True,
+        env={**os.environ, "SGLANG_FASTLOAD_PLAN_STORE": "1", "SGLANG_FASTLOAD_PLAN_DIR": str(store)},
+    )
+    assert f"load plan store: on, {store} (1 plans;" in store_on.stdout, store_on.stdout
+    store_off = subprocess.run(
+        [PY, "-m", "sglang_fastload", "status"], capture_output=True, text=True,
+        env={**os.environ, "SGLANG_FASTLOAD_PLAN_STORE": "0"},
+    )
+    assert "load plan store: off (SGLANG_FASTLOAD_PLAN_STORE=0)" in store_off.stdout, store_off.stdout
 
 
 def test_wheel_install_and_uninstall_in_fresh_venv(tmp_path):
