@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -123,6 +124,8 @@ def run_sizes(args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if "RANK" not in os.environ:
+        # Rank processes inherit an empty plan store: start-up loads are first starts.
+        os.environ.setdefault("SGLANG_FASTLOAD_PLAN_DIR", tempfile.mkdtemp(prefix="gpu-bench-tp-plans-"))
         if args.tp:
             return run_sizes(args)
         return launch(args.nproc)
