@@ -91,7 +91,8 @@ def pinned_empty(nbytes: int) -> torch.Tensor:
     address = buf.data_ptr()
     if _register(address, nbytes, _REGISTER_DEFAULT) != 0:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    weakref.finalize(buf, _unregister, address)
+    # Not at interpreter exit: CUDA may be torn down by then, and the OS frees the pages.
+    weakref.finalize(buf, _unregister, address).atexit = False
     return buf
 
 
