@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -42,6 +43,7 @@ __all__ = [
     "compare_params",
     "assert_params_equal",
     "free_port",
+    "server_port",
     "child_env",
 ]
 
@@ -96,6 +98,42 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_SERVER_PORTS: List[int] = []  # handed out by server_port, most recent last
+
+
+def server_port() -> int:
+    """A free port for a server that binds it only later (after loading a model).
+
+    It lies below the kernel's ephemeral range, so no socket bound to port 0 meanwhile (gloo
+    groups, HTTP clients, another server's helpers) can take it, and at least 1,100 away
+    from the ports handed out before (SGLang derives its internal ports from ``--port`` and
+    ``--dist-init-addr`` up to 1,000 above them).
+    """
+    low = _ephemeral_low()
+    lo, hi = max(1024, low - 16000), max(1025, low - 1100)
+    rng = random.SystemRandom()
+    for _ in range(500):
+        port = rng.randrange(lo, hi)
+        if any(abs(port - p) < 1100 for p in _SERVER_PORTS[-8:]):
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _SERVER_PORTS.append(port)
+        return port
+    return free_port()
 
 
 def child_env(env: Optional[Mapping[str, Optional[str]]] = None, *, threads: Optional[int] = None) -> Dict[str, str]:

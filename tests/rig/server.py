@@ -31,7 +31,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import requests
 
-from tests.rig.inprocess import free_port
+from tests.rig.inprocess import server_port
 
 __all__ = ["SGLangServer", "ServerStartError", "stop_all_servers", "CPU_SERVER_ARGS"]
 
@@ -195,7 +195,7 @@ class SGLangServer:
         if self.proc is not None:
             raise RuntimeError("server already started")
         self._log_dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = server_port()
         self._log_file = open(self.log_path, "ab")
         self._log_file.write(("$ " + " ".join(self.command()) + "\n").encode())
         self._log_file.flush()

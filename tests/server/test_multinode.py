@@ -14,7 +14,7 @@ import re
 import pytest
 
 from tests.rig.checkpoints import load_tensors
-from tests.rig.inprocess import CaseSpec, free_port, load_cases
+from tests.rig.inprocess import CaseSpec, load_cases, server_port
 from tests.rig.server import SGLangServer
 from tests.server.checkpoint_damage import copy_checkpoint, truncate
 from tests.server.conftest import PROMPTS, update
@@ -112,7 +112,9 @@ def spawned_nodes(dense_pair):
     """Nodes 0 and 1 of one `fast` server on A, spawned (not yet healthy); each node has
     its own HTTP port (node 1 answers only /health there) and binds its rank to its own CPU."""
     a, _ = dense_pair
-    rendezvous = f"127.0.0.1:{free_port()}"
+    # Bound only once node 0's scheduler starts, while a gloo group loads upstream's
+    # reference: a port below the ephemeral range cannot be taken in between.
+    rendezvous = f"127.0.0.1:{server_port()}"
     cores = os.cpu_count() or 1
     nodes = [
         SGLangServer(
