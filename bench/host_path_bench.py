@@ -22,7 +22,9 @@ import ctypes
 import json
 import os
 import platform
+import re
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +57,7 @@ def system_info() -> Dict:
         "lscpu": _sh("lscpu | egrep 'Model name|Socket|NUMA|L3|L2|Thread|Core'"),
         "numa_nodes": _sh("ls /sys/devices/system/node | grep node"),
         "thp": _sh("cat /sys/kernel/mm/transparent_hugepage/enabled"),
+        "cmdline": _sh("cat /proc/cmdline; ls /sys/class/iommu"),
         "meminfo": _sh("egrep 'MemTotal|MemFree|Cached|Hugepages' /proc/meminfo"),
         "topo": _sh("nvidia-smi topo -m"),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -171,7 +174,7 @@ def read_only(paths, threads: int, chunk: int, pool: Pool) -> Dict:
     return {"threads": threads, "chunk_mib": chunk // MiB, "bytes": total, "seconds": s, "gbps": total / s / 1e9}
 
 
-def bounce(paths, threads: int, chunk: int, nbuf: int, pool: Pool, device_dst: torch.Tensor) -> Dict:
+def bounce(paths, threads: int, chunk: int, nbuf: int, pool: Pool, device_dst: torch.Tensor, blocking: bool = False) -> Dict:
     chunks = chunk_list(paths, chunk)
     bufs = pool.buffers(threads, nbuf, chunk)
     streams = [torch.cuda.Stream() for _ in range(threads)]
@@ -200,7 +203,7 @@ def bounce(paths, threads: int, chunk: int, nbuf: int, pool: Pool, device_dst: t
                 read_s[t] += t2 - t1
                 with torch.cuda.stream(streams[t]):
                     device_dst.narrow(0, bases[p] + off, n).copy_(bufs[t][i].narrow(0, 0, n), non_blocking=True)
-                    ev = torch.cuda.Event()
+                    ev = torch.cuda.Event(blocking=blocking)
                     ev.record(streams[t])
                 events[i] = ev
             streams[t].synchronize()
@@ -499,6 +502,120 @@ def hybrid(paths, threads: int, chunk: int, fraction: float, piece: int, zc_thre
             "gbps": total / wall / 1e9, "unregister_s": unreg, "with_unregister_gbps": total / (wall + unreg) / 1e9}
 
 
+def bounce_switch(paths, threads: int, chunk: int, pool: Pool, device_dst: torch.Tensor, switch_s: float, blocking: bool) -> Dict:
+    """The bounce pipeline with another interpreter switch interval and/or blocking events
+    (is the per-chunk cost of small chunks the GIL hand-over or spinning event waits?)."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(switch_s)
+    try:
+        r = bounce(paths, threads, chunk, 2, pool, device_dst, blocking=blocking)
+    finally:
+        sys.setswitchinterval(old)
+    r.update(switch_s=switch_s, blocking=blocking)
+    return r
+
+
+def registrar_ahead(paths, piece: int, copiers: int, device_dst: torch.Tensor, fraction: float = 1.0,
+                    threads: int = 0, chunk: int = 64 * MiB, pool: "Pool" = None) -> Dict:
+    """Zero-copy with registration on its own thread: one thread registers ``fraction`` of the
+    pieces in order and hands each to ``copiers`` threads that only queue device copies; the
+    rest goes through ``threads`` bounce readers at the same time. Tells whether registering
+    and copying from one thread (what ``overlapped`` measures) is what costs."""
+    import queue
+    cudart = torch.cuda.cudart()
+    maps = [_map(p) for p in paths]
+    bases, pos = {}, 0
+    for addr, size in maps:
+        bases[addr] = pos
+        pos += size
+    path_of = {addr: p for (addr, _), p in zip(maps, paths)}
+    zc, rest = [], []
+    for i, pc in enumerate(_pieces(maps, piece)):
+        (zc if len(zc) < fraction * (i + 1) else rest).append(pc)
+    chunks = [(base, off + o, min(chunk, n - o)) for a, off, n, base in rest for o in range(0, n, chunk)]
+    fds = {p: os.open(p, os.O_RDONLY) for p in paths}
+    bufs = pool.buffers(threads, 2, chunk) if threads else []
+    streams = [torch.cuda.Stream() for _ in range(threads + copiers)]
+    total = sum(p[2] for p in zc) + sum(c[2] for c in chunks)
+    q: "queue.Queue" = queue.Queue()
+    reg_s = [0.0]
+
+    def registrar():
+        t0 = time.perf_counter()
+        for pc in zc:
+            cudart.cudaHostRegister(pc[0], pc[2], CUDA_HOST_REGISTER_READ_ONLY)
+            q.put(pc)
+        reg_s[0] = time.perf_counter() - t0
+        for _ in range(copiers):
+            q.put(None)
+
+    def copier(c):
+        s = streams[threads + c]
+        with torch.cuda.stream(s):
+            while True:
+                pc = q.get()
+                if pc is None:
+                    break
+                a, off, n, base = pc
+                device_dst.narrow(0, bases[base] + off, n).copy_(_host_tensor(a, n), non_blocking=True)
+        s.synchronize()
+
+    def bounce_task(t):
+        events = [None, None]
+        for k, (base, off, n) in enumerate(chunks[t::threads]):
+            i = k % 2
+            if events[i] is not None:
+                events[i].synchronize()
+            _preadinto(fds[path_of[base]], bufs[t][i], off, n)
+            with torch.cuda.stream(streams[t]):
+                device_dst.narrow(0, bases[base] + off, n).copy_(bufs[t][i].narrow(0, 0, n), non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(streams[t])
+            events[i] = ev
+        streams[t].synchronize()
+
+    with ThreadPoolExecutor(1 + copiers + threads) as ex:
+        t0 = time.perf_counter()
+        futs = [ex.submit(registrar)] + [ex.submit(copier, c) for c in range(copiers)]
+        futs += [ex.submit(bounce_task, t) for t in range(threads)]
+        for f in futs:
+            f.result()
+        wall = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for pc in zc:
+            cudart.cudaHostUnregister(pc[0])
+        unreg = time.perf_counter() - t1
+    for fd in fds.values():
+        os.close(fd)
+    for addr, size in maps:
+        _libc.munmap(addr, size)
+    return {"piece_mib": piece // MiB, "copiers": copiers, "fraction": fraction, "threads": threads,
+            "chunk_mib": chunk // MiB, "bytes": total, "zc_bytes": sum(p[2] for p in zc), "seconds": wall,
+            "gbps": total / wall / 1e9, "register_s": reg_s[0],
+            "register_gbps": sum(p[2] for p in zc) / max(reg_s[0], 1e-9) / 1e9, "unregister_s": unreg}
+
+
+def file_folios(paths) -> Dict:
+    """How the kernel maps the files' page cache once populated (PMD-mapped = large folios)."""
+    out = {}
+    for p in paths:
+        addr, size = _map(p)
+        t0 = time.perf_counter()
+        err = _libc.madvise(addr, size, MADV_POPULATE_READ)
+        dt = time.perf_counter() - t0
+        lines = []
+        with open("/proc/self/smaps") as f:
+            inside = False
+            for line in f:
+                if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                    inside = int(line.split("-")[0], 16) == addr
+                elif inside and line.split(":")[0] in ("Rss", "FilePmdMapped", "KernelPageSize", "MMUPageSize"):
+                    lines.append(line.strip())
+        _libc.munmap(addr, size)
+        out[os.path.basename(p)] = {"populate_s": dt, "populate_err": err, "smaps": lines}
+    return out
+
+
 def h2d(nbytes: int, streams: int, pool: Pool, device_dst: torch.Tensor) -> Dict:
     src = pool.slab.narrow(0, 0, nbytes)
     ss = [torch.cuda.Stream() for _ in range(streams)]
@@ -522,7 +639,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=2)
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="fewer configurations (dry runs)")
-    ap.add_argument("--suite", default="all", choices=["all", "zero-copy", "hybrid"], help="zero-copy: registration and pinning only")
+    ap.add_argument("--suite", default="all", choices=["all", "zero-copy", "hybrid", "lane"], help="zero-copy: registration and pinning only; lane: registration on its own thread, GIL/event costs of small chunks")
     args = ap.parse_args()
     res: Dict = {"command": " ".join(os.sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "system": system_info()}
 
@@ -559,6 +676,27 @@ def main() -> None:
                     log("hybrid", r)
                 except Exception as exc:  # noqa: BLE001
                     log("hybrid", {"args": [t, c, f, pc, z], "error": repr(exc)})
+        res["wall_s"] = time.perf_counter() - t0
+        save()
+        return
+    if args.suite == "lane":
+        with ThreadPoolExecutor(8) as ex:  # page cache warm
+            list(ex.map(lambda p: open(p, "rb").read(), paths))
+        res["folios"] = file_folios(paths)
+        device_dst = torch.empty(total, dtype=torch.uint8, device="cuda")
+        pool = Pool(16 * 2 * 64 * MiB)
+        for rep in range(2):
+            for piece, copiers, frac, t in ((256, 1, 1.0, 0), (64, 1, 1.0, 0), (256, 2, 1.0, 0), (256, 1, 0.5, 16),
+                                            (256, 1, 0.6, 16), (256, 1, 0.7, 16), (64, 1, 0.6, 16), (256, 1, 0.6, 12)):
+                try:
+                    r = registrar_ahead(paths, piece * MiB, copiers, device_dst, frac, t, 64 * MiB, pool)
+                    r["rep"] = rep
+                    log("registrar_ahead", r)
+                except Exception as exc:  # noqa: BLE001 - a failed variant is a result too
+                    log("registrar_ahead", {"args": [piece, copiers, frac, t], "error": repr(exc)})
+        for c in (4, 8, 16, 64):
+            for switch_s, blocking in ((0.005, False), (0.0002, False), (0.005, True)):
+                log("bounce_switch", bounce_switch(paths, 16, c * MiB, pool, device_dst, switch_s, blocking))
         res["wall_s"] = time.perf_counter() - t0
         save()
         return

@@ -31,7 +31,7 @@ from sglang_fastload.checkpoint.safetensors_header import read_header, torch_dty
 from sglang_fastload.errors import CheckpointError, UnsupportedModelError
 from sglang_fastload.loader import validate
 from sglang_fastload.loader.checkpoint_state import state_of
-from sglang_fastload.loader.executor import DEFAULT_ZERO_COPY_SHARE, execute_plan
+from sglang_fastload.loader.executor import DEFAULT_ZERO_COPY_SHARE, execute_plan, prepare_in_background
 from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, build_plan, numel
 from sglang_fastload.loader.dispatch import auto_means_fast
 from sglang_fastload.loader.replay import replay_load_weights
@@ -347,6 +347,19 @@ class FastModelLoader(DefaultModelLoader):
         if not 0.0 <= self.zero_copy_share <= 1.0:
             raise ValueError("zero_copy_share in --model-loader-extra-config must be between 0 and 1")
         self.last_summary: Optional[LoadSummary] = None
+
+    def load_model(self, *, model_config, device_config):
+        """Upstream's ``load_model``; the copy engine's buffers are made while the model is built.
+
+        Returns:
+            The loaded model, as upstream's.
+        """
+        device = torch.device(device_config.device)
+        if device.type == "cuda" and torch.cuda.is_available():
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            prepare_in_background(device, self.num_threads, self.chunk_bytes, self.zero_copy_share)
+        return DefaultModelLoader.load_model(self, model_config=model_config, device_config=device_config)
 
     def _get_weights_iterator(self, source, **kwargs):
         checkpoint = FastCheckpoint(self, source, kwargs)

@@ -110,3 +110,88 @@ def test_mapped_file_registers_each_page_once_and_copies_inside_registrations(tm
     covered = sum(k for _, k in calls)
     assert covered == -(-len(data) // page) * page  # every page once, nothing beyond the file
     mapped.release()
+
+
+def _lane_chunk(places, scratch_bytes):
+    from sglang_fastload.loader.executor import _BoundChunk
+    import torch
+
+    return _BoundChunk(
+        file=0, nbytes=sum(n for _, n, _ in places), direct=[], gathers=[], buffer=0, segments=[],
+        places=list(places), staged_bytes=scratch_bytes, dsts=[], srcs=[], host=None,
+        device=torch.zeros(scratch_bytes, dtype=torch.uint8), fault_bytes=0,
+    )
+
+
+def test_lane_registrar_hands_over_every_chunk_with_copies_inside_one_registration(tmp_path, monkeypatch):
+    """The registrar thread on a really mapped file, CUDA's registration replaced by a recorder
+    that refuses a page registered twice (as CUDA does): each chunk's copies read exactly its
+    file bytes into exactly its scratch bytes, and none spans two registrations."""
+    import queue
+    import threading
+
+    import torch
+
+    from sglang_fastload.loader import executor, host_memory
+
+    page = host_memory.PAGE
+    data = bytes(random.Random(3).randrange(256) for _ in range(9 * page + 123))
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(data)
+    registered = []
+
+    def record(address, nbytes, flags):
+        assert flags == host_memory._REGISTER_READ_ONLY and address % page == 0
+        assert not any(address < e and s < address + nbytes for s, e in registered), "page registered twice"
+        registered.append((address, address + nbytes))
+        return 0
+
+    monkeypatch.setattr(host_memory, "_register", record)
+    monkeypatch.setattr(host_memory, "_unregister", lambda address: None)
+    # Places that share pages with each other and with the next chunk, and the file's tail.
+    chunks = [
+        _lane_chunk([(10, page, 0), (2 * page + 5, 300, page + 64)], 2 * page),
+        _lane_chunk([(page + 7, page + 100, 0)], 2 * page),
+        _lane_chunk([(8 * page, page + 123, 64)], 2 * page),
+    ]
+    mapped, ready, stats = {}, queue.SimpleQueue(), executor.ExecutionStats()
+    executor._register_lane(chunks, [str(path)], mapped, ready, threading.Event(), stats)
+    items = [ready.get() for _ in range(len(chunks) + 1)]
+    assert items[-1] is executor._LANE_END and [it.chunk for it in items[:-1]] == chunks
+    for item in items[:-1]:
+        for dst, src in item.copies:
+            dst.copy_(src)
+            start = src.data_ptr()
+            assert any(s <= start and start + src.numel() <= e for s, e in registered), "copy spans registrations"
+        for off, n, p in item.chunk.places:
+            assert bytes(item.chunk.device[p:p + n].tolist()) == data[off:off + n]
+        covered = sum(dst.numel() for dst, _ in item.copies)
+        assert covered == sum(n for _, n, _ in item.chunk.places)
+    mapped[str(path)].release()
+
+
+def test_lane_registrar_refuses_a_chunk_past_the_end_of_its_file_and_still_ends_the_lane(tmp_path, monkeypatch):
+    import queue
+    import threading
+
+    import pytest
+
+    from sglang_fastload.errors import CheckpointError
+    from sglang_fastload.loader import executor, host_memory
+
+    path = tmp_path / "short.safetensors"
+    path.write_bytes(b"x" * 1000)
+    monkeypatch.setattr(host_memory, "_register", lambda address, nbytes, flags: 0)
+    monkeypatch.setattr(host_memory, "_unregister", lambda address: None)
+    ok, past_end = _lane_chunk([(0, 100, 0)], 256), _lane_chunk([(900, 200, 0)], 256)
+    mapped, ready = {}, queue.SimpleQueue()
+    with pytest.raises(CheckpointError) as err:
+        executor._register_lane([ok, past_end], [str(path)], mapped, ready, threading.Event(), executor.ExecutionStats())
+    assert "short.safetensors" in str(err.value) and "1100" in str(err.value)
+    assert ready.get().chunk is ok and ready.get() is executor._LANE_END
+    mapped[str(path)].release()
+    # A failed load stops the registrar before its next chunk.
+    stopped, ready = threading.Event(), queue.SimpleQueue()
+    stopped.set()
+    executor._register_lane([ok], [str(path)], {}, ready, stopped, executor.ExecutionStats())
+    assert ready.get() is executor._LANE_END
