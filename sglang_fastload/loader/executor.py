@@ -51,6 +51,12 @@ class ExecutionStats:
         seconds: the whole execution.
         setup_seconds: binding views, buffers and mappings before the first read.
         register_seconds: the zero-copy lane's page-cache registrations (summed).
+        read_seconds: reader threads in read calls and gathers (summed over threads).
+        wait_seconds: reader threads waiting for the device to free a buffer (summed).
+        issue_seconds: threads queueing device copies (summed, lane included).
+        lane_wait_seconds: the lane's copier waiting for its registrar.
+        threads_seconds: from the first read until every thread had queued its last copy.
+        drain_seconds: after that, until the device had finished every copy.
     """
 
     bytes_read: int = 0
@@ -58,6 +64,17 @@ class ExecutionStats:
     seconds: float = 0.0
     setup_seconds: float = 0.0
     register_seconds: float = 0.0
+    read_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    issue_seconds: float = 0.0
+    lane_wait_seconds: float = 0.0
+    threads_seconds: float = 0.0
+    drain_seconds: float = 0.0
+
+    def phases(self) -> Dict[str, float]:
+        """Where the time of the execution went, in seconds (summed ones may exceed it)."""
+        names = ("setup", "threads", "drain", "read", "wait", "issue", "register", "lane_wait")
+        return {name: round(getattr(self, name + "_seconds"), 4) for name in names}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -579,15 +596,22 @@ def _run_bound(
     mappings: _FileMappings,
 ) -> None:
     stats = worker.stats
+    t0 = time.perf_counter()
     for view, off in chunk.direct:
         _read_exact(fd, view, off, path, stats)
     if chunk.buffer >= 0:
+        t1 = time.perf_counter()
         worker.wait(chunk.buffer)
+        t2 = time.perf_counter()
+        stats.wait_seconds += t2 - t1
+        t0 += t2 - t1
         for view, off in chunk.segments:
             _read_exact(fd, view, off, path, stats)
     for dst, step in chunk.gathers:
         dst.copy_(mappings.view(path, step, step.src_dtype or dst.dtype))
         stats.bytes_read += step.nbytes
+    t3 = time.perf_counter()
+    stats.read_seconds += t3 - t0
     if chunk.buffer >= 0:
         if worker.cuda:
             with torch.cuda.stream(worker.stream):
@@ -599,6 +623,7 @@ def _run_bound(
             worker.mark_in_use(chunk.buffer)
         else:
             torch._foreach_copy_(chunk.dsts, chunk.srcs)
+        stats.issue_seconds += time.perf_counter() - t3
     fault.spend(chunk.fault_bytes)
     if on_bytes:
         on_bytes(chunk.nbytes)
@@ -680,7 +705,10 @@ def _copy_lane(
     """Zero-copy lane, second thread: queue the device copies of each registered chunk."""
     stats = worker.stats
     while True:
+        t0 = time.perf_counter()
         item = ready.get()
+        t1 = time.perf_counter()
+        stats.lane_wait_seconds += t1 - t0
         if item is _LANE_END or failed.is_set():
             return
         chunk = item.chunk
@@ -692,6 +720,7 @@ def _copy_lane(
             for dst, src in item.copies:
                 dst.copy_(src, non_blocking=True)
             torch._foreach_copy_(chunk.dsts, chunk.srcs)
+        stats.issue_seconds += time.perf_counter() - t1
         stats.read_calls += len(item.copies)
         stats.bytes_read += sum(n for _, n, _ in chunk.places)
         fault.spend(chunk.fault_bytes)
@@ -789,8 +818,10 @@ def execute_plan(
                 for f in futures:
                     if not f.cancelled():
                         f.exception()
+        threads_end = time.perf_counter()
         for w in workers:
             w.finish()
+        drain_seconds = time.perf_counter() - threads_end
         host_memory.release_later([m for m in mapped.values() if m is not None])
         mapped.clear()
     finally:
@@ -804,10 +835,15 @@ def execute_plan(
             mappings.close()
         for fd in fds.values():
             os.close(fd)
+    summed = {
+        name: sum(getattr(w.stats, name) for w in workers)
+        for name in ("bytes_read", "read_calls", "read_seconds", "wait_seconds", "issue_seconds", "lane_wait_seconds")
+    }
     return ExecutionStats(
-        bytes_read=sum(w.stats.bytes_read for w in workers),
-        read_calls=sum(w.stats.read_calls for w in workers),
         seconds=time.perf_counter() - t0,
         setup_seconds=setup_seconds,
         register_seconds=registrar_stats.register_seconds,
+        threads_seconds=threads_end - t0 - setup_seconds,
+        drain_seconds=drain_seconds,
+        **summed,
     )

@@ -502,6 +502,8 @@ class FastModelLoader(DefaultModelLoader):
             rank=_rank_suffix(),
             load_format=_format_label(self.load_config.load_format),
             copy_setup_seconds=stats.setup_seconds,
+            copy_phases=stats.phases(),
         )
         self.last_summary = summary
         logger.info(summary.line())
+        logger.debug("sglang-fastload: read/copy phases (s): %s", summary.copy_phases)

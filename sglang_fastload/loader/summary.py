@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Dict
 
 
 # Where a load's plan came from: reused from memory, read from the plan store, or built
@@ -32,6 +33,8 @@ class LoadSummary:
     rank: str = ""
     load_format: str = "fast"
     copy_setup_seconds: float = 0.0  # part of copy_seconds spent before the first read
+    # Where read/copy time went (``ExecutionStats.phases``): logged at debug level.
+    copy_phases: Dict[str, float] = dataclasses.field(default_factory=dict)
 
     def line(self) -> str:
         source = self.plan_source or (PLAN_CACHED if self.plan_cached else PLAN_BUILT)
