@@ -737,7 +737,7 @@ def derive(data: Dict) -> None:
                 s["gbps"] = round(nbytes / s["seconds"] / GB, 3)
                 ref = ref_steps.get((s["phase"], s["cache"]))
                 s["speedup_vs_auto"] = round(ref["seconds"] / s["seconds"], 3) if ref else None
-                c = warm_ceiling if s["cache"] == "warm" else cold_ceiling
+                c = cold_ceiling if s["cache"] == "cold" else warm_ceiling
                 s["fraction_of_ceiling"] = round(s["gbps"] / c, 3) if c else None
                 fs = s.get("fast_summary")
                 if fs:
@@ -895,8 +895,19 @@ def choose_moe_layers(args, workdir: str, dense_bytes_pending: int, dense_bytes_
     return n, limits
 
 
+def fresh_copy(directory: str) -> Tuple[str, Dict[str, float]]:
+    """A copy of the checkpoint in new files, written just now and not synced: what a trainer
+    hands the server after each step (a warm page cache of pages never read, mapped or
+    pinned before, unlike the ``warm`` rows' re-read files)."""
+    target = directory.rstrip("/") + "-fresh"
+    shutil.rmtree(target, ignore_errors=True)
+    t0 = time.perf_counter()
+    shutil.copytree(directory, target)
+    return target, {"seconds": round(time.perf_counter() - t0, 2)}
+
+
 def plan_steps(args) -> List[Tuple[str, str]]:
-    """``(phase, cache)`` in run order: the warm sequence, then the cold repeats."""
+    """``(phase, cache)`` in run order: the warm sequence, the fresh repeats, then the cold ones."""
     phases = args.phases
     warm, cold = "warm" in args.cache, "cold" in args.cache
     steps = []
@@ -904,6 +915,8 @@ def plan_steps(args) -> List[Tuple[str, str]]:
         steps.append(("load", "cold" if (cold and "load" in args.cold_phases) else "warm"))
     if warm:
         steps += [(p, "warm") for p in phases if p != "load"]
+    if "fresh" in args.cache:
+        steps += [(p, "fresh") for p in phases if p != "load"]
     if cold:
         steps += [(p, "cold") for p in phases if p != "load" and p in args.cold_phases]
     return steps
@@ -1164,10 +1177,15 @@ def run_contender(cont: Contender, info, steps, args, session: Session, summarie
                 if i == last_update and args.poison and cont.name != REFERENCE:
                     step["poisoned_params"] = poison(runner.model)
                     sync(args.device)
+                source = info.directory
+                if cache == "fresh":
+                    source, step["fresh_copy"] = fresh_copy(info.directory)
                 t0 = time.perf_counter()
-                ok, message = updater.update_weights_from_disk(info.directory, cont.load_format)
+                ok, message = updater.update_weights_from_disk(source, cont.load_format)
                 sync(args.device)
                 seconds = time.perf_counter() - t0
+                if source != info.directory:
+                    shutil.rmtree(source, ignore_errors=True)
                 n_updates += 1
                 step.update(seconds=round(seconds, 4), ok=bool(ok), updates_before=n_updates - 1)
                 if not ok:
@@ -1208,7 +1226,8 @@ def parse_args(argv=None):
     p.add_argument("--models", type=csv, default=["dense", "moe"])
     p.add_argument("--contenders", type=csv, default=["fast", "auto", "auto1"], help=f"of {','.join(CONTENDERS)}")
     p.add_argument("--phases", type=csv, default=["load", "update1", "update2"])
-    p.add_argument("--cache", type=csv, default=["warm", "cold"])
+    p.add_argument("--cache", type=csv, default=["warm", "cold"],
+                   help="warm: re-read files; cold: page cache dropped; fresh: each update reads a new copy written just before (as after a training step)")
     p.add_argument("--cold-phases", type=csv, default=["update1"], help="phases measured again with a cold page cache")
     p.add_argument("--moe-layers", type=int, default=None, help="default: as many as disk, --moe-max-gb and GPU memory allow")
     p.add_argument("--moe-max-gb", type=float, default=40.0)
