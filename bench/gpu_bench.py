@@ -111,12 +111,13 @@ CONTENDERS: Dict[str, Contender] = {
         Contender(
             "fastsafetensors", "fastsafetensors", requires="fastsafetensors", description="SGLang's fastsafetensors format"
         ),
-        Contender("fast", "fast", upstream_scan=False, description="sglang-fastload (default: 8-16 threads by CPU count, 64 MiB buffers, 35 % of the bytes zero-copy on CUDA)"),
+        Contender("fast", "fast", upstream_scan=False, description="sglang-fastload (default: 8-16 threads by CPU count, 64 MiB buffers, no zero-copy lane)"),
         Contender("fast1", "fast", {"num_threads": 1}, upstream_scan=False, description="sglang-fastload, 1 thread"),
         Contender("fast16", "fast", {"num_threads": 16}, upstream_scan=False, description="sglang-fastload, 16 threads"),
         Contender("fast8", "fast", {"num_threads": 8}, upstream_scan=False, description="sglang-fastload, 8 threads"),
         Contender("fast4", "fast", {"num_threads": 4}, upstream_scan=False, description="sglang-fastload, 4 threads"),
         Contender("fast-zc0", "fast", {"zero_copy_share": 0}, upstream_scan=False, description="sglang-fastload, staging buffers only (no zero-copy lane)"),
+        Contender("fast-zc35", "fast", {"zero_copy_share": 0.35}, upstream_scan=False, description="sglang-fastload, 35 % of bytes zero-copy"),
         Contender("fast-zc50", "fast", {"zero_copy_share": 0.5}, upstream_scan=False, description="sglang-fastload, 50 % of bytes zero-copy"),
         Contender("fast-zc65", "fast", {"zero_copy_share": 0.65}, upstream_scan=False, description="sglang-fastload, 65 % of bytes zero-copy"),
         Contender("fast-c4", "fast", {"chunk_mb": 4}, upstream_scan=False, description="sglang-fastload, 4 MiB buffers"),

@@ -1,10 +1,33 @@
-"""Print the fast loads of gpu_bench JSON files with where their read/copy time went."""
-import json, sys
-for f in sys.argv[1:]:
-    d = json.load(open(f))
-    for k, m in d["models"].items():
-        for c, cr in m["contenders"].items():
-            for s in cr.get("steps", []):
-                fs = s.get("fast_summary")
-                if fs:
-                    print(f.split("/")[-1][:10], k, c, s["phase"], s["cache"], "rc %.3f" % fs["copy_seconds"], fs["plan_source"], fs.get("copy_phases"))
+"""Print every ``fast`` load of ``gpu_bench.py`` JSON files with where its read/copy time went.
+
+    python3 bench/summary_phases.py $OUT/gpu_bench.json [more.json ...]
+
+One line per load: file, model, contender, phase/cache, read/copy seconds, where the plan
+came from, and ``copy_phases`` (``ExecutionStats.phases``: set-up, threads, drain, and the
+per-thread sums of reads, buffer waits, copy issue, lane registration and lane waits).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main(paths) -> int:
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        for model, mdata in data.get("models", {}).items():
+            for name, cdata in mdata.get("contenders", {}).items():
+                for step in cdata.get("steps", []):
+                    summary = step.get("fast_summary")
+                    if summary:
+                        print(f"{os.path.basename(path)} {model} {name} {step['phase']}/{step['cache']} "
+                              f"read/copy {summary['copy_seconds']:.3f} s, plan {summary.get('plan_source')}, "
+                              f"phases {summary.get('copy_phases')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -7,10 +7,10 @@ destination's elements are read straight into the parameter's memory. Strided sl
 short runs (row-parallel shards) are gathered element by element from a read-only mapping
 of the file, so each rank copies only the bytes it keeps.
 
-On CUDA one more thread, the zero-copy lane, takes a share of the chunks (``zero_copy_share``
-of the bytes, interleaved with the readers' chunks): it registers the file's page-cache
-pages with CUDA and lets the device copy them with no CPU pass (``host_memory.py`` says why
-both paths at once beat either alone).
+On CUDA, when ``zero_copy_share`` > 0 (off by default), one more thread pair, the zero-copy
+lane, takes that share of the chunks (interleaved with the readers' chunks): it registers
+the file's page-cache pages with CUDA and lets the device copy them with no CPU pass
+(``host_memory.py`` says when both paths at once beat either alone).
 """
 
 from __future__ import annotations
@@ -37,9 +37,12 @@ from sglang_fastload.loader.plan import CopyStep, LoadPlan, is_contiguous
 logger = logging.getLogger(__name__)
 
 _ALIGN = 64
-# Share of a CUDA load's bytes sent through the zero-copy lane (see host_memory.py): 0.35 beat
-# 0, 0.5 and 0.65 on an H200 host (docs/benchmarks.md).
-DEFAULT_ZERO_COPY_SHARE = 0.35
+# Share of a CUDA load's bytes sent through the zero-copy lane (see host_memory.py). Off by
+# default: on an H200 host, 0.35 made re-reads of the same files 20-25 % faster, but a
+# checkpoint written just before the update (every step of a training loop) 25-35 % slower:
+# the first registration of new page-cache pages costs twice as much and holds the driver
+# lock the readers' copies wait on (docs/benchmarks.md, "fresh files").
+DEFAULT_ZERO_COPY_SHARE = 0.0
 
 
 @dataclasses.dataclass
