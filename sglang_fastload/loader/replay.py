@@ -169,10 +169,16 @@ def replay_load_weights(
     params = dict(model.named_parameters(remove_duplicate=False))
     recorder = _CopyRecorder(params)
 
+    # Made before the recorder is active: under it every factory call pays the mode's
+    # dispatch (~11 % of a MoE replay on CPU). Meta tensors hold no memory.
+    made = []
+    for name, shape, dtype in tensors:
+        probe = torch.empty(shape, dtype=dtype, device="meta")
+        recorder.probes[probe.untyped_storage()._cdata] = name
+        made.append((name, probe))
+
     def probes():
-        for name, shape, dtype in tensors:
-            probe = torch.empty(shape, dtype=dtype, device="meta")
-            recorder.probes[probe.untyped_storage()._cdata] = name
+        for name, probe in made:
             recorder.current = name
             yield name, probe
 
