@@ -8,7 +8,10 @@ Measured on one H200 host (``bench/host_path_bench.py``, docs/benchmarks.md):
   31 GB/s (three passes over host memory). The checkpoint's own page-cache pages, mapped
   read-only and registered, are copied by the device with no CPU pass; registration runs at
   ~40 GB/s on one thread and does not scale with threads. Doing both at once, about half of
-  the bytes each way, reached 46 GB/s on a 53 GB/s link (``MappedFile``).
+  the bytes each way, reached 46 GB/s on a 53 GB/s link (``MappedFile``). But pages never
+  pinned before (a checkpoint written just before the load, as in a training loop) register
+  at about half that rate, and registration holds the driver lock the readers' copies wait
+  on: the loaders' zero-copy lane is therefore off unless asked for (``zero_copy_share``).
 """
 
 from __future__ import annotations
