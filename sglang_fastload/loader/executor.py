@@ -38,8 +38,8 @@ logger = logging.getLogger(__name__)
 
 _ALIGN = 64
 # Share of a CUDA load's bytes sent through the zero-copy lane (see host_memory.py). Off by
-# default: on an H200 host, 0.35 made re-reads of the same files 20-25 % faster, but a
-# checkpoint written just before the update (every step of a training loop) 25-35 % slower:
+# default: on an H200 host, 0.35 made re-reads of the same files 19-25 % faster, but a
+# checkpoint written just before the update (every step of a training loop) 23-34 % slower:
 # the first registration of new page-cache pages costs twice as much and holds the driver
 # lock the readers' copies wait on (docs/benchmarks.md, "fresh files").
 DEFAULT_ZERO_COPY_SHARE = 0.0
