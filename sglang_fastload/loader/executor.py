@@ -600,21 +600,21 @@ def _run_bound(
 ) -> None:
     stats = worker.stats
     t0 = time.perf_counter()
+    wait = 0.0
     for view, off in chunk.direct:
         _read_exact(fd, view, off, path, stats)
     if chunk.buffer >= 0:
         t1 = time.perf_counter()
         worker.wait(chunk.buffer)
-        t2 = time.perf_counter()
-        stats.wait_seconds += t2 - t1
-        t0 += t2 - t1
+        wait = time.perf_counter() - t1
         for view, off in chunk.segments:
             _read_exact(fd, view, off, path, stats)
     for dst, step in chunk.gathers:
         dst.copy_(mappings.view(path, step, step.src_dtype or dst.dtype))
         stats.bytes_read += step.nbytes
     t3 = time.perf_counter()
-    stats.read_seconds += t3 - t0
+    stats.wait_seconds += wait
+    stats.read_seconds += t3 - t0 - wait
     if chunk.buffer >= 0:
         if worker.cuda:
             with torch.cuda.stream(worker.stream):
@@ -660,9 +660,9 @@ def _register_lane(
     """Zero-copy lane, first thread: map the files and register the page ranges each chunk
     needs, in order, handing each chunk to the copying thread as soon as it is registered.
 
-    Registration holds one driver lock for ~25 ms per GB; on a thread of its own it never
-    waits for copies to be queued, nor they for it (one thread doing both measured 30-33
-    GB/s on an H200 host, below either alone).
+    Registration holds one driver lock for ~25 ms per GB; on a thread of its own it does not
+    wait for this lane's copies to be queued. (The lock still slows every thread's copies:
+    docs/benchmarks.md, "late".)
     """
     try:
         for chunk in chunks:
