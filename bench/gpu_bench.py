@@ -1180,6 +1180,13 @@ def run_contender(cont: Contender, info, steps, args, session: Session, summarie
                     sync(args.device)
                 source = info.directory
                 if cache == "fresh":
+                    free = shutil.disk_usage(os.path.dirname(info.directory.rstrip("/"))).free
+                    if free < nbytes + args.disk_reserve_gb * GB:
+                        # e.g. a contender that keeps deleted copies mapped still holds their space
+                        step.update(ok=False, error=f"skipped: {free / GB:.1f} GB free, the fresh copy needs {nbytes / GB:.1f} GB + {args.disk_reserve_gb:.0f} GB reserve")
+                        cres["steps"].append(step)
+                        log(f"{cont.name} {phase}/{cache}: {step['error']}")
+                        continue
                     source, step["fresh_copy"] = fresh_copy(info.directory)
                 t0 = time.perf_counter()
                 ok, message = updater.update_weights_from_disk(source, cont.load_format)
