@@ -434,6 +434,23 @@ def pin_variants(nbytes: int, threads: int) -> Dict:
     return out
 
 
+def _bounce_thread(chunks, fds, path_of, bufs, stream, device_dst: torch.Tensor, bases) -> None:
+    """One bounce reader of the hybrid runs: read each ``(mapping, offset, n)`` chunk into one of
+    its two pinned buffers, copy it to the device on its stream, double-buffered."""
+    events = [None, None]
+    for k, (base, off, n) in enumerate(chunks):
+        i = k % 2
+        if events[i] is not None:
+            events[i].synchronize()
+        _preadinto(fds[path_of[base]], bufs[i], off, n)
+        with torch.cuda.stream(stream):
+            device_dst.narrow(0, bases[base] + off, n).copy_(bufs[i].narrow(0, 0, n), non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+        events[i] = ev
+    stream.synchronize()
+
+
 def hybrid(paths, threads: int, chunk: int, fraction: float, piece: int, zc_threads: int, pool: Pool, device_dst: torch.Tensor) -> Dict:
     """Part of the bytes (every piece whose running share is below ``fraction``) copied
     zero-copy from registered page cache by ``zc_threads`` threads, the rest by the bounce
@@ -463,18 +480,7 @@ def hybrid(paths, threads: int, chunk: int, fraction: float, piece: int, zc_thre
     total = sum(p[2] for p in zc) + sum(c[2] for c in chunks)
 
     def bounce_task(t):
-        events = [None, None]
-        for k, (base, off, n) in enumerate(chunks[t::threads]):
-            i = k % 2
-            if events[i] is not None:
-                events[i].synchronize()
-            _preadinto(fds[path_of[base]], bufs[t][i], off, n)
-            with torch.cuda.stream(streams[t]):
-                device_dst.narrow(0, bases[base] + off, n).copy_(bufs[t][i].narrow(0, 0, n), non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(streams[t])
-            events[i] = ev
-        streams[t].synchronize()
+        _bounce_thread(chunks[t::threads], fds, path_of, bufs[t], streams[t], device_dst, bases)
 
     def zc_task(z):
         s = streams[threads + z]
@@ -561,18 +567,7 @@ def registrar_ahead(paths, piece: int, copiers: int, device_dst: torch.Tensor, f
         s.synchronize()
 
     def bounce_task(t):
-        events = [None, None]
-        for k, (base, off, n) in enumerate(chunks[t::threads]):
-            i = k % 2
-            if events[i] is not None:
-                events[i].synchronize()
-            _preadinto(fds[path_of[base]], bufs[t][i], off, n)
-            with torch.cuda.stream(streams[t]):
-                device_dst.narrow(0, bases[base] + off, n).copy_(bufs[t][i].narrow(0, 0, n), non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(streams[t])
-            events[i] = ev
-        streams[t].synchronize()
+        _bounce_thread(chunks[t::threads], fds, path_of, bufs[t], streams[t], device_dst, bases)
 
     with ThreadPoolExecutor(1 + copiers + threads) as ex:
         t0 = time.perf_counter()

@@ -29,23 +29,33 @@ from bench import gpu_bench as gb  # noqa: E402
 from bench import synthetic_checkpoints as sc  # noqa: E402
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def moe_arguments(description: str) -> argparse.ArgumentParser:
+    """The CPU MoE checkpoint's options (shared with ``replay_bench.py``)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=48)
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workdir", default="/var/tmp/sglang-fastload-bench-cpu")
-    args = p.parse_args(argv)
+    return p
 
-    store = tempfile.mkdtemp(prefix="plan-store-bench-")
-    os.environ["SGLANG_FASTLOAD_PLAN_STORE"] = "1"
-    os.environ["SGLANG_FASTLOAD_PLAN_DIR"] = store
+
+def cpu_moe_checkpoint(args):
+    """Quiet logging, SGLang with the overlay, and ``cpu_bench.py``'s MoE checkpoint (written once)."""
     logging.basicConfig(level=logging.ERROR, stream=sys.stdout, force=True)
     gb.activate_site(None)
     spec = sc.moe_spec("cpu", layers=args.layers)
     spec.cfg["num_experts"] = args.experts
-    info = sc.write_checkpoint(os.path.join(args.workdir, f"moe-{args.experts}x{args.layers}"), spec,
+    return sc.write_checkpoint(os.path.join(args.workdir, f"moe-{args.experts}x{args.layers}"), spec,
                                shard_bytes=int(0.5 * gb.GB), log=gb.log)
+
+
+def main(argv=None) -> int:
+    args = moe_arguments(__doc__).parse_args(argv)
+
+    store = tempfile.mkdtemp(prefix="plan-store-bench-")
+    os.environ["SGLANG_FASTLOAD_PLAN_STORE"] = "1"
+    os.environ["SGLANG_FASTLOAD_PLAN_DIR"] = store
+    info = cpu_moe_checkpoint(args)
     gb.raw_read(info.files, 2)  # warm page cache
     session = gb.Session("cpu")
     summaries = gb.FastSummaries()

@@ -10,9 +10,7 @@ so both see the same machine state.
 
 from __future__ import annotations
 
-import argparse
 import glob
-import logging
 import os
 import statistics
 import sys
@@ -21,23 +19,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import gpu_bench as gb  # noqa: E402
-from bench import synthetic_checkpoints as sc  # noqa: E402
+from bench.plan_store_bench import cpu_moe_checkpoint, moe_arguments  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=48)
-    p.add_argument("--experts", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--workdir", default="/var/tmp/sglang-fastload-bench-cpu")
-    args = p.parse_args(argv)
+    args = moe_arguments(__doc__).parse_args(argv)
     os.environ["SGLANG_FASTLOAD_PLAN_STORE"] = "0"
-    logging.basicConfig(level=logging.ERROR, stream=sys.stdout, force=True)
-    gb.activate_site(None)
-    spec = sc.moe_spec("cpu", layers=args.layers)
-    spec.cfg["num_experts"] = args.experts
-    info = sc.write_checkpoint(os.path.join(args.workdir, f"moe-{args.experts}x{args.layers}"), spec,
-                               shard_bytes=int(0.5 * gb.GB), log=gb.log)
+    info = cpu_moe_checkpoint(args)
     session = gb.Session("cpu")
     _, model_config, load_config = session.configure(info.directory, gb.CONTENDERS["fast"])
     model, _ = session.load(model_config, load_config)
