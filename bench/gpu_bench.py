@@ -86,6 +86,7 @@ class Contender:
     requires: Optional[str] = None  # a module that must import
     upstream_scan: bool = True  # MoE expert mapping scanned as sglang 0.5.23 does
     description: str = ""
+    env: Optional[dict] = None  # environment variables set while this contender runs
 
 
 CONTENDERS: Dict[str, Contender] = {
@@ -124,9 +125,29 @@ CONTENDERS: Dict[str, Contender] = {
         Contender("fast-c8", "fast", {"chunk_mb": 8}, upstream_scan=False, description="sglang-fastload, 8 MiB buffers"),
         Contender("fast-c32", "fast", {"chunk_mb": 32}, upstream_scan=False, description="sglang-fastload, 32 MiB buffers"),
         Contender("fast-c16", "fast", {"chunk_mb": 16}, upstream_scan=False, description="sglang-fastload, 16 MiB buffers"),
+        Contender("fast-c2", "fast", {"chunk_mb": 2}, upstream_scan=False, description="sglang-fastload, 2 MiB buffers"),
+        Contender(
+            "fast-torchcopy", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_DIRECT_CUDA_CALLS": "0"},
+            description="sglang-fastload, host-to-device copies queued through torch (not the CUDA runtime directly)",
+        ),
     )
 }
 REFERENCE = "auto"
+
+
+@contextlib.contextmanager
+def environment_of(cont: Contender):
+    """The contender's environment variables, set for one of its steps, then restored."""
+    saved = {k: os.environ.get(k) for k in (cont.env or {})}
+    os.environ.update(cont.env or {})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -1164,7 +1185,7 @@ def run_contender(cont: Contender, info, steps, args, session: Session, summarie
             step["drop"] = drop_page_cache(paths)
         step["resident_before"] = resident_fraction(paths)
         n_summaries = len(summaries.items)
-        with upstream_expert_scan(cont.upstream_scan, scan_counter):
+        with upstream_expert_scan(cont.upstream_scan, scan_counter), environment_of(cont):
             if phase == "load":
                 server_args, model_config, load_config = session.configure(info.directory, cont)
                 model, t = session.load(model_config, load_config)

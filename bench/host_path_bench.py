@@ -611,6 +611,117 @@ def file_folios(paths) -> Dict:
     return out
 
 
+class RegisteredSlab:
+    """Staging memory as the loader makes it (huge pages, touched, ``cudaHostRegister``), when
+    sglang-fastload is installed; else ``pin_memory=True`` (torch's caching host allocator)."""
+
+    def __init__(self, nbytes: int):
+        t0 = time.perf_counter()
+        try:
+            from sglang_fastload.loader.host_memory import pinned_empty
+
+            self.slab = pinned_empty(nbytes)
+            self.kind = "registered" if torch.cuda.is_available() else "plain"
+        except ImportError:
+            self.slab, self.kind = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), "pin_memory"
+        self.alloc_s = time.perf_counter() - t0
+
+    def buffers(self, threads: int, nbuf: int, chunk: int):
+        assert threads * nbuf * chunk <= self.slab.numel(), (threads, nbuf, chunk)
+        return [[self.slab.narrow(0, (t * nbuf + i) * chunk, chunk) for i in range(nbuf)] for t in range(threads)]
+
+
+def lean_bounce(paths, threads: int, chunk: int, nbuf: int, slab: RegisteredSlab, device_dst: torch.Tensor,
+                impl: str, blocking: bool = False) -> Dict:
+    """The bounce pipeline with the least per-chunk work: events made once and reused, each
+    thread's stream set once; ``impl`` "cudart" issues copies and events through the CUDA
+    runtime directly (``sglang_fastload.loader.cuda_runtime``), "torch" through torch.
+    Small chunks keep every staging buffer in the CPU cache; is their per-chunk cost now low
+    enough for that to pay?"""
+    rt = None
+    if impl == "cudart":
+        from sglang_fastload.loader.cuda_runtime import runtime
+
+        rt = runtime()
+        if rt is None:
+            return {"impl": impl, "error": "CUDA runtime library not found"}
+    chunks = chunk_list(paths, chunk)
+    bufs = slab.buffers(threads, nbuf, chunk)
+    streams = [torch.cuda.Stream() for _ in range(threads)]
+    fds = {p: os.open(p, os.O_RDONLY) for p in paths}
+    bases, pos = {}, 0
+    for p in paths:
+        bases[p] = pos
+        pos += os.path.getsize(p)
+    total = sum(c[2] for c in chunks)
+    # Everything a chunk needs, made before the clock starts (as the loader's bound chunks).
+    work = []
+    for t in range(threads):
+        mine = []
+        for k, (p, off, n) in enumerate(chunks[t::threads]):
+            i = k % nbuf
+            view = memoryview((ctypes.c_char * n).from_address(bufs[t][i].data_ptr())).cast("B")
+            mine.append((i, fds[p], view, off, device_dst.data_ptr() + bases[p] + off, bufs[t][i].data_ptr(), n,
+                         device_dst.narrow(0, bases[p] + off, n), bufs[t][i].narrow(0, 0, n)))
+        work.append(mine)
+    if rt is not None:
+        events = [[rt.new_event(blocking) for _ in range(nbuf)] for _ in range(threads)]
+    else:
+        events = [[torch.cuda.Event(blocking=blocking) for _ in range(nbuf)] for _ in range(threads)]
+
+    def run():
+        def task(t):
+            stream = streams[t]
+            handle = stream.cuda_stream
+            evs = events[t]
+            used = [False] * nbuf
+            with torch.cuda.stream(stream):
+                for i, fd, view, off, dst, src, n, dst_t, src_t in work[t]:
+                    if used[i]:
+                        rt.wait(evs[i]) if rt is not None else evs[i].synchronize()
+                    done = 0
+                    while done < n:
+                        done += os.preadv(fd, [view[done:]], off + done)
+                    if rt is not None:
+                        rt.copy_to_device(dst, src, n, handle)
+                        rt.record(evs[i], handle)
+                    else:
+                        dst_t.copy_(src_t, non_blocking=True)
+                        evs[i].record(stream)
+                    used[i] = True
+            stream.synchronize()
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(task, range(threads)))
+
+    s = timed(run, repeats=3)
+    for fd in fds.values():
+        os.close(fd)
+    return {"impl": impl, "threads": threads, "chunk_mib": chunk / MiB, "buffers": nbuf, "blocking": blocking,
+            "slab": slab.kind, "bytes": total, "seconds": s, "gbps": total / s / 1e9}
+
+
+def read_cycling(paths, threads: int, chunk: int, nbuf: int, slab: RegisteredSlab) -> Dict:
+    """Page cache into ``nbuf`` staging buffers per thread, no device copy: the reads' own rate
+    when the buffers they cycle through fit the CPU cache, or not."""
+    chunks = chunk_list(paths, chunk)
+    bufs = slab.buffers(threads, nbuf, chunk)
+    fds = {p: os.open(p, os.O_RDONLY) for p in paths}
+    total = sum(c[2] for c in chunks)
+
+    def run():
+        def task(t):
+            for k, (p, off, n) in enumerate(chunks[t::threads]):
+                _preadinto(fds[p], bufs[t][k % nbuf], off, n)
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(task, range(threads)))
+
+    s = timed(run, repeats=3)
+    for fd in fds.values():
+        os.close(fd)
+    return {"threads": threads, "chunk_mib": chunk / MiB, "buffers": nbuf, "slab": slab.kind, "bytes": total,
+            "seconds": s, "gbps": total / s / 1e9}
+
+
 def h2d(nbytes: int, streams: int, pool: Pool, device_dst: torch.Tensor) -> Dict:
     src = pool.slab.narrow(0, 0, nbytes)
     ss = [torch.cuda.Stream() for _ in range(streams)]
@@ -634,7 +745,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=2)
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="fewer configurations (dry runs)")
-    ap.add_argument("--suite", default="all", choices=["all", "zero-copy", "hybrid", "lane"], help="zero-copy: registration and pinning only; lane: registration on its own thread, GIL/event costs of small chunks")
+    ap.add_argument("--suite", default="all", choices=["all", "zero-copy", "hybrid", "lane", "small-chunks"], help="zero-copy: registration and pinning only; lane: registration on its own thread, GIL/event costs of small chunks; small-chunks: the leanest bounce loop (torch or CUDA runtime calls) by chunk size")
     args = ap.parse_args()
     res: Dict = {"command": " ".join(os.sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "system": system_info()}
 
@@ -671,6 +782,35 @@ def main() -> None:
                     log("hybrid", r)
                 except Exception as exc:  # noqa: BLE001
                     log("hybrid", {"args": [t, c, f, pc, z], "error": repr(exc)})
+        res["wall_s"] = time.perf_counter() - t0
+        save()
+        return
+    if args.suite == "small-chunks":
+        with ThreadPoolExecutor(8) as ex:  # page cache warm
+            list(ex.map(lambda p: open(p, "rb").read(), paths))
+        slab = RegisteredSlab(16 * 2 * 64 * MiB)
+        res["slab"] = {"kind": slab.kind, "bytes": slab.slab.numel(), "seconds": slab.alloc_s}
+        sizes = (1, 2, 4, 8, 16, 64) if not args.quick else (4, 64)
+        for c in sizes:
+            log("read_cycling", read_cycling(paths, 16, c * MiB, 2, slab))
+        if not torch.cuda.is_available():
+            print("no CUDA: host-only measurements done")
+            save()
+            return
+        device_dst = torch.empty(total, dtype=torch.uint8, device="cuda")
+        log("h2d_pinned", h2d(1 << 30, 1, Pool(1 << 30), device_dst))
+        for rep in range(2):
+            for impl, t, c, nbuf, blocking in (
+                [("cudart", 16, c, 2, False) for c in sizes] + [("torch", 16, c, 2, False) for c in sizes]
+                + [("cudart", 8, c, 2, False) for c in (2, 4, 8)] + [("cudart", 16, c, 3, False) for c in (2, 4, 8)]
+                + [("cudart", 16, c, 2, True) for c in (2, 4, 8)] + [("cudart", 12, c, 2, False) for c in (4, 8)]
+            ):
+                try:
+                    r = lean_bounce(paths, t, c * MiB, nbuf, slab, device_dst, impl, blocking)
+                    r["rep"] = rep
+                    log("lean_bounce", r)
+                except Exception as exc:  # noqa: BLE001 - a failed variant is a result too
+                    log("lean_bounce", {"args": [impl, t, c, nbuf, blocking], "error": repr(exc)})
         res["wall_s"] = time.perf_counter() - t0
         save()
         return

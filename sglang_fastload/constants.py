@@ -51,6 +51,10 @@ UPDATE_REREAD_PAUSE_S = 0.5
 # directory still holds what was loaded from it.
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
+# "0" makes the fast loader queue its host-to-device copies through torch instead of calling
+# the CUDA runtime library directly (cuda_runtime.py), e.g. to rule that path out.
+ENV_DIRECT_CUDA_CALLS = "SGLANG_FASTLOAD_DIRECT_CUDA_CALLS"
+
 # Load plans kept between server starts (sglang_fastload/loader/plan_store.py): "0" switches
 # the store off; the directory defaults to $XDG_CACHE_HOME (else ~/.cache) + PLAN_STORE_SUBDIR.
 ENV_PLAN_STORE = "SGLANG_FASTLOAD_PLAN_STORE"

@@ -50,3 +50,7 @@ class WeightUpdateError(FastLoadError):
 
 class RollbackError(FastLoadError):
     """A failed update could not restore the previous weights: the model must not serve."""
+
+
+class CudaCallError(FastLoadError, RuntimeError):
+    """A CUDA runtime call the loader made itself failed (the load fails like a torch copy would)."""

@@ -15,6 +15,7 @@ the file's page-cache pages with CUDA and lets the device copy them with no CPU 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -31,7 +32,7 @@ import torch
 
 from sglang_fastload import constants
 from sglang_fastload.errors import CheckpointError
-from sglang_fastload.loader import host_memory
+from sglang_fastload.loader import cuda_runtime, host_memory
 from sglang_fastload.loader.plan import CopyStep, LoadPlan, is_contiguous
 
 logger = logging.getLogger(__name__)
@@ -238,7 +239,11 @@ def _param_view(param: torch.Tensor, geometry) -> torch.Tensor:
 
 
 class _Worker:
-    """Per-thread resources: two host buffers, their events, a stream and a device scratch."""
+    """Per-thread resources: two host buffers, their events, a stream and a device scratch.
+
+    On CUDA, copies and events go straight to the CUDA runtime (``runtime``, see
+    cuda_runtime.py) where it was found, else through torch.
+    """
 
     def __init__(self, device: torch.device, chunk_bytes: int):
         self.device = device
@@ -246,32 +251,63 @@ class _Worker:
         self.buffers: List[Optional[torch.Tensor]] = [None, None]
         self.events: List[Optional[object]] = [None, None]
         self.stream = torch.cuda.Stream(device=device) if self.cuda else None
+        self.stream_handle = self.stream.cuda_stream if self.cuda else 0
         self.scratch: Optional[torch.Tensor] = None
         self.slab: Optional[torch.Tensor] = None  # what ``buffers`` are views of
         self.chunk_bytes = chunk_bytes
+        self.runtime: Optional[cuda_runtime.CudaRuntime] = None
+        self.event_handles: Optional[List[int]] = None  # the runtime's events, made on first use
+        self.recorded = [False, False]
         self.stats = ExecutionStats()
 
-    def needs(self, nbytes: int) -> bool:
-        """True when a host buffer (or the device scratch) holds fewer than ``nbytes``."""
-        small = [b is None or b.numel() < nbytes for b in self.buffers]
-        return any(small) or (self.cuda and (self.scratch is None or self.scratch.numel() < nbytes))
+    def needs_host(self, nbytes: int) -> bool:
+        """True when a host buffer holds fewer than ``nbytes``."""
+        return any(b is None or b.numel() < nbytes for b in self.buffers)
+
+    def needs_scratch(self, nbytes: int) -> bool:
+        """True when copies need ``nbytes`` of device scratch and it has fewer."""
+        return self.cuda and nbytes > 0 and (self.scratch is None or self.scratch.numel() < nbytes)
 
     def wait(self, i: int) -> None:
         """Block until the device is done with host buffer ``i``."""
-        if self.events[i] is not None:
+        if self.recorded[i]:
+            self.runtime.wait(self.event_handles[i])
+            self.recorded[i] = False
+        elif self.events[i] is not None:
             self.events[i].synchronize()
             self.events[i] = None
 
     def mark_in_use(self, i: int) -> None:
-        if self.cuda:
+        """Note that copies queued so far on the stream read host buffer ``i``."""
+        if not self.cuda:
+            return
+        if self.runtime is not None:
+            if self.event_handles is None:  # made here: the stream's device is current
+                self.event_handles = [self.runtime.new_event(), self.runtime.new_event()]
+            self.runtime.record(self.event_handles[i], self.stream_handle)
+            self.recorded[i] = True
+        else:
             ev = torch.cuda.Event()
             ev.record(self.stream)
             self.events[i] = ev
+
+    def issue(self, chunk: "_BoundChunk") -> None:
+        """Queue a staged chunk's copies on this worker's stream (which must be current)."""
+        if self.runtime is not None:
+            for dst, src, n in chunk.copies:
+                self.runtime.copy_to_device(dst, src, n, self.stream_handle)
+        else:
+            for dst, src in chunk.copy_views:
+                dst.copy_(src, non_blocking=True)
+        if chunk.dsts:
+            torch._foreach_copy_(chunk.dsts, chunk.srcs)
+        self.mark_in_use(chunk.buffer)
 
     def finish(self) -> None:
         if self.cuda:
             self.stream.synchronize()
         self.events = [None, None]
+        self.recorded = [False, False]
 
 
 # Host buffers are kept between loads: pinning memory is slow, updates are frequent.
@@ -292,29 +328,31 @@ def _reader_pool(threads: int) -> ThreadPoolExecutor:
         return pool
 
 
-def _reserve(workers: List[_Worker], sizes: List[int]) -> None:
-    """Give every worker that needs it two host buffers and a device scratch of its size.
+def _reserve(workers: List[_Worker], sizes: List[Tuple[int, int]]) -> None:
+    """Give every worker the host buffers and device scratch its ``(host, scratch)`` bytes need.
 
     The host buffers of all those workers come from one slab: pinning is paid per call
     (registering one large huge-page slab costs a fraction of registering many buffers).
+    Scratch is made only where some copy cannot go straight into a parameter.
     """
-    short = [(w, max(n, w.chunk_bytes)) for w, n in zip(workers, sizes) if w.needs(n)]
-    if not short:
-        return
+    short = [(w, max(host, w.chunk_bytes)) for w, (host, _) in zip(workers, sizes) if w.needs_host(host)]
     for w, _ in short:
         w.finish()  # nothing queued may still use a buffer about to be replaced
         w.buffers = [None, None]  # drop old registrations before making the next
-    cuda = short[0][0].cuda
-    total = sum(2 * size for _, size in short)
-    slab = host_memory.pinned_empty(total) if cuda else torch.empty(total, dtype=torch.uint8)
-    pos = 0
-    for w, size in short:
-        w.buffers = [slab.narrow(0, pos, size), slab.narrow(0, pos + size, size)]
-        w.slab = slab  # keeps the registration (made for the slab tensor) alive
-        pos += 2 * size
-        if cuda:
+    if short:
+        cuda = short[0][0].cuda
+        total = sum(2 * size for _, size in short)
+        slab = host_memory.pinned_empty(total) if cuda else torch.empty(total, dtype=torch.uint8)
+        pos = 0
+        for w, size in short:
+            w.buffers = [slab.narrow(0, pos, size), slab.narrow(0, pos + size, size)]
+            w.slab = slab  # keeps the registration (made for the slab tensor) alive
+            pos += 2 * size
+    for w, (_, scratch) in zip(workers, sizes):
+        if w.needs_scratch(scratch):
+            w.finish()
             w.scratch = None
-            w.scratch = torch.empty(size, dtype=torch.uint8, device=w.device)
+            w.scratch = torch.empty(max(scratch, w.chunk_bytes), dtype=torch.uint8, device=w.device)
 
 
 def _workers(device: torch.device, count: int, chunk_bytes: int) -> List[_Worker]:
@@ -330,7 +368,7 @@ _PREPARING: Dict[Tuple[str, int], threading.Thread] = {}
 
 
 def prepare_in_background(device: torch.device, num_threads: int, chunk_bytes: int, zero_copy_share: float) -> None:
-    """Make a CUDA load's streams, pinned buffers and device scratch on a background thread.
+    """Make a CUDA load's streams and pinned buffers on a background thread.
 
     They cost ~0.16 s on an H200 host (pinning dominates) the first time a process loads;
     started before the model is built, they are ready by the time its weights are read.
@@ -352,7 +390,7 @@ def prepare_in_background(device: torch.device, num_threads: int, chunk_bytes: i
         try:
             with torch.cuda.device(device):
                 workers = _workers(device, count, chunk_bytes)
-                _reserve(workers, [chunk_bytes] * count)
+                _reserve(workers, [(chunk_bytes, 0)] * count)
         except Exception as exc:  # the load makes what is missing itself
             logger.info("sglang-fastload: buffers not prepared in advance (%s: %s)", type(exc).__name__, exc)
 
@@ -387,9 +425,12 @@ class _BoundChunk:
         places: ``(file offset, nbytes, buffer position)`` of the same reads (the zero-copy
             lane copies them from the page cache into the device scratch instead).
         staged_bytes: bytes of the buffer in use.
-        dsts, srcs: the copies out of the staged bytes (on CUDA, out of the device scratch
-            after one host-to-device copy of the buffer).
-        host, device: the buffer and scratch prefixes of ``staged_bytes`` (CUDA).
+        copies: CUDA: ``(device address, host address, nbytes)`` copies of the staged bytes,
+            straight into parameters where the bytes are the destination's elements, else
+            into the device scratch; ``copy_views``: the same as tensors (torch's copies).
+        dsts, srcs: the copies out of the staged bytes that need more than a byte copy
+            (strided, gathered or converted: on CUDA, out of the device scratch).
+        device: the scratch prefix of ``staged_bytes`` (zero-copy lane chunks only).
         fault_bytes: bytes counted against an injected fault.
     """
 
@@ -401,9 +442,10 @@ class _BoundChunk:
     segments: List[Tuple[memoryview, int]]
     places: List[Tuple[int, int, int]]
     staged_bytes: int
+    copies: List[Tuple[int, int, int]]
+    copy_views: List[Tuple[torch.Tensor, torch.Tensor]]
     dsts: List[torch.Tensor]
     srcs: List[torch.Tensor]
-    host: Optional[torch.Tensor]
     device: Optional[torch.Tensor]
     fault_bytes: int
 
@@ -431,7 +473,21 @@ def _reads_into_parameter(step: CopyStep, params: Dict[str, torch.Tensor]) -> bo
     return step.view_is_dense and is_contiguous(step.dst) and _same_dtype(step, params)
 
 
-def _bind_chunk(chunk: _Chunk, file_index: int, params: Dict[str, torch.Tensor], worker: _Worker, turn: int) -> _BoundChunk:
+def _device_bytes(tensor: torch.Tensor, byte_offset: int, nbytes: int) -> torch.Tensor:
+    """``nbytes`` of ``tensor``'s storage from ``byte_offset`` past its first element, as uint8."""
+    flat = torch.empty(0, dtype=torch.uint8, device=tensor.device)
+    start = tensor.storage_offset() * tensor.element_size() + byte_offset
+    return flat.set_(tensor.untyped_storage(), start, (nbytes,), (1,))
+
+
+def _goes_straight(step: CopyStep, params: Dict[str, torch.Tensor], cuda: bool, via_scratch: bool) -> bool:
+    """CUDA: the staged bytes of ``step`` are copied straight into its parameter."""
+    return cuda and not via_scratch and not step.gather and _reads_into_parameter(step, params)
+
+
+def _bind_chunk(
+    chunk: _Chunk, file_index: int, params: Dict[str, torch.Tensor], worker: _Worker, turn: int, via_scratch: bool = False
+) -> _BoundChunk:
     cuda = worker.cuda
     direct: List[Tuple[int, int, int]] = []  # (address, file offset, nbytes), merged
     gathers: List[Tuple[torch.Tensor, CopyStep]] = []
@@ -455,8 +511,8 @@ def _bind_chunk(chunk: _Chunk, file_index: int, params: Dict[str, torch.Tensor],
     bound = _BoundChunk(
         file=file_index, nbytes=chunk.nbytes,
         direct=[(_writable_view(a, n), off) for a, off, n in direct],
-        gathers=gathers, buffer=-1, segments=[], places=[], staged_bytes=0, dsts=[], srcs=[],
-        host=None, device=None, fault_bytes=chunk.nbytes,
+        gathers=gathers, buffer=-1, segments=[], places=[], staged_bytes=0, copies=[], copy_views=[],
+        dsts=[], srcs=[], device=None, fault_bytes=chunk.nbytes,
     )
     if not staged:
         return bound
@@ -491,26 +547,51 @@ def _bind_chunk(chunk: _Chunk, file_index: int, params: Dict[str, torch.Tensor],
     bound.segments = [(_writable_view(base + p, n), off) for off, n, p in segments]
     bound.places = [tuple(x) for x in segments]
     bound.staged_bytes = pos
-    source = worker.scratch if cuda else buf
+    # CUDA copies of the staged bytes: [target (parameter name or "" for the scratch),
+    # byte offset in the target, buffer position, nbytes], merged where both sides continue.
+    spans: List[List] = []
     for step, start in layout:
+        if _goes_straight(step, params, cuda, via_scratch):
+            param = params[step.param]
+            target, at = step.param, step.dst[0] * param.element_size()
+        elif cuda:
+            target, at = "", start
+        else:
+            target = None
+        if target is not None:
+            last = spans[-1] if spans else None
+            if last and last[0] == target and last[1] + last[3] == at and last[2] + last[3] == start:
+                last[3] += step.nbytes
+            else:
+                spans.append([target, at, start, step.nbytes])
+            if target:
+                continue
+        source = worker.scratch if cuda else buf
         dst = _param_view(params[step.param], step.dst)
         src = source.narrow(0, start, step.nbytes).view(step.src_dtype or dst.dtype)
         off, sizes, strides = step.dense_view if step.gather else step.view
         bound.dsts.append(dst)
         bound.srcs.append(src.as_strided(sizes, strides, src.storage_offset() + off))
-    if cuda:
-        bound.host = buf.narrow(0, 0, pos)
+    for target, at, p, n in spans:
+        device_tensor = params[target] if target else worker.scratch
+        if worker.runtime is not None:
+            bound.copies.append((device_tensor.data_ptr() + at, base + p, n))
+        else:
+            bound.copy_views.append((_device_bytes(device_tensor, at, n), buf.narrow(0, p, n)))
+    if via_scratch:
         bound.device = worker.scratch.narrow(0, 0, pos)
     return bound
 
 
-def _staged_size(chunk: _Chunk, cuda: bool, params: Dict[str, torch.Tensor]) -> int:
-    """Upper bound of the staging bytes ``_bind_chunk`` lays out for a chunk."""
+def _staged_size(chunk: _Chunk, cuda: bool, params: Dict[str, torch.Tensor], via_scratch: bool = False) -> Tuple[int, int]:
+    """Upper bounds of the host buffer and device scratch bytes ``_bind_chunk`` uses for a chunk."""
     total = 0
+    scratch = False
     for step in chunk.steps:
         if cuda or not (step.gather or _reads_into_parameter(step, params)):
             total = _align(total, _ALIGN) + step.nbytes
-    return total
+            scratch = scratch or (cuda and not _goes_straight(step, params, cuda, via_scratch))
+    return total, (total if scratch else 0)
 
 
 # Bindings kept per cache (one cache per model: its views keep only that model's memory).
@@ -531,6 +612,13 @@ def _split_for_lane(chunks: List[_Chunk], share: float) -> Tuple[List[_Chunk], L
         else:
             rest.append(c)
     return lane, rest
+
+
+def _direct_runtime() -> Optional[cuda_runtime.CudaRuntime]:
+    """The CUDA runtime for the readers' own copies, unless switched off (constants.py)."""
+    if os.environ.get(constants.ENV_DIRECT_CUDA_CALLS, "1") == "0":
+        return None
+    return cuda_runtime.runtime()
 
 
 def _bind(
@@ -555,7 +643,8 @@ def _bind(
     ptrs = tuple(params[n].data_ptr() for n in names)
     cuda = device.type == "cuda"
     share = zero_copy_share if cuda else 0.0
-    key = (tuple(map(id, steps_lists)), str(device), threads, chunk_bytes, share)
+    runtime = _direct_runtime() if cuda else None
+    key = (tuple(map(id, steps_lists)), str(device), threads, chunk_bytes, share, runtime is not None)
     bound = cache.get(key)
     if bound is not None and bound.param_ptrs == ptrs and all(
         all(x is y for x, y in zip(tuple(w.buffers) + (w.scratch,), b)) for w, b in zip(bound.workers, bound.buffers)
@@ -569,10 +658,16 @@ def _bind(
     dealt: List[List[_Chunk]] = [chunks[w::threads] for w in range(threads)]
     if lane_chunks:
         dealt.append(lane_chunks)
-    _reserve(workers, [max([_staged_size(c, cuda, params) for c in mine] + [0]) for mine in dealt])
+    lane = threads if lane_chunks else -1
+    sizes = []
+    for k, mine in enumerate(dealt):
+        staged = [_staged_size(c, cuda, params, k == lane) for c in mine]
+        sizes.append((max([h for h, _ in staged] + [0]), max([d for _, d in staged] + [0])))
+    _reserve(workers, sizes)
     per_worker = []
-    for w, mine in zip(workers, dealt):
-        per_worker.append([_bind_chunk(c, file_index[c.path], params, w, i % 2) for i, c in enumerate(mine)])
+    for k, (w, mine) in enumerate(zip(workers, dealt)):
+        w.runtime = runtime
+        per_worker.append([_bind_chunk(c, file_index[c.path], params, w, i % 2, k == lane) for i, c in enumerate(mine)])
     bound = _Binding(
         steps_lists=steps_lists,
         param_ptrs=ptrs,
@@ -580,7 +675,7 @@ def _bind(
         buffers=[tuple(w.buffers) + (w.scratch,) for w in workers],
         per_worker=per_worker,
         zeros=[_param_view(params[z.param], z.dst) for z in plan.zeros],
-        lane=threads if lane_chunks else -1,
+        lane=lane,
     )
     cache.pop(key, None)
     cache[key] = bound
@@ -617,13 +712,7 @@ def _run_bound(
     stats.read_seconds += t3 - t0 - wait
     if chunk.buffer >= 0:
         if worker.cuda:
-            with torch.cuda.stream(worker.stream):
-                # One host->device copy of the whole buffer, then every step's (possibly
-                # strided) view copied on the device in one batched call: per-step copies
-                # from the host cost a driver call each.
-                chunk.device.copy_(chunk.host, non_blocking=True)
-                torch._foreach_copy_(chunk.dsts, chunk.srcs)
-            worker.mark_in_use(chunk.buffer)
+            worker.issue(chunk)  # the worker's stream is current (``_on_stream``)
         else:
             torch._foreach_copy_(chunk.dsts, chunk.srcs)
         stats.issue_seconds += time.perf_counter() - t3
@@ -719,16 +808,21 @@ def _copy_lane(
             path = paths[chunk.file]
             _run_bound(chunk, path, fds[path], worker, on_bytes, fault, mappings)
             continue
-        with torch.cuda.stream(worker.stream):
-            for dst, src in item.copies:
-                dst.copy_(src, non_blocking=True)
-            torch._foreach_copy_(chunk.dsts, chunk.srcs)
+        for dst, src in item.copies:
+            dst.copy_(src, non_blocking=True)
+        torch._foreach_copy_(chunk.dsts, chunk.srcs)
         stats.issue_seconds += time.perf_counter() - t1
         stats.read_calls += len(item.copies)
         stats.bytes_read += sum(n for _, n, _ in chunk.places)
         fault.spend(chunk.fault_bytes)
         if on_bytes:
             on_bytes(chunk.nbytes)
+
+
+def _on_stream(worker: _Worker):
+    """Make the worker's stream (and its device) current on this thread for its whole task:
+    entered once per load, not once per chunk."""
+    return torch.cuda.stream(worker.stream) if worker.cuda else contextlib.nullcontext()
 
 
 def execute_plan(
@@ -793,9 +887,11 @@ def execute_plan(
             try:
                 if index == len(workers):
                     _register_lane(bound.per_worker[bound.lane], paths, mapped, ready, failed, registrar_stats)
-                elif index == bound.lane:
-                    _copy_lane(ready, paths, fds, workers[index], on_bytes, fault, mappings, failed)
-                else:
+                    return
+                with _on_stream(workers[index]):
+                    if index == bound.lane:
+                        _copy_lane(ready, paths, fds, workers[index], on_bytes, fault, mappings, failed)
+                        return
                     for chunk in bound.per_worker[index]:
                         if failed.is_set():
                             return  # another reader failed: the load is abandoned

@@ -27,6 +27,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from sglang_fastload.loader import cuda_runtime
+
 logger = logging.getLogger(__name__)
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -101,13 +103,9 @@ def pinned_empty(nbytes: int) -> torch.Tensor:
 
 def _clear_last_error() -> None:
     """Reset CUDA's last-error state after a failed registration (torch would report it later)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
-        for path in paths:
-            ctypes.CDLL(path).cudaGetLastError()
-    except OSError:
-        pass
+    runtime = cuda_runtime.runtime()
+    if runtime is not None:
+        runtime.clear_last_error()
 
 
 def uncovered(ranges: List[Tuple[int, int]], start: int, end: int) -> List[Tuple[int, int]]:

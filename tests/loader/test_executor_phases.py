@@ -30,6 +30,7 @@ def test_a_load_reports_its_phases_and_writes_every_element(tmp_path):
     phases = stats.phases()
     assert set(phases) == {"setup", "threads", "drain", "read", "wait", "issue", "register", "lane_wait"}
     assert all(v >= 0 for v in phases.values())
-    assert phases["read"] > 0 and phases["issue"] > 0  # both steps read; the staged one is copied
+    # Both steps read; the staged one is copied (unrounded: a warm copy can take < 50 us).
+    assert stats.read_seconds > 0 and stats.issue_seconds > 0
     assert phases["register"] == 0 and phases["lane_wait"] == 0  # no zero-copy lane off CUDA
     assert stats.setup_seconds + stats.threads_seconds + stats.drain_seconds <= stats.seconds + 1e-6

@@ -118,7 +118,7 @@ def _lane_chunk(places, scratch_bytes):
 
     return _BoundChunk(
         file=0, nbytes=sum(n for _, n, _ in places), direct=[], gathers=[], buffer=0, segments=[],
-        places=list(places), staged_bytes=scratch_bytes, dsts=[], srcs=[], host=None,
+        places=list(places), staged_bytes=scratch_bytes, copies=[], copy_views=[], dsts=[], srcs=[],
         device=torch.zeros(scratch_bytes, dtype=torch.uint8), fault_bytes=0,
     )
 

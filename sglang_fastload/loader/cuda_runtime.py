@@ -1,0 +1,131 @@
+"""The few CUDA runtime calls a reader thread makes per chunk, called without torch.
+
+Through torch, a host-to-device copy or an event costs tens of microseconds of Python and
+dispatcher work per call, with the interpreter lock held. With small staging buffers (that
+stay in the CPU cache) a load makes thousands of such calls from 16 threads, and that work
+serialises them. These calls go straight to the CUDA runtime library torch itself loaded;
+ctypes releases the interpreter lock for the length of each call. Where that library is not
+found (ROCm builds, a statically linked runtime) callers keep torch's calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import threading
+from typing import Optional
+
+from sglang_fastload.errors import CudaCallError
+
+_MEMCPY_HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
+_EVENT_DISABLE_TIMING = 2  # cudaEventDisableTiming
+_EVENT_BLOCKING_SYNC = 1  # cudaEventBlockingSync
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaRuntime:
+    """Copies and events of the CUDA runtime library, by raw handle.
+
+    Attributes:
+        lib: the library (``libcudart``) torch loaded into this process.
+        path: where it was loaded from.
+    """
+
+    lib: ctypes.CDLL
+    path: str
+
+    def _check(self, code: int, call: str) -> None:
+        if code != 0:
+            self.lib.cudaGetLastError()  # torch would otherwise report it on its next call
+            name = self.lib.cudaGetErrorString(code)
+            raise CudaCallError(f"{call} failed: CUDA error {code} ({(name or b'?').decode()})")
+
+    def copy_to_device(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        """Queue a copy of ``nbytes`` from host address ``src`` to device address ``dst``.
+
+        Raises:
+            CudaCallError: the runtime refused the copy.
+        """
+        self._check(self.lib.cudaMemcpyAsync(dst, src, nbytes, _MEMCPY_HOST_TO_DEVICE, stream), "cudaMemcpyAsync")
+
+    def new_event(self, blocking: bool = False) -> int:
+        """A new event without timing (``blocking``: a wait sleeps instead of spinning).
+
+        Raises:
+            CudaCallError: the runtime could not make one.
+        """
+        handle = ctypes.c_void_p()
+        flags = _EVENT_DISABLE_TIMING | (_EVENT_BLOCKING_SYNC if blocking else 0)
+        self._check(self.lib.cudaEventCreateWithFlags(ctypes.byref(handle), flags), "cudaEventCreateWithFlags")
+        return int(handle.value)
+
+    def record(self, event: int, stream: int) -> None:
+        """Record ``event`` on ``stream`` (what is queued there so far).
+
+        Raises:
+            CudaCallError: the runtime refused.
+        """
+        self._check(self.lib.cudaEventRecord(event, stream), "cudaEventRecord")
+
+    def wait(self, event: int) -> None:
+        """Block until the work ``event`` recorded is done.
+
+        Raises:
+            CudaCallError: that work failed.
+        """
+        self._check(self.lib.cudaEventSynchronize(event), "cudaEventSynchronize")
+
+    def clear_last_error(self) -> None:
+        """Reset the runtime's last-error state (after a failed call torch did not make)."""
+        self.lib.cudaGetLastError()
+
+
+def _loaded_runtime_paths() -> list:
+    try:
+        with open("/proc/self/maps") as maps:
+            found = {line.split()[-1] for line in maps if "libcudart.so" in line}
+    except OSError:
+        return []
+    return sorted(found)
+
+
+def _bind(path: str) -> CudaRuntime:
+    lib = ctypes.CDLL(path)  # already loaded: this only looks it up
+    void_p, size_t, c_int = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
+    lib.cudaMemcpyAsync.argtypes = [void_p, void_p, size_t, c_int, void_p]
+    lib.cudaEventCreateWithFlags.argtypes = [ctypes.POINTER(void_p), ctypes.c_uint]
+    lib.cudaEventRecord.argtypes = [void_p, void_p]
+    lib.cudaEventSynchronize.argtypes = [void_p]
+    lib.cudaGetErrorString.argtypes = [c_int]
+    lib.cudaGetErrorString.restype = ctypes.c_char_p
+    for name in ("cudaMemcpyAsync", "cudaEventCreateWithFlags", "cudaEventRecord", "cudaEventSynchronize", "cudaGetLastError"):
+        getattr(lib, name).restype = c_int
+    return CudaRuntime(lib, path)
+
+
+_LOCK = threading.Lock()
+_RUNTIME: Optional[CudaRuntime] = None
+_LOOKED = False
+
+
+def runtime() -> Optional[CudaRuntime]:
+    """The CUDA runtime library torch uses, once CUDA is initialised; None where not found.
+
+    Returns:
+        The bound library, or None (not loaded as a shared library, or several different
+        ones loaded, so which one torch's handles belong to is unclear).
+    """
+    global _RUNTIME, _LOOKED
+    with _LOCK:
+        if _LOOKED:
+            return _RUNTIME
+        paths = _loaded_runtime_paths()
+        if not paths:
+            return None  # CUDA not initialised yet: look again next time
+        _LOOKED = True
+        if len(paths) == 1:
+            try:
+                _RUNTIME = _bind(paths[0])
+            except (OSError, AttributeError):
+                _RUNTIME = None
+        return _RUNTIME

@@ -1,0 +1,126 @@
+"""The copies a CUDA reader queues, checked on a really written file (CPU).
+
+The CUDA reader's copies are planned at binding time: straight into a parameter where the
+staged bytes are its elements, else into a device scratch and from there by view. Here the
+device copy itself is replaced by a host ``memmove`` of the same addresses (and, for torch's
+own copies, CPU tensors), so every address and length the loader computes is really used.
+"""
+
+import ctypes
+import itertools
+
+import pytest
+import torch
+
+from sglang_fastload.loader import executor
+from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan
+
+FLOATS = 4096
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    data = torch.arange(3 * FLOATS, dtype=torch.float32)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(data.numpy().tobytes())
+    return data, str(path)
+
+
+def _steps():
+    nbytes = FLOATS * 4
+    # A: 4096 floats straight into "d" (one read).
+    straight = CopyStep("a", "d", (0, (FLOATS,), (1,)), ((0, nbytes),), (0, (FLOATS,), (1,)), 4)
+    # B: the first 64x64 floats of the second block, transposed into "t".
+    transposed = CopyStep("b", "t", (0, (64, 64), (1, 64)), ((nbytes, nbytes),), (0, (64, 64), (64, 1)), 4)
+    # C: a row shard read run by run: rows of 32 floats every 64, into "r" from element 16.
+    runs = tuple((2 * nbytes + row * 256, 128) for row in range(64))
+    shard = CopyStep("c", "r", (16, (64, 32), (32, 1)), runs, (0, (64, 32), (32, 1)), 4)
+    return straight, transposed, shard
+
+
+def _expected(data):
+    d = data[:FLOATS].clone()
+    t = data[FLOATS:2 * FLOATS].view(64, 64).t().reshape(-1).clone()
+    r = torch.full((FLOATS,), -1.0)
+    r[16:16 + 64 * 32] = data[2 * FLOATS:].view(64, 64)[:, :32].reshape(-1)
+    return {"d": d, "t": t, "r": r}
+
+
+class HostMemmoveRuntime:
+    """The CUDA runtime's copy and event calls, for parameters in host memory: a copy is a
+    ``memmove`` of the same addresses, events are complete at once."""
+
+    def __init__(self):
+        self.copies = []
+        self.events = itertools.count(1)
+
+    def copy_to_device(self, dst, src, nbytes, stream):
+        self.copies.append(nbytes)
+        ctypes.memmove(dst, src, nbytes)
+
+    def new_event(self, blocking=False):
+        return next(self.events)
+
+    def record(self, event, stream):
+        pass
+
+    def wait(self, event):
+        pass
+
+
+class CompletedEvent:
+    """torch.cuda.Event for host memory: recorded work is already done."""
+
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+class CompletedStream:
+    """A CUDA stream for host memory: queued work is already done."""
+
+    def synchronize(self):
+        pass
+
+
+@pytest.mark.parametrize("through", ["runtime", "torch"])
+def test_cuda_reader_copies_land_in_parameters(data_file, monkeypatch, through):
+    data, path = data_file
+    straight, transposed, shard = _steps()
+    params = {n: torch.full((FLOATS,), -1.0) for n in "dtr"}
+    worker = executor._Worker(torch.device("cpu"), 64 << 10)
+    worker.cuda = True  # bind and run the reader as on CUDA; only the device copy differs
+    worker.stream = CompletedStream()
+    runtime = HostMemmoveRuntime() if through == "runtime" else None
+    if runtime is None:
+        monkeypatch.setattr(torch.cuda, "Event", CompletedEvent)
+    worker.runtime = runtime
+    chunk = executor._Chunk(path, [straight, shard, transposed], sum(s.nbytes for s in (straight, shard, transposed)))
+    executor._reserve([worker], [executor._staged_size(chunk, True, params)])
+    assert worker.scratch is not None  # the transposed step needs it
+    bound = executor._bind_chunk(chunk, 0, params, worker, 0)
+    # Straight steps are copied into their parameters, only the transposed one by view.
+    assert len(bound.dsts) == 1 and bound.dsts[0].data_ptr() == params["t"].data_ptr()
+    fd = open(path, "rb")
+    try:
+        mappings = executor._FileMappings(LoadPlan([FilePlan(path, [])], [], {}, frozenset(), 0), {path: fd.fileno()})
+        executor._run_bound(bound, path, fd.fileno(), worker, None, executor._FaultBudget(None), mappings)
+    finally:
+        fd.close()
+    for name, want in _expected(data).items():
+        assert torch.equal(params[name], want), name
+    if runtime is not None:  # "d" and "r" straight (file-contiguous in the buffer), "t" to scratch
+        assert sorted(runtime.copies) == sorted([FLOATS * 4, 64 * 32 * 4, FLOATS * 4])
+
+
+def test_a_straight_step_never_goes_through_scratch_and_needs_none(data_file):
+    _, path = data_file
+    straight, _, shard = _steps()
+    params = {n: torch.full((FLOATS,), -1.0) for n in "dtr"}
+    chunk = executor._Chunk(path, [straight, shard], straight.nbytes + shard.nbytes)
+    host, scratch = executor._staged_size(chunk, True, params)
+    assert host >= straight.nbytes + shard.nbytes and scratch == 0
+    # The zero-copy lane copies page cache into the scratch: it needs it for every step.
+    assert executor._staged_size(chunk, True, params, via_scratch=True)[1] == host
