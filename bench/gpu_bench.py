@@ -112,7 +112,7 @@ CONTENDERS: Dict[str, Contender] = {
         Contender(
             "fastsafetensors", "fastsafetensors", requires="fastsafetensors", description="SGLang's fastsafetensors format"
         ),
-        Contender("fast", "fast", upstream_scan=False, description="sglang-fastload (default: 8-16 threads by CPU count, 64 MiB buffers, no zero-copy lane)"),
+        Contender("fast", "fast", upstream_scan=False, description="sglang-fastload (default: 8-16 threads by CPU count, 4 MiB buffers, no zero-copy lane)"),
         Contender("fast1", "fast", {"num_threads": 1}, upstream_scan=False, description="sglang-fastload, 1 thread"),
         Contender("fast16", "fast", {"num_threads": 16}, upstream_scan=False, description="sglang-fastload, 16 threads"),
         Contender("fast8", "fast", {"num_threads": 8}, upstream_scan=False, description="sglang-fastload, 8 threads"),
@@ -126,6 +126,7 @@ CONTENDERS: Dict[str, Contender] = {
         Contender("fast-c32", "fast", {"chunk_mb": 32}, upstream_scan=False, description="sglang-fastload, 32 MiB buffers"),
         Contender("fast-c16", "fast", {"chunk_mb": 16}, upstream_scan=False, description="sglang-fastload, 16 MiB buffers"),
         Contender("fast-c2", "fast", {"chunk_mb": 2}, upstream_scan=False, description="sglang-fastload, 2 MiB buffers"),
+        Contender("fast-c64", "fast", {"chunk_mb": 64}, upstream_scan=False, description="sglang-fastload, 64 MiB buffers (the default before 2026-12-02)"),
         Contender(
             "fast-torchcopy", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_DIRECT_CUDA_CALLS": "0"},
             description="sglang-fastload, host-to-device copies queued through torch (not the CUDA runtime directly)",

@@ -44,6 +44,11 @@ _ALIGN = 64
 # the first registration of new page-cache pages costs twice as much and holds the driver
 # lock the readers' copies wait on (docs/benchmarks.md, "fresh files").
 DEFAULT_ZERO_COPY_SHARE = 0.0
+# Bytes per chunk (and per staging buffer). Small enough that every reader's two buffers stay
+# in the CPU's last-level cache while the device copies them, so staged bytes cross host
+# memory once: on an H200 host (16 readers) 4 MiB updated 1.3-1.5 x faster than 64 MiB,
+# 2 MiB was slower again (per-chunk cost), 8 MiB in between (docs/benchmarks.md, 2026-12-02).
+DEFAULT_CHUNK_BYTES = 4 << 20
 
 
 @dataclasses.dataclass
@@ -831,7 +836,7 @@ def execute_plan(
     *,
     device: torch.device,
     num_threads: int,
-    chunk_bytes: int = 64 << 20,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     on_bytes: Optional[Callable[[int], None]] = None,
     cache: Optional[dict] = None,
     zero_copy_share: float = DEFAULT_ZERO_COPY_SHARE,

@@ -31,7 +31,7 @@ from sglang_fastload.checkpoint.safetensors_header import read_header, torch_dty
 from sglang_fastload.errors import CheckpointError, UnsupportedModelError
 from sglang_fastload.loader import validate
 from sglang_fastload.loader.checkpoint_state import state_of
-from sglang_fastload.loader.executor import DEFAULT_ZERO_COPY_SHARE, execute_plan, prepare_in_background
+from sglang_fastload.loader.executor import DEFAULT_CHUNK_BYTES, DEFAULT_ZERO_COPY_SHARE, execute_plan, prepare_in_background
 from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, build_plan, numel
 from sglang_fastload.loader.dispatch import auto_means_fast
 from sglang_fastload.loader.replay import replay_load_weights
@@ -341,7 +341,7 @@ class FastModelLoader(DefaultModelLoader):
         if threads < 1:
             raise ValueError("num_threads in --model-loader-extra-config must be >= 1")
         self.num_threads = threads
-        self.chunk_bytes = int(float(extra.get("chunk_mb", 64)) * (1 << 20))
+        self.chunk_bytes = int(float(extra["chunk_mb"]) * (1 << 20)) if "chunk_mb" in extra else DEFAULT_CHUNK_BYTES
         self.min_segment_bytes = int(extra.get("min_segment_bytes", DEFAULT_MIN_SEGMENT_BYTES))
         self.zero_copy_share = float(extra.get("zero_copy_share", DEFAULT_ZERO_COPY_SHARE))
         if not 0.0 <= self.zero_copy_share <= 1.0:

@@ -228,8 +228,8 @@ def build_plan(
     tensors_used: frozenset,
     tensor_count: int,
     *,
+    max_step_bytes: int,
     min_segment_bytes: int = DEFAULT_MIN_SEGMENT_BYTES,
-    max_step_bytes: int = 64 << 20,
 ) -> LoadPlan:
     """Assemble a plan from recorded copies.
 
@@ -240,7 +240,8 @@ def build_plan(
         tensors_used: names that feed this rank.
         tensor_count: number of tensors in the checkpoint.
         min_segment_bytes: see ``make_step``.
-        max_step_bytes: steps larger than this are split so buffers stay bounded.
+        max_step_bytes: steps larger than this are split so buffers stay bounded (the
+            executor's chunk size).
 
     Returns:
         The plan, with each file's steps in file-offset order.
