@@ -1,11 +1,14 @@
 """The few CUDA runtime calls a reader thread makes per chunk, called without torch.
 
 Through torch, a host-to-device copy or an event costs tens of microseconds of Python and
-dispatcher work per call, with the interpreter lock held. With small staging buffers (that
-stay in the CPU cache) a load makes thousands of such calls from 16 threads, and that work
-serialises them. These calls go straight to the CUDA runtime library torch itself loaded;
-ctypes releases the interpreter lock for the length of each call. Where that library is not
-found (ROCm builds, a statically linked runtime) callers keep torch's calls.
+dispatcher work per call. With small staging buffers (that stay in the CPU cache) a load
+makes thousands of such calls from 16 threads, and that work serialises them. These calls go
+straight to the CUDA runtime library torch itself loaded. Queueing a copy or recording an
+event takes a few microseconds and never waits for the device, so those two keep the
+interpreter lock: handing it over and taking it back among 16 threads costs more than the
+call (on one H200 host up to ~0.3 ms per chunk). Waiting for an event releases it. Where
+that library is not found (ROCm builds, a statically linked runtime) callers keep torch's
+calls.
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ class CudaRuntime:
     """Copies and events of the CUDA runtime library, by raw handle.
 
     Attributes:
-        lib: the library (``libcudart``) torch loaded into this process.
+        lib: the library (``libcudart``) torch loaded into this process; its calls release
+            the interpreter lock.
         path: where it was loaded from.
+        held: the same library, its calls keeping the interpreter lock (short calls only).
     """
 
     lib: ctypes.CDLL
     path: str
+    held: ctypes.PyDLL  # the same library, called with the interpreter lock held
 
     def _check(self, code: int, call: str) -> None:
         if code != 0:
@@ -46,7 +52,7 @@ class CudaRuntime:
         Raises:
             CudaCallError: the runtime refused the copy.
         """
-        self._check(self.lib.cudaMemcpyAsync(dst, src, nbytes, _MEMCPY_HOST_TO_DEVICE, stream), "cudaMemcpyAsync")
+        self._check(self.held.cudaMemcpyAsync(dst, src, nbytes, _MEMCPY_HOST_TO_DEVICE, stream), "cudaMemcpyAsync")
 
     def new_event(self, blocking: bool = False) -> int:
         """A new event without timing (``blocking``: a wait sleeps instead of spinning).
@@ -65,7 +71,7 @@ class CudaRuntime:
         Raises:
             CudaCallError: the runtime refused.
         """
-        self._check(self.lib.cudaEventRecord(event, stream), "cudaEventRecord")
+        self._check(self.held.cudaEventRecord(event, stream), "cudaEventRecord")
 
     def wait(self, event: int) -> None:
         """Block until the work ``event`` recorded is done.
@@ -89,8 +95,7 @@ def _loaded_runtime_paths() -> list:
     return sorted(found)
 
 
-def _bind(path: str) -> CudaRuntime:
-    lib = ctypes.CDLL(path)  # already loaded: this only looks it up
+def _declare(lib) -> None:
     void_p, size_t, c_int = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
     lib.cudaMemcpyAsync.argtypes = [void_p, void_p, size_t, c_int, void_p]
     lib.cudaEventCreateWithFlags.argtypes = [ctypes.POINTER(void_p), ctypes.c_uint]
@@ -100,7 +105,13 @@ def _bind(path: str) -> CudaRuntime:
     lib.cudaGetErrorString.restype = ctypes.c_char_p
     for name in ("cudaMemcpyAsync", "cudaEventCreateWithFlags", "cudaEventRecord", "cudaEventSynchronize", "cudaGetLastError"):
         getattr(lib, name).restype = c_int
-    return CudaRuntime(lib, path)
+
+
+def _bind(path: str) -> CudaRuntime:
+    lib, held = ctypes.CDLL(path), ctypes.PyDLL(path)  # already loaded: these only look it up
+    _declare(lib)
+    _declare(held)
+    return CudaRuntime(lib, path, held)
 
 
 _LOCK = threading.Lock()
