@@ -123,6 +123,7 @@ CONTENDERS: Dict[str, Contender] = {
         Contender("fast-zc65", "fast", {"zero_copy_share": 0.65}, upstream_scan=False, description="sglang-fastload, 65 % of bytes zero-copy"),
         Contender("fast-c4", "fast", {"chunk_mb": 4}, upstream_scan=False, description="sglang-fastload, 4 MiB buffers"),
         Contender("fast-c8", "fast", {"chunk_mb": 8}, upstream_scan=False, description="sglang-fastload, 8 MiB buffers"),
+        Contender("fast-c6", "fast", {"chunk_mb": 6}, upstream_scan=False, description="sglang-fastload, 6 MiB buffers"),
         Contender("fast-c32", "fast", {"chunk_mb": 32}, upstream_scan=False, description="sglang-fastload, 32 MiB buffers"),
         Contender("fast-c16", "fast", {"chunk_mb": 16}, upstream_scan=False, description="sglang-fastload, 16 MiB buffers"),
         Contender("fast-c2", "fast", {"chunk_mb": 2}, upstream_scan=False, description="sglang-fastload, 2 MiB buffers"),

@@ -6,7 +6,8 @@ makes thousands of such calls from 16 threads, and that work serialises them. Th
 straight to the CUDA runtime library torch itself loaded. Queueing a copy or recording an
 event takes a few microseconds and never waits for the device, so those two keep the
 interpreter lock: handing it over and taking it back among 16 threads costs more than the
-call (on one H200 host up to ~0.3 ms per chunk). Waiting for an event releases it. Where
+call (on one H200 host up to ~0.3 ms per chunk). Waiting for an event releases it, and
+happens only when asking first found the work unfinished. Where
 that library is not found (ROCm builds, a statically linked runtime) callers keep torch's
 calls.
 """
@@ -23,6 +24,7 @@ from sglang_fastload.errors import CudaCallError
 _MEMCPY_HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
 _EVENT_DISABLE_TIMING = 2  # cudaEventDisableTiming
 _EVENT_BLOCKING_SYNC = 1  # cudaEventBlockingSync
+_NOT_READY = 600  # cudaErrorNotReady
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,19 @@ class CudaRuntime:
         """
         self._check(self.held.cudaEventRecord(event, stream), "cudaEventRecord")
 
+    def done(self, event: int) -> bool:
+        """True when the work ``event`` recorded is done (asks without waiting or releasing
+        the interpreter lock).
+
+        Raises:
+            CudaCallError: that work failed.
+        """
+        code = self.held.cudaEventQuery(event)
+        if code == _NOT_READY:
+            return False
+        self._check(code, "cudaEventQuery")
+        return True
+
     def wait(self, event: int) -> None:
         """Block until the work ``event`` recorded is done.
 
@@ -101,9 +116,11 @@ def _declare(lib) -> None:
     lib.cudaEventCreateWithFlags.argtypes = [ctypes.POINTER(void_p), ctypes.c_uint]
     lib.cudaEventRecord.argtypes = [void_p, void_p]
     lib.cudaEventSynchronize.argtypes = [void_p]
+    lib.cudaEventQuery.argtypes = [void_p]
     lib.cudaGetErrorString.argtypes = [c_int]
     lib.cudaGetErrorString.restype = ctypes.c_char_p
-    for name in ("cudaMemcpyAsync", "cudaEventCreateWithFlags", "cudaEventRecord", "cudaEventSynchronize", "cudaGetLastError"):
+    for name in ("cudaMemcpyAsync", "cudaEventCreateWithFlags", "cudaEventRecord", "cudaEventSynchronize", "cudaEventQuery",
+                 "cudaGetLastError"):
         getattr(lib, name).restype = c_int
 
 

@@ -276,7 +276,8 @@ class _Worker:
     def wait(self, i: int) -> None:
         """Block until the device is done with host buffer ``i``."""
         if self.recorded[i]:
-            self.runtime.wait(self.event_handles[i])
+            if not self.runtime.done(self.event_handles[i]):  # asking keeps the interpreter lock
+                self.runtime.wait(self.event_handles[i])
             self.recorded[i] = False
         elif self.events[i] is not None:
             self.events[i].synchronize()
