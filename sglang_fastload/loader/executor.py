@@ -45,10 +45,12 @@ _ALIGN = 64
 # lock the readers' copies wait on (docs/benchmarks.md, "fresh files").
 DEFAULT_ZERO_COPY_SHARE = 0.0
 # Bytes per chunk (and per staging buffer). Small enough that every reader's two buffers stay
-# in the CPU's last-level cache while the device copies them, so staged bytes cross host
-# memory once: on an H200 host (16 readers) 4 MiB updated 1.3-1.5 x faster than 64 MiB,
-# 2 MiB was slower again (per-chunk cost), 8 MiB in between (docs/benchmarks.md, 2026-12-02).
-DEFAULT_CHUNK_BYTES = 4 << 20
+# in the CPU's last-level cache while the device copies them (staged bytes then cross host
+# memory once), large enough that per-chunk interpreter work stays small and that two 3 MiB
+# expert tensors share a chunk. On H200 hosts, 16 readers (docs/benchmarks.md, 2026-12-02):
+# against 64 MiB, updates up to 1.4 x faster; 4 MiB was as fast on dense models but up to
+# 1.3 x slower on MoE (one expert per chunk: twice the chunks), 8 MiB slower on dense.
+DEFAULT_CHUNK_BYTES = 6 << 20
 
 
 @dataclasses.dataclass
