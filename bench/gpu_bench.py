@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import ctypes
 import dataclasses
 import datetime
@@ -41,6 +42,7 @@ import gc
 import json
 import math
 import os
+import pstats
 import platform
 import shutil
 import socket
@@ -135,6 +137,18 @@ CONTENDERS: Dict[str, Contender] = {
     )
 }
 REFERENCE = "auto"
+
+
+def top_functions(profiler: "cProfile.Profile", count: int = 30) -> List[Dict[str, Any]]:
+    """The calling thread's functions with the most cumulative time in a profiled update
+    (the reader threads are not profiled: their work shows as waiting for them)."""
+    stats = pstats.Stats(profiler)
+    rows = []
+    for (path, line, name), (_, calls, tottime, cumtime, _) in stats.stats.items():
+        rows.append({"function": f"{os.path.basename(path)}:{line}({name})", "calls": calls,
+                     "tottime_s": round(tottime, 5), "cumtime_s": round(cumtime, 5)})
+    rows.sort(key=lambda r: -r["cumtime_s"])
+    return rows[:count]
 
 
 @contextlib.contextmanager
@@ -1211,10 +1225,16 @@ def run_contender(cont: Contender, info, steps, args, session: Session, summarie
                         log(f"{cont.name} {phase}/{cache}: {step['error']}")
                         continue
                     source, step["fresh_copy"] = fresh_copy(info.directory)
+                profiler = cProfile.Profile() if args.profile_updates and cont.load_format == "fast" else None
                 t0 = time.perf_counter()
+                if profiler is not None:
+                    profiler.enable()
                 ok, message = updater.update_weights_from_disk(source, cont.load_format)
                 sync(args.device)
                 seconds = time.perf_counter() - t0
+                if profiler is not None:
+                    profiler.disable()
+                    step["profile"] = top_functions(profiler)
                 if source != info.directory:
                     shutil.rmtree(source, ignore_errors=True)
                 n_updates += 1
@@ -1285,6 +1305,8 @@ def parse_args(argv=None):
     p.add_argument("--site-dir", default=None, help="add this site dir first (runs its .pth files: the overlay's hook)")
     p.add_argument("--out", default=None, help="JSON output (default $OUT/gpu_bench.json, else ./gpu_bench.json)")
     p.add_argument("--log-level", default="WARNING", help="SGLang's logging level")
+    p.add_argument("--profile-updates", action="store_true",
+                   help="profile each fast update's calling thread (cProfile; slows Python-heavy parts): where time outside reads and copies goes")
     args = p.parse_args(argv)
     if args.tiny:
         args.size = "tiny"

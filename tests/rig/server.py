@@ -338,6 +338,17 @@ class SGLangServer:
         except OSError:
             return ""
 
+    def wait_for_log(self, text: str, start: int = 0, timeout: float = 15.0) -> bool:
+        """True once ``text`` appears in the log after character ``start`` (another rank's
+        process may log an outcome a moment after the HTTP reply carried it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if text in self.log_text()[start:]:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+
     def log_tail(self, n: int = 80) -> str:
         lines = self.log_text().splitlines()[-n:]
         return f"----- {self.log_path} (last {len(lines)} lines) -----\n" + "\n".join(lines)

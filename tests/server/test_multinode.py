@@ -208,5 +208,5 @@ def test_refused_update_names_the_file_and_keeps_both_nodes_weights(node_pair, u
     # Refused before any write (nothing to roll back), naming the file...
     assert file_name in body["message"] and "Rolled back" not in body["message"], body
     # ...by node 1's rank too, which checked the checkpoint itself.
-    assert str(bad / file_name) in node1.log_text()[node1_log:], node1.log_tail()
+    assert node1.wait_for_log(str(bad / file_name), start=node1_log), node1.log_tail()
     assert checksums(node0) == served
