@@ -7,9 +7,8 @@ straight to the CUDA runtime library torch itself loaded. Queueing a copy or rec
 event takes a few microseconds and never waits for the device, so those two keep the
 interpreter lock: handing it over and taking it back among 16 threads costs more than the
 call (on one H200 host up to ~0.3 ms per chunk). Waiting for an event releases it, and
-happens only when asking first found the work unfinished. Where
-that library is not found (ROCm builds, a statically linked runtime) callers keep torch's
-calls.
+happens only when asking first found the work unfinished. Where that library is not found
+(ROCm builds, a statically linked runtime) callers keep torch's calls.
 """
 
 from __future__ import annotations

@@ -469,6 +469,7 @@ class _Binding:
     per_worker: List[List[_BoundChunk]]
     zeros: List[torch.Tensor]
     lane: int = -1  # index of the zero-copy lane in ``workers`` (-1: none)
+    runtime: Optional[cuda_runtime.CudaRuntime] = None  # what ``copies`` were bound for
 
 
 def _same_dtype(step: CopyStep, params: Dict[str, torch.Tensor]) -> bool:
@@ -674,7 +675,7 @@ def _bind(
     _reserve(workers, sizes)
     per_worker = []
     for k, (w, mine) in enumerate(zip(workers, dealt)):
-        w.runtime = runtime
+        w.runtime = runtime  # _bind_chunk binds addresses (runtime) or tensors (torch)
         per_worker.append([_bind_chunk(c, file_index[c.path], params, w, i % 2, k == lane) for i, c in enumerate(mine)])
     bound = _Binding(
         steps_lists=steps_lists,
@@ -684,6 +685,7 @@ def _bind(
         per_worker=per_worker,
         zeros=[_param_view(params[z.param], z.dst) for z in plan.zeros],
         lane=lane,
+        runtime=runtime,
     )
     cache.pop(key, None)
     cache[key] = bound
@@ -872,6 +874,7 @@ def execute_plan(
     workers = bound.workers
     for w in workers:
         w.stats = ExecutionStats()
+        w.runtime = bound.runtime  # workers are shared by bindings made with and without it
     for view in bound.zeros:
         view.zero_()
     paths = [fp.path for fp in plan.files]
