@@ -49,7 +49,8 @@ DEFAULT_ZERO_COPY_SHARE = 0.0
 # memory once), large enough that per-chunk interpreter work stays small and that two 3 MiB
 # expert tensors share a chunk. On H200 hosts, 16 readers (docs/benchmarks.md, 2026-12-02):
 # against 64 MiB, updates up to 1.4 x faster; 4 MiB was as fast on dense models but up to
-# 1.3 x slower on MoE (one expert per chunk: twice the chunks), 8 MiB slower on dense.
+# 1.3 x slower on MoE (one expert per chunk: twice the chunks), 8 MiB slower on dense. That
+# host has 300 MiB of shared L3; hosts with smaller or split caches were not measured.
 DEFAULT_CHUNK_BYTES = 6 << 20
 
 
