@@ -2,8 +2,10 @@
 
 Each worker thread owns two host buffers (pinned when the parameters live on an
 accelerator) and, on CUDA, its own stream: while the device copies one buffer the thread
-reads the next chunk into the other. On CPU, slices whose bytes are exactly the
-destination's elements are read straight into the parameter's memory. Strided slices with
+reads the next chunk into the other. Slices whose bytes are exactly the destination's
+elements go straight into the parameter: on CPU read into its memory, on CUDA copied from
+the buffer into it (through the CUDA runtime, ``cuda_runtime.py``); the others pass through
+a device scratch and are copied from it by view. Strided slices with
 short runs (row-parallel shards) are gathered element by element from a read-only mapping
 of the file, so each rank copies only the bytes it keeps.
 
