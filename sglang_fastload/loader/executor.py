@@ -35,7 +35,7 @@ import torch
 from sglang_fastload import constants
 from sglang_fastload.errors import CheckpointError
 from sglang_fastload.loader import cuda_runtime, host_memory
-from sglang_fastload.loader.plan import CopyStep, LoadPlan, is_contiguous
+from sglang_fastload.loader.plan import CopyStep, LoadPlan, cut_rows, head_rows_within, is_contiguous
 
 logger = logging.getLogger(__name__)
 
@@ -157,17 +157,37 @@ def _align(n: int, a: int) -> int:
 
 
 def _chunks(plan: LoadPlan, chunk_bytes: int) -> List[_Chunk]:
+    """Group each file's steps, in file order, into chunks of at most ``chunk_bytes``.
+
+    A step that does not fit in what is left of a chunk is cut between rows where it can be
+    (``plan.cut_rows``), so chunks are full: a chunk's cost is mostly per chunk (a read, a
+    copy, a hand-over between threads), and 3 MiB expert tensors in 4 MiB chunks would
+    otherwise take one chunk each.
+    """
     out: List[_Chunk] = []
     for fp in plan.files:
         cur: List[CopyStep] = []
         size = 0
-        for step in fp.steps:
+        pending = list(reversed(fp.steps))
+        while pending:
+            step = pending.pop()
             need = _align(step.nbytes, _ALIGN)
             if cur and size + need > chunk_bytes:
-                out.append(_Chunk(fp.path, cur, size))
-                cur, size = [], 0
+                rows = head_rows_within(step, chunk_bytes - size)
+                while rows and size + _align(step.nbytes // step.view[1][0] * rows, _ALIGN) > chunk_bytes:
+                    rows -= 1
+                if rows:
+                    head, tail = cut_rows(step, rows)
+                    pending.append(tail)
+                    step, need = head, _align(head.nbytes, _ALIGN)
+                else:
+                    out.append(_Chunk(fp.path, cur, size))
+                    cur, size = [], 0
             cur.append(step)
             size += need
+            if size >= chunk_bytes:
+                out.append(_Chunk(fp.path, cur, size))
+                cur, size = [], 0
         if cur:
             out.append(_Chunk(fp.path, cur, size))
     return out

@@ -220,6 +220,58 @@ def split_rows(step: CopyStep, src: Geometry, data_start: int, max_bytes: int, m
     return out
 
 
+def head_rows_within(step: CopyStep, max_bytes: int) -> int:
+    """How many leading rows of ``step`` fit in ``max_bytes`` when it can be cut between rows.
+
+    A step can be cut when its bytes are its destination's elements in row-major order
+    (a dense view of the same shape as the destination, not gathered): its first rows are
+    then a prefix of its bytes and of its destination.
+
+    Returns:
+        The row count (at least 1 and fewer than all rows), or 0 when the step cannot be cut
+        there.
+    """
+    sizes = step.view[1]
+    if not step.view_is_dense or tuple(step.dst[1]) != tuple(sizes) or len(sizes) == 0 or sizes[0] <= 1:
+        return 0
+    rows = min(max_bytes // (step.nbytes // sizes[0]), sizes[0] - 1)
+    return max(rows, 0)
+
+
+def cut_rows(step: CopyStep, rows: int) -> Tuple[CopyStep, CopyStep]:
+    """Cut a step that ``head_rows_within`` allows into its first ``rows`` rows and the rest.
+
+    Args:
+        step: the step (dense view, destination of the same shape).
+        rows: rows of the first part, 0 < rows < the step's row count.
+
+    Returns:
+        ``(head, tail)``: together they read the same bytes and write the same elements.
+    """
+    sizes = step.view[1]
+    cut = rows * (step.nbytes // sizes[0])
+    head_reads: List[Tuple[int, int]] = []
+    tail_reads: List[Tuple[int, int]] = []
+    seen = 0
+    for off, n in step.reads:
+        if seen + n <= cut:
+            head_reads.append((off, n))
+        elif seen >= cut:
+            tail_reads.append((off, n))
+        else:
+            head_reads.append((off, cut - seen))
+            tail_reads.append((off + cut - seen, n - (cut - seen)))
+        seen += n
+
+    def part(first: int, count: int, reads: List[Tuple[int, int]]) -> CopyStep:
+        part_sizes = (count, *sizes[1:])
+        dst = (step.dst[0] + first * step.dst[2][0], part_sizes, tuple(step.dst[2]))
+        view = (0, part_sizes, contiguous_strides(part_sizes))
+        return dataclasses.replace(step, dst=dst, reads=tuple(reads), view=view)
+
+    return part(0, rows, head_reads), part(rows, sizes[0] - rows, tail_reads)
+
+
 def build_plan(
     copies: Sequence[RecordedCopy],
     zeros: Sequence[RecordedZero],

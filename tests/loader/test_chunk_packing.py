@@ -1,0 +1,90 @@
+"""How the executor groups a plan's steps into chunks: every chunk but a file's last is full
+(steps are cut between rows where they can be), and the cut steps read the same file bytes
+into the same parameter elements as the uncut ones."""
+
+import random
+
+from sglang_fastload.loader.executor import _ALIGN, _align, _chunks
+from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan, contiguous_runs, contiguous_strides
+
+
+def _dense_step(name, offset, rows, cols, itemsize=2, dst_offset=0, row_stride=None):
+    sizes = (rows, cols)
+    dst = (dst_offset, sizes, (row_stride or cols, 1))
+    return CopyStep(name, name, dst, ((offset, rows * cols * itemsize),), (0, sizes, contiguous_strides(sizes)), itemsize)
+
+
+def _row_shard_step(name, offset, rows, cols, keep, itemsize=2):
+    # A row-parallel shard read run by run: one read per row of ``keep`` columns.
+    sizes = (rows, keep)
+    reads = tuple((offset + r * cols * itemsize, keep * itemsize) for r in range(rows))
+    return CopyStep(name, name, (0, sizes, (keep, 1)), reads, (0, sizes, contiguous_strides(sizes)), itemsize)
+
+
+def _gather_step(name, offset, rows, cols, keep, itemsize=2):
+    sizes = (rows, keep)
+    return CopyStep(name, name, (0, sizes, (keep, 1)), ((offset, rows * cols * itemsize),), (0, sizes, (cols, 1)), itemsize, gather=True)
+
+
+def _byte_map(steps):
+    """``{(param, element): file byte offset of its first byte}`` for non-gathered steps."""
+    out = {}
+    for st in steps:
+        assert not st.gather
+        stream = [off + i for off, n in st.reads for i in range(0, n, st.itemsize)]
+        _, starts = contiguous_runs(st.dst)
+        run = len(stream) // len(starts)
+        elements = [s + i for s in starts for i in range(run)]
+        assert len(elements) == len(stream)
+        out.update({(st.param, e): b for e, b in zip(elements, stream)})
+    return out
+
+
+def _plan(steps):
+    return LoadPlan([FilePlan("f", steps)], [], {}, frozenset(), len(steps))
+
+
+def test_expert_sized_tensors_fill_every_chunk():
+    # 3 "MiB" experts (3 rows of 1 "MiB"), chunks of 4: without cuts each expert takes a chunk.
+    unit = 1 << 10
+    steps = [_dense_step(f"e{i}", i * 3 * unit, 3, unit // 2) for i in range(8)]
+    chunks = _chunks(_plan(steps), 4 * unit)
+    assert [c.nbytes for c in chunks] == [4 * unit] * 6
+    cut = [st for c in chunks for st in c.steps]
+    assert _byte_map(cut) == _byte_map(steps)
+    assert sum(st.nbytes for st in cut) == sum(st.nbytes for st in steps)
+
+
+def test_cuts_keep_every_byte_in_place_for_random_layouts():
+    rng = random.Random(3)
+    for _ in range(200):
+        steps, offset = [], 0
+        for i in range(rng.randrange(1, 12)):
+            rows, cols = rng.randrange(1, 9), rng.randrange(1, 40)
+            kind = rng.random()
+            if kind < 0.5:
+                step = _dense_step(f"t{i}", offset, rows, cols, dst_offset=rng.randrange(0, 5), row_stride=cols)
+            elif kind < 0.8:
+                step = _row_shard_step(f"t{i}", offset, rows, cols, rng.randrange(1, cols + 1))
+            else:
+                step = _gather_step(f"t{i}", offset, rows, cols, rng.randrange(1, cols + 1))
+            steps.append(step)
+            offset += rows * cols * 2
+        chunk_bytes = rng.randrange(64, 600)
+        chunks = _chunks(_plan(steps), chunk_bytes)
+        cut = [st for c in chunks for st in c.steps]
+        plain = [st for st in steps if not st.gather]
+        assert _byte_map([st for st in cut if not st.gather]) == _byte_map(plain)
+        assert [st for st in cut if st.gather] == [st for st in steps if st.gather]  # never cut
+        for c in chunks:
+            assert c.nbytes == sum(_align(st.nbytes, _ALIGN) for st in c.steps)
+            assert c.nbytes <= chunk_bytes or len(c.steps) == 1
+
+
+def test_a_step_is_never_cut_where_its_destination_has_another_shape():
+    # Same elements, other shape (e.g. a flat parameter fed from a 2-D tensor): kept whole.
+    sizes = (4, 8)
+    step = CopyStep("t", "p", (0, (32,), (1,)), ((0, 64),), (0, sizes, contiguous_strides(sizes)), 2)
+    first = _dense_step("a", 1000, 1, 40)
+    chunks = _chunks(_plan([first, step]), 100)
+    assert [c.steps for c in chunks] == [[first], [step]]
