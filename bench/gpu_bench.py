@@ -307,6 +307,17 @@ def _read_chunks(paths: Sequence[str], max_bytes: Optional[int], chunk: int) -> 
     return out
 
 
+def settle_page_cache(paths: Sequence[str]) -> Dict[str, float]:
+    """Read the files twice after a cold step, so the next warm step finds them as warm as the
+    first contender did: pages read once after a drop are still on the kernel's inactive
+    list, and the next read of each moves it to the active one (a cost the first warm
+    reader would pay, and no later one)."""
+    t0 = time.perf_counter()
+    for _ in range(2):
+        raw_read(paths, 16, chunk=4 * MIB)
+    return {"seconds": round(time.perf_counter() - t0, 3)}
+
+
 def raw_read(paths: Sequence[str], threads: int, *, max_bytes: Optional[int] = None, chunk: int = 64 * MIB) -> Dict:
     """Read the files (up to ``max_bytes``) with ``threads`` threads: ``os.preadv`` into reused buffers."""
     chunks = _read_chunks(paths, max_bytes, chunk)
@@ -524,6 +535,8 @@ class Session:
         # ranks on one GPU; loading needs no device collectives).
         self.shared_gpu = shared_gpu
         self.gpu = 0 if shared_gpu else rank
+        # Set after a cold step: the next warm step first settles the page cache (settle_page_cache).
+        self.cache_unsettled = False
         t0 = time.perf_counter()
         import torch
 
@@ -954,7 +967,7 @@ def plan_steps(args) -> List[Tuple[str, str]]:
     if warm:
         steps += [(p, "warm") for p in phases if p != "load"]
     if "fresh" in args.cache:
-        steps += [(p, "fresh") for p in phases if p != "load"]
+        steps += [(p, "fresh") for p in phases if p not in ("load", "restart")]
     if cold:
         steps += [(p, "cold") for p in phases if p != "load" and p in args.cold_phases]
     return steps
@@ -1188,7 +1201,7 @@ def run_contender(cont: Contender, info, steps, args, session: Session, summarie
     model = None
     updater = runner = None
     n_updates = 0
-    last_update = max((i for i, (p, _) in enumerate(steps) if p != "load"), default=None)
+    last_update = max((i for i, (p, _) in enumerate(steps) if p not in ("load", "restart")), default=None)
     cold_rate = ((results.data["models"].get(info.kind) or {}).get("ceilings", {}).get("cold_read") or {}).get("gbps")
     for i, (phase, cache) in enumerate(steps):
         est = (nbytes / (0.7 * (cold_rate or 1.0) * GB) if cache == "cold" else nbytes / (2.5 * GB)) + 5
@@ -1199,10 +1212,24 @@ def run_contender(cont: Contender, info, steps, args, session: Session, summarie
         step: Dict[str, Any] = {"phase": phase, "cache": cache}
         if cache == "cold":
             step["drop"] = drop_page_cache(paths)
+            session.cache_unsettled = True
+        elif session.cache_unsettled:
+            step["settle"] = settle_page_cache(paths)
+            session.cache_unsettled = False
         step["resident_before"] = resident_fraction(paths)
         n_summaries = len(summaries.items)
         with upstream_expert_scan(cont.upstream_scan, scan_counter), environment_of(cont):
-            if phase == "load":
+            if phase == "restart" and model is not None:
+                # A server restart: the old model goes, a new one is built and loaded in the
+                # same process (for ``fast``, from the plan store, not the in-memory plan).
+                del updater, runner, model
+                updater = runner = model = None
+                gc.collect()
+                if args.device == "cuda":
+                    import torch
+
+                    torch.cuda.empty_cache()
+            if phase in ("load", "restart"):
                 server_args, model_config, load_config = session.configure(info.directory, cont)
                 model, t = session.load(model_config, load_config)
                 step.update(seconds=round(t["load_s"], 4), total_s=round(t["total_s"], 4), build_s=round(t["build_s"], 4), loader=t["loader"], ok=True)
@@ -1225,7 +1252,8 @@ def run_contender(cont: Contender, info, steps, args, session: Session, summarie
                         log(f"{cont.name} {phase}/{cache}: {step['error']}")
                         continue
                     source, step["fresh_copy"] = fresh_copy(info.directory)
-                profiler = cProfile.Profile() if args.profile_updates and cont.load_format == "fast" else None
+                profiler = cProfile.Profile() if cont.load_format == "fast" and args.profile_updates and (
+                    args.profile_updates == ["all"] or cont.name in args.profile_updates) else None
                 t0 = time.perf_counter()
                 if profiler is not None:
                     profiler.enable()
@@ -1276,7 +1304,8 @@ def parse_args(argv=None):
     p.add_argument("--size", choices=("full", "tiny", "cpu"), default="full", help="model shapes (cpu: bench/cpu_bench.py's)")
     p.add_argument("--models", type=csv, default=["dense", "moe"])
     p.add_argument("--contenders", type=csv, default=["fast", "auto", "auto1"], help=f"of {','.join(CONTENDERS)}")
-    p.add_argument("--phases", type=csv, default=["load", "update1", "update2"])
+    p.add_argument("--phases", type=csv, default=["load", "update1", "update2"],
+                   help="restart: free the model, build and load a new one (fast: from the plan store)")
     p.add_argument("--cache", type=csv, default=["warm", "cold"],
                    help="warm: re-read files; cold: page cache dropped; fresh: each update reads a new copy written just before (as after a training step)")
     p.add_argument("--cold-phases", type=csv, default=["update1"], help="phases measured again with a cold page cache")
@@ -1305,8 +1334,9 @@ def parse_args(argv=None):
     p.add_argument("--site-dir", default=None, help="add this site dir first (runs its .pth files: the overlay's hook)")
     p.add_argument("--out", default=None, help="JSON output (default $OUT/gpu_bench.json, else ./gpu_bench.json)")
     p.add_argument("--log-level", default="WARNING", help="SGLang's logging level")
-    p.add_argument("--profile-updates", action="store_true",
-                   help="profile each fast update's calling thread (cProfile; slows Python-heavy parts): where time outside reads and copies goes")
+    p.add_argument("--profile-updates", type=csv, nargs="?", const=["all"], default=[],
+                   help="profile each fast update's calling thread (cProfile; slows Python-heavy parts): where time "
+                        "outside reads and copies goes; optionally only these contenders (e.g. fast-c6: a profiled twin of fast)")
     args = p.parse_args(argv)
     if args.tiny:
         args.size = "tiny"
