@@ -62,6 +62,7 @@ def main(argv=None) -> int:
 
     from sglang_fastload.checkpoint.safetensors_header import read_header
     from sglang_fastload.loader import plan_key, plan_store
+    from sglang_fastload.loader.executor import DEFAULT_CHUNK_BYTES
 
     plans, shares, pieces = {}, {}, []
     starts = ["empty store"] + ["stored"] * args.repeats + ["store off"] * args.repeats
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
         if label == "stored":
             headers = {f: read_header(f) for f in sorted(glob.glob(os.path.join(info.directory, "*.safetensors")))}
             params = dict(model.named_parameters(remove_duplicate=False))
-            knobs = plan_key.LoadKnobs(load_config_min_segment(load_config), 64 << 20, "cpu")
+            knobs = plan_key.LoadKnobs(load_config_min_segment(load_config), DEFAULT_CHUNK_BYTES, "cpu")
             t0 = time.perf_counter()
             key = plan_key.plan_key(model, knobs, headers)
             t1 = time.perf_counter()

@@ -35,7 +35,7 @@ import torch
 from sglang_fastload import constants
 from sglang_fastload.errors import CheckpointError
 from sglang_fastload.loader import cuda_runtime, host_memory
-from sglang_fastload.loader.plan import CopyStep, LoadPlan, cut_rows, head_rows_within, is_contiguous
+from sglang_fastload.loader.plan import CopyStep, LoadPlan, cut_rows, head_rows_within
 
 logger = logging.getLogger(__name__)
 
@@ -502,7 +502,7 @@ def _same_dtype(step: CopyStep, params: Dict[str, torch.Tensor]) -> bool:
 
 def _reads_into_parameter(step: CopyStep, params: Dict[str, torch.Tensor]) -> bool:
     """CPU: the step's bytes are exactly the destination's elements, so read them in place."""
-    return step.view_is_dense and is_contiguous(step.dst) and _same_dtype(step, params)
+    return step.view_is_dense and step.dst_is_contiguous and _same_dtype(step, params)
 
 
 def _device_bytes(tensor: torch.Tensor, byte_offset: int, nbytes: int) -> torch.Tensor:

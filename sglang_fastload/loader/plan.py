@@ -8,6 +8,7 @@ Offsets are absolute file offsets; geometries are ``(offset, sizes, strides)`` i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -49,7 +50,8 @@ class CopyStep:
     src_dtype: object = None
     gather: bool = False
 
-    @property
+    # Derived values are cached on the instance (binding a plan asks for them per chunk).
+    @functools.cached_property
     def nbytes(self) -> int:
         """Bytes this step copies out of the file (and occupies in a staging buffer)."""
         if self.gather:
@@ -62,12 +64,17 @@ class CopyStep:
         sizes = self.view[1]
         return (0, tuple(sizes), contiguous_strides(sizes))
 
-    @property
+    @functools.cached_property
     def view_is_dense(self) -> bool:
         """True when the read bytes are exactly the destination's elements in row-major order."""
         if self.gather:
             return False
         return is_contiguous(self.view) and self.view[0] == 0 and numel(self.view) * self.itemsize == self.nbytes
+
+    @functools.cached_property
+    def dst_is_contiguous(self) -> bool:
+        """True when the destination's elements are consecutive in the parameter."""
+        return is_contiguous(self.dst)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,105 @@
+"""Time binding a plan as a CUDA reader does (the set-up part of a start-up load), on CPU.
+
+    .venv/bin/python bench/bind_bench.py [--layers 16 --experts 128 --repeats 5 --profile]
+
+Loads the CPU Qwen3-MoE checkpoint of ``bench/cpu_bench.py`` once with ``fast`` (16 layers x
+128 experts: 6,291 tensors, like the 16-layer GPU benchmark), takes its plan, then binds it
+``--repeats`` times with readers set up as on CUDA: staged steps, copies planned as device
+addresses. The device copy is never called, so this is only the Python work of binding,
+which a start-up (and a restart with a stored plan) pays once per model.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import itertools
+import os
+import pstats
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import gpu_bench as gb  # noqa: E402
+from bench.plan_store_bench import cpu_moe_checkpoint, moe_arguments  # noqa: E402
+
+
+class AddressOnlyRuntime:
+    """Stands in for the CUDA runtime at binding time: binding reads no runtime state, it only
+    records addresses, so nothing here is ever called."""
+
+    def __init__(self):
+        self.events = itertools.count(1)
+
+    def new_event(self, blocking=False):
+        return next(self.events)
+
+
+class IdleStream:
+    """Stands in for a reader's CUDA stream: nothing is ever queued on it."""
+
+    def synchronize(self):
+        pass
+
+
+def main(argv=None) -> int:
+    p = moe_arguments(__doc__)
+    p.set_defaults(layers=16, repeats=5)
+    p.add_argument("--profile", action="store_true")
+    # The CPU checkpoint's tensors are ~50 x smaller than the GPU one's: 0.2 MiB chunks give
+    # about as many steps per chunk as 6 MiB chunks on the 16-layer GPU checkpoint.
+    p.add_argument("--chunk-mib", type=float, default=0.2)
+    args = p.parse_args(argv)
+    os.environ["SGLANG_FASTLOAD_PLAN_STORE"] = "0"
+    info = cpu_moe_checkpoint(args)
+    session = gb.Session("cpu")
+    _, model_config, load_config = session.configure(info.directory, gb.CONTENDERS["fast"])
+    model, _ = session.load(model_config, load_config)
+
+    import torch
+
+    from sglang_fastload.loader import executor
+    from sglang_fastload.loader.checkpoint_state import state_of
+
+    plan = next(reversed(state_of(model).plans.values()))
+    params = {n: t.data for n, t in model.named_parameters(remove_duplicate=False)}
+    chunk = int(args.chunk_mib * (1 << 20))
+    chunks = executor._chunks(plan, chunk)
+    workers = []
+    for _ in range(16):
+        w = executor._Worker(torch.device("cpu"), chunk)
+        w.cuda = True  # bind as a CUDA reader does
+        w.runtime = AddressOnlyRuntime()
+        w.stream = IdleStream()
+        workers.append(w)
+    executor._reserve(workers, [(chunk, chunk)] * len(workers))
+
+    def bind_all():
+        t0 = time.perf_counter()
+        n = executor._chunks(plan, chunk)
+        t1 = time.perf_counter()
+        for i, c in enumerate(n):
+            executor._bind_chunk(c, 0, params, workers[i % 16], (i // 16) % 2)
+        return t1 - t0, time.perf_counter() - t1
+
+    times = [bind_all() for _ in range(args.repeats)]
+    print(f"{plan_tensors(plan)} steps, {len(chunks)} chunks of {args.chunk_mib:g} MiB")
+    print(f"chunks: median {statistics.median(t for t, _ in times) * 1e3:.1f} ms; "
+          f"bind: median {statistics.median(b for _, b in times) * 1e3:.1f} ms "
+          f"({statistics.median(b for _, b in times) / len(chunks) * 1e6:.1f} us per chunk)")
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        bind_all()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+    return 0
+
+
+def plan_tensors(plan) -> int:
+    return sum(len(f.steps) for f in plan.files)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
