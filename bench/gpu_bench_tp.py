@@ -179,7 +179,8 @@ def main(argv=None) -> int:
         for phase, cache, seconds, fs in phases:
             bytes_read = fs["bytes_read"] if fs else info.nbytes  # upstream maps and iterates every file
             rows.append(dict(rank=rank, contender=name, phase=phase, cache=cache, seconds=round(seconds, 4),
-                             bytes_read=bytes_read, gbps_of_checkpoint=round(info.nbytes / seconds / GB, 2)))
+                             bytes_read=bytes_read, gbps_of_checkpoint=round(info.nbytes / seconds / GB, 2),
+                             fast_summary=fs))
         models[name] = runner.model
     verdict = None
     if "auto" in models and "fast" in models:

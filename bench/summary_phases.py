@@ -1,4 +1,4 @@
-"""Print every ``fast`` load of ``gpu_bench.py`` JSON files with where its read/copy time went.
+"""Print every ``fast`` load of ``gpu_bench.py`` (or ``gpu_bench_tp.py``) JSON files with where its read/copy time went.
 
     python3 bench/summary_phases.py $OUT/gpu_bench.json [more.json ...]
 
@@ -18,6 +18,13 @@ def main(paths) -> int:
     for path in paths:
         with open(path) as f:
             data = json.load(f)
+        for rank in data.get("ranks", []):  # gpu_bench_tp.py: one entry per rank
+            for row in rank.get("rows", []):
+                summary = row.get("fast_summary")
+                if summary:
+                    print(f"{os.path.basename(path)} rank {row['rank']} {row['contender']} {row['phase']}/{row['cache']} "
+                          f"read/copy {summary['copy_seconds']:.3f} s, plan {summary.get('plan_source')}, "
+                          f"phases {summary.get('copy_phases')}")
         for model, mdata in data.get("models", {}).items():
             for name, cdata in mdata.get("contenders", {}).items():
                 for step in cdata.get("steps", []):
