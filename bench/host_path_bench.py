@@ -750,7 +750,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=2)
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="fewer configurations (dry runs)")
-    ap.add_argument("--suite", default="all", choices=["all", "zero-copy", "hybrid", "lane", "small-chunks"], help="zero-copy: registration and pinning only; lane: registration on its own thread, GIL/event costs of small chunks; small-chunks: the leanest bounce loop (torch or CUDA runtime calls) by chunk size")
+    ap.add_argument("--suite", default="all", choices=["all", "zero-copy", "hybrid", "lane", "small-chunks", "depth"], help="zero-copy: registration and pinning only; lane: registration on its own thread, GIL/event costs of small chunks; small-chunks: the leanest bounce loop (torch or CUDA runtime calls) by chunk size; depth: the same loop with 2, 3 or 4 buffers per reader")
     args = ap.parse_args()
     res: Dict = {"command": " ".join(os.sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "system": system_info()}
 
@@ -816,6 +816,22 @@ def main() -> None:
                     log("lean_bounce", r)
                 except Exception as exc:  # noqa: BLE001 - a failed variant is a result too
                     log("lean_bounce", {"args": [impl, t, c, nbuf, blocking], "error": repr(exc)})
+        res["wall_s"] = time.perf_counter() - t0
+        save()
+        return
+    if args.suite == "depth":
+        with ThreadPoolExecutor(8) as ex:  # page cache warm
+            list(ex.map(lambda p: open(p, "rb").read(), paths))
+        slab = RegisteredSlab(16 * 4 * 8 * MiB)
+        res["slab"] = {"kind": slab.kind, "bytes": slab.slab.numel(), "seconds": slab.alloc_s}
+        device_dst = torch.empty(total, dtype=torch.uint8, device="cuda")
+        log("h2d_pinned", h2d(1 << 30, 1, Pool(1 << 30), device_dst))
+        for rep in range(2):
+            for c in (4, 6, 8):
+                for nbuf in (2, 3, 4):
+                    r = lean_bounce(paths, 16, c * MiB, nbuf, slab, device_dst, "cudart")
+                    r["rep"] = rep
+                    log("lean_bounce", r)
         res["wall_s"] = time.perf_counter() - t0
         save()
         return
