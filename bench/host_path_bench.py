@@ -822,6 +822,9 @@ def main() -> None:
     if args.suite == "depth":
         with ThreadPoolExecutor(8) as ex:  # page cache warm
             list(ex.map(lambda p: open(p, "rb").read(), paths))
+        if not torch.cuda.is_available():
+            print("no CUDA: the depth suite copies to a device")
+            return
         slab = RegisteredSlab(16 * 4 * 8 * MiB)
         res["slab"] = {"kind": slab.kind, "bytes": slab.slab.numel(), "seconds": slab.alloc_s}
         device_dst = torch.empty(total, dtype=torch.uint8, device="cuda")
