@@ -513,8 +513,16 @@ def _device_bytes(tensor: torch.Tensor, byte_offset: int, nbytes: int) -> torch.
 
 
 def _goes_straight(step: CopyStep, params: Dict[str, torch.Tensor], cuda: bool, via_scratch: bool) -> bool:
-    """CUDA: the staged bytes of ``step`` are copied straight into its parameter."""
-    return cuda and not via_scratch and not step.gather and _reads_into_parameter(step, params)
+    """CUDA: the staged bytes of ``step`` are copied straight into its parameter.
+
+    A gathered step is staged densely (``dense_view``): its bytes are the destination's
+    elements in order whenever the destination is contiguous (row-parallel shards are).
+    """
+    if not cuda or via_scratch:
+        return False
+    if step.gather:
+        return step.dst_is_contiguous and _same_dtype(step, params)
+    return _reads_into_parameter(step, params)
 
 
 def _bind_chunk(

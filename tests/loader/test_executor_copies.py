@@ -38,12 +38,21 @@ def _steps():
     return straight, transposed, shard
 
 
+def _gathered():
+    # D: a row shard with short runs, gathered from the file mapping: 16 floats of every 64
+    # (the second 16) of the third block, into "g" (contiguous: staged bytes go straight).
+    span = (63 * 64 + 15 + 1) * 4
+    return CopyStep("c", "g", (0, (64, 16), (16, 1)), ((2 * FLOATS * 4 + 16 * 4, span),), (0, (64, 16), (64, 1)), 4, gather=True)
+
+
 def _expected(data):
     d = data[:FLOATS].clone()
     t = data[FLOATS:2 * FLOATS].view(64, 64).t().reshape(-1).clone()
     r = torch.full((FLOATS,), -1.0)
     r[16:16 + 64 * 32] = data[2 * FLOATS:].view(64, 64)[:, :32].reshape(-1)
-    return {"d": d, "t": t, "r": r}
+    g = torch.full((FLOATS,), -1.0)
+    g[:64 * 16] = data[2 * FLOATS:].view(64, 64)[:, 16:32].reshape(-1)
+    return {"d": d, "t": t, "r": r, "g": g}
 
 
 class HostMemmoveRuntime:
@@ -92,7 +101,8 @@ class CompletedStream:
 def test_cuda_reader_copies_land_in_parameters(data_file, monkeypatch, through):
     data, path = data_file
     straight, transposed, shard = _steps()
-    params = {n: torch.full((FLOATS,), -1.0) for n in "dtr"}
+    gathered = _gathered()
+    params = {n: torch.full((FLOATS,), -1.0) for n in "dtrg"}
     worker = executor._Worker(torch.device("cpu"), 64 << 10)
     worker.cuda = True  # bind and run the reader as on CUDA; only the device copy differs
     worker.stream = CompletedStream()
@@ -100,30 +110,32 @@ def test_cuda_reader_copies_land_in_parameters(data_file, monkeypatch, through):
     if runtime is None:
         monkeypatch.setattr(torch.cuda, "Event", CompletedEvent)
     worker.runtime = runtime
-    chunk = executor._Chunk(path, [straight, shard, transposed], sum(s.nbytes for s in (straight, shard, transposed)))
+    steps = [straight, shard, transposed, gathered]
+    chunk = executor._Chunk(path, steps, sum(s.nbytes for s in steps))
     executor._reserve([worker], [executor._staged_size(chunk, True, params)])
     assert worker.scratch is not None  # the transposed step needs it
     bound = executor._bind_chunk(chunk, 0, params, worker, 0)
-    # Straight steps are copied into their parameters, only the transposed one by view.
+    # Straight and gathered steps are copied into their parameters, only the transposed one by view.
     assert len(bound.dsts) == 1 and bound.dsts[0].data_ptr() == params["t"].data_ptr()
     fd = open(path, "rb")
     try:
-        mappings = executor._FileMappings(LoadPlan([FilePlan(path, [])], [], {}, frozenset(), 0), {path: fd.fileno()})
+        mappings = executor._FileMappings(LoadPlan([FilePlan(path, [gathered])], [], {}, frozenset(), 0), {path: fd.fileno()})
         executor._run_bound(bound, path, fd.fileno(), worker, None, executor._FaultBudget(None), mappings)
     finally:
         fd.close()
     for name, want in _expected(data).items():
         assert torch.equal(params[name], want), name
-    if runtime is not None:  # "d" and "r" straight (file-contiguous in the buffer), "t" to scratch
-        assert sorted(runtime.copies) == sorted([FLOATS * 4, 64 * 32 * 4, FLOATS * 4])
+    if runtime is not None:  # "d", "r" and "g" straight ("d" and "r" file-contiguous in the buffer), "t" to scratch
+        assert sorted(runtime.copies) == sorted([FLOATS * 4, 64 * 32 * 4, FLOATS * 4, 64 * 16 * 4])
 
 
 def test_a_straight_step_never_goes_through_scratch_and_needs_none(data_file):
     _, path = data_file
     straight, _, shard = _steps()
-    params = {n: torch.full((FLOATS,), -1.0) for n in "dtr"}
-    chunk = executor._Chunk(path, [straight, shard], straight.nbytes + shard.nbytes)
+    gathered = _gathered()
+    params = {n: torch.full((FLOATS,), -1.0) for n in "dtrg"}
+    chunk = executor._Chunk(path, [straight, shard, gathered], straight.nbytes + shard.nbytes + gathered.nbytes)
     host, scratch = executor._staged_size(chunk, True, params)
-    assert host >= straight.nbytes + shard.nbytes and scratch == 0
+    assert host >= straight.nbytes + shard.nbytes + gathered.nbytes and scratch == 0
     # The zero-copy lane copies page cache into the scratch: it needs it for every step.
     assert executor._staged_size(chunk, True, params, via_scratch=True)[1] == host
