@@ -48,11 +48,11 @@ _ALIGN = 64
 DEFAULT_ZERO_COPY_SHARE = 0.0
 # Bytes per chunk (and per staging buffer). Small enough that every reader's two buffers stay
 # in the CPU's last-level cache while the device copies them (staged bytes then cross host
-# memory once), large enough that per-chunk interpreter work stays small and that two 3 MiB
-# expert tensors share a chunk. On H200 hosts, 16 readers (docs/benchmarks.md, 2026-12-02):
-# against 64 MiB, updates up to 1.4 x faster; 4 MiB was as fast on dense models but up to
-# 1.3 x slower on MoE (one expert per chunk: twice the chunks), 8 MiB slower on dense. That
-# host has 300 MiB of shared L3; hosts with smaller or split caches were not measured.
+# memory once), large enough that per-chunk interpreter work stays small. On H200 hosts, 16
+# readers (docs/benchmarks.md, 2026-12-02): against 64 MiB, updates up to 1.4 x faster; 8 MiB
+# slower on dense models; 4 MiB (chunks filled since) as fast on MoE and as fast or up to
+# 1.5 x slower on dense, from one machine to the next; a third buffer per reader slower at
+# every size. That host has 300 MiB of shared L3; smaller or split caches were not measured.
 DEFAULT_CHUNK_BYTES = 6 << 20
 
 
