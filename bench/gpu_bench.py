@@ -1229,9 +1229,16 @@ def run_contender(cont: Contender, info, steps, args, session: Session, summarie
                     import torch
 
                     torch.cuda.empty_cache()
+            profiler = cProfile.Profile() if cont.load_format == "fast" and args.profile_updates and (
+                args.profile_updates == ["all"] or cont.name in args.profile_updates) else None
             if phase in ("load", "restart"):
                 server_args, model_config, load_config = session.configure(info.directory, cont)
+                if profiler is not None:
+                    profiler.enable()
                 model, t = session.load(model_config, load_config)
+                if profiler is not None:
+                    profiler.disable()
+                    step["profile"] = top_functions(profiler)
                 step.update(seconds=round(t["load_s"], 4), total_s=round(t["total_s"], 4), build_s=round(t["build_s"], 4), loader=t["loader"], ok=True)
                 updater, runner = session.updater(model, model_config, load_config)
             else:
@@ -1252,8 +1259,6 @@ def run_contender(cont: Contender, info, steps, args, session: Session, summarie
                         log(f"{cont.name} {phase}/{cache}: {step['error']}")
                         continue
                     source, step["fresh_copy"] = fresh_copy(info.directory)
-                profiler = cProfile.Profile() if cont.load_format == "fast" and args.profile_updates and (
-                    args.profile_updates == ["all"] or cont.name in args.profile_updates) else None
                 t0 = time.perf_counter()
                 if profiler is not None:
                     profiler.enable()
@@ -1335,8 +1340,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="JSON output (default $OUT/gpu_bench.json, else ./gpu_bench.json)")
     p.add_argument("--log-level", default="WARNING", help="SGLang's logging level")
     p.add_argument("--profile-updates", type=csv, nargs="?", const=["all"], default=[],
-                   help="profile each fast update's calling thread (cProfile; slows Python-heavy parts): where time "
-                        "outside reads and copies goes; optionally only these contenders (e.g. fast-c6: a profiled twin of fast)")
+                   help="profile each fast load's and update's calling thread (cProfile; slows Python-heavy parts): where "
+                        "time outside reads and copies goes; optionally only these contenders (e.g. fast-c6: a profiled twin of fast)")
     args = p.parse_args(argv)
     if args.tiny:
         args.size = "tiny"
