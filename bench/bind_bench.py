@@ -12,6 +12,7 @@ which a start-up (and a restart with a stored plan) pays once per model.
 from __future__ import annotations
 
 import cProfile
+import dataclasses
 import itertools
 import os
 import pstats
@@ -54,7 +55,10 @@ def main(argv=None) -> int:
     os.environ["SGLANG_FASTLOAD_PLAN_STORE"] = "0"
     info = cpu_moe_checkpoint(args)
     session = gb.Session("cpu")
-    _, model_config, load_config = session.configure(info.directory, gb.CONTENDERS["fast"])
+    chunk = int(args.chunk_mib * (1 << 20))
+    # The plan is built for the chunk size it is bound with, as the loader does.
+    contender = dataclasses.replace(gb.CONTENDERS["fast"], extra={"chunk_mb": args.chunk_mib})
+    _, model_config, load_config = session.configure(info.directory, contender)
     model, _ = session.load(model_config, load_config)
 
     import torch
@@ -64,7 +68,6 @@ def main(argv=None) -> int:
 
     plan = next(reversed(state_of(model).plans.values()))
     params = {n: t.data for n, t in model.named_parameters(remove_duplicate=False)}
-    chunk = int(args.chunk_mib * (1 << 20))
     chunks = executor._chunks(plan, chunk)
     workers = []
     for _ in range(16):

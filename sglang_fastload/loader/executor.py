@@ -35,11 +35,10 @@ import torch
 from sglang_fastload import constants
 from sglang_fastload.errors import CheckpointError
 from sglang_fastload.loader import cuda_runtime, host_memory
-from sglang_fastload.loader.plan import CopyStep, LoadPlan, cut_rows, head_rows_within
+from sglang_fastload.loader.plan import STAGING_ALIGN, CopyStep, LoadPlan, aligned_nbytes, fill_chunks
 
 logger = logging.getLogger(__name__)
 
-_ALIGN = 64
 # Share of a CUDA load's bytes sent through the zero-copy lane (see host_memory.py). Off by
 # default: on an H200 host, 0.35 made re-reads of the same files 19-25 % faster, but a
 # checkpoint written just before the update (every step of a training loop) 23-34 % slower:
@@ -157,40 +156,12 @@ def _align(n: int, a: int) -> int:
 
 
 def _chunks(plan: LoadPlan, chunk_bytes: int) -> List[_Chunk]:
-    """Group each file's steps, in file order, into chunks of at most ``chunk_bytes``.
-
-    A step that does not fit in what is left of a chunk is cut between rows where it can be
-    (``plan.cut_rows``), so chunks are full: a chunk's cost is mostly per chunk (a read, a
-    copy, a hand-over between threads), and 3 MiB expert tensors in 4 MiB chunks would
-    otherwise take one chunk each.
-    """
-    out: List[_Chunk] = []
-    for fp in plan.files:
-        cur: List[CopyStep] = []
-        size = 0
-        pending = list(reversed(fp.steps))
-        while pending:
-            step = pending.pop()
-            need = _align(step.nbytes, _ALIGN)
-            if cur and size + need > chunk_bytes:
-                rows = head_rows_within(step, chunk_bytes - size)
-                while rows and size + _align(step.nbytes // step.view[1][0] * rows, _ALIGN) > chunk_bytes:
-                    rows -= 1
-                if rows:
-                    head, tail = cut_rows(step, rows)
-                    pending.append(tail)
-                    step, need = head, _align(head.nbytes, _ALIGN)
-                else:
-                    out.append(_Chunk(fp.path, cur, size))
-                    cur, size = [], 0
-            cur.append(step)
-            size += need
-            if size >= chunk_bytes:
-                out.append(_Chunk(fp.path, cur, size))
-                cur, size = [], 0
-        if cur:
-            out.append(_Chunk(fp.path, cur, size))
-    return out
+    """Each file's steps, in file order, in full chunks of at most ``chunk_bytes`` (``fill_chunks``)."""
+    return [
+        _Chunk(fp.path, steps, sum(aligned_nbytes(st) for st in steps))
+        for fp in plan.files
+        for steps in fill_chunks(fp.steps, chunk_bytes)
+    ]
 
 
 def _writable_view(address: int, nbytes: int) -> memoryview:
@@ -564,7 +535,7 @@ def _bind_chunk(
         if not step.gather and prev_end == step.reads[0][0] and pos % step.itemsize == 0:
             start = pos
         else:
-            start = _align(pos, _ALIGN)
+            start = _align(pos, STAGING_ALIGN)
         layout.append((step, start))
         pos = start + step.nbytes
         prev_end = None if step.gather else step.reads[-1][0] + step.reads[-1][1]
@@ -629,7 +600,7 @@ def _staged_size(chunk: _Chunk, cuda: bool, params: Dict[str, torch.Tensor], via
     scratch = False
     for step in chunk.steps:
         if cuda or not (step.gather or _reads_into_parameter(step, params)):
-            total = _align(total, _ALIGN) + step.nbytes
+            total = _align(total, STAGING_ALIGN) + step.nbytes
             scratch = scratch or (cuda and not _goes_straight(step, params, cuda, via_scratch))
     return total, (total if scratch else 0)
 

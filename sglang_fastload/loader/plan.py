@@ -14,6 +14,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from sglang_fastload.loader.replay import Geometry, RecordedCopy, RecordedZero
 
+# Steps staged in one buffer start at multiples of this many bytes (views of any dtype).
+STAGING_ALIGN = 64
+
 # Below this many bytes per contiguous run, a strided slice (e.g. a row-parallel shard) is
 # not read run by run (one system call per run would cost more than the bytes): its
 # elements are gathered from a read-only mapping of the file instead, so a rank still
@@ -279,6 +282,52 @@ def cut_rows(step: CopyStep, rows: int) -> Tuple[CopyStep, CopyStep]:
     return part(0, rows, head_reads), part(rows, sizes[0] - rows, tail_reads)
 
 
+def _aligned(nbytes: int) -> int:
+    return (nbytes + STAGING_ALIGN - 1) // STAGING_ALIGN * STAGING_ALIGN
+
+
+def aligned_nbytes(step: CopyStep) -> int:
+    """Bytes a step takes in a staging buffer, its start aligned (an upper bound)."""
+    return _aligned(step.nbytes)
+
+
+def fill_chunks(steps: Sequence[CopyStep], chunk_bytes: int) -> List[List[CopyStep]]:
+    """Group steps, in order, into chunks of at most ``chunk_bytes`` staged bytes.
+
+    A step that does not fit in what is left of a chunk is cut between rows where it can be
+    (``cut_rows``), so every chunk but the last is full: a load's cost is mostly per chunk
+    (a read, a copy, a hand-over between threads), and 3 MiB expert tensors in 4 MiB chunks
+    would otherwise take one chunk each. Grouping steps that were already cut this way
+    finds nothing more to cut. A step larger than a chunk that cannot be cut gets one of its own.
+    """
+    out: List[List[CopyStep]] = []
+    cur: List[CopyStep] = []
+    size = 0
+    pending = list(reversed(steps))
+    while pending:
+        step = pending.pop()
+        need = aligned_nbytes(step)
+        if cur and size + need > chunk_bytes:
+            rows = head_rows_within(step, chunk_bytes - size)
+            while rows and size + _aligned(step.nbytes // step.view[1][0] * rows) > chunk_bytes:
+                rows -= 1
+            if rows:
+                step, tail = cut_rows(step, rows)
+                pending.append(tail)
+                need = aligned_nbytes(step)
+            else:
+                out.append(cur)
+                cur, size = [], 0
+        cur.append(step)
+        size += need
+        if size >= chunk_bytes:
+            out.append(cur)
+            cur, size = [], 0
+    if cur:
+        out.append(cur)
+    return out
+
+
 def build_plan(
     copies: Sequence[RecordedCopy],
     zeros: Sequence[RecordedZero],
@@ -299,8 +348,9 @@ def build_plan(
         tensors_used: names that feed this rank.
         tensor_count: number of tensors in the checkpoint.
         min_segment_bytes: see ``make_step``.
-        max_step_bytes: steps larger than this are split so buffers stay bounded (the
-            executor's chunk size).
+        max_step_bytes: the executor's chunk size: steps larger than this are split so
+            buffers stay bounded, and steps are cut so that chunks of this size are full
+            (``fill_chunks``; a plan stored with them needs no cutting when loaded).
 
     Returns:
         The plan, with each file's steps in file-offset order.
@@ -315,7 +365,7 @@ def build_plan(
             split_rows(step, c.src, data_start, max_step_bytes, min_segment_bytes)
         )
     files = [
-        FilePlan(path, sorted(steps, key=lambda s: s.reads[0][0]))
+        FilePlan(path, [st for chunk in fill_chunks(sorted(steps, key=lambda s: s.reads[0][0]), max_step_bytes) for st in chunk])
         for path, steps in sorted(by_file.items())
     ]
     used_meta = {c.param: param_meta[c.param] for c in copies}

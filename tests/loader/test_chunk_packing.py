@@ -4,8 +4,8 @@ into the same parameter elements as the uncut ones."""
 
 import random
 
-from sglang_fastload.loader.executor import _ALIGN, _align, _chunks
-from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan, contiguous_runs, contiguous_strides
+from sglang_fastload.loader.executor import _chunks
+from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan, aligned_nbytes, contiguous_runs, contiguous_strides, fill_chunks
 
 
 def _dense_step(name, offset, rows, cols, itemsize=2, dst_offset=0, row_stride=None):
@@ -77,7 +77,7 @@ def test_cuts_keep_every_byte_in_place_for_random_layouts():
         assert _byte_map([st for st in cut if not st.gather]) == _byte_map(plain)
         assert [st for st in cut if st.gather] == [st for st in steps if st.gather]  # never cut
         for c in chunks:
-            assert c.nbytes == sum(_align(st.nbytes, _ALIGN) for st in c.steps)
+            assert c.nbytes == sum(aligned_nbytes(st) for st in c.steps)
             assert c.nbytes <= chunk_bytes or len(c.steps) == 1
 
 
@@ -88,3 +88,19 @@ def test_a_step_is_never_cut_where_its_destination_has_another_shape():
     first = _dense_step("a", 1000, 1, 40)
     chunks = _chunks(_plan([first, step]), 100)
     assert [c.steps for c in chunks] == [[first], [step]]
+
+
+def test_steps_cut_once_are_grouped_again_without_cuts():
+    # build_plan stores the cut steps (and the plan store keeps them): a load of such a plan
+    # groups them into the same chunks and makes no new step.
+    rng = random.Random(5)
+    for _ in range(100):
+        steps, offset = [], 0
+        for i in range(rng.randrange(1, 10)):
+            rows, cols = rng.randrange(1, 9), rng.randrange(1, 40)
+            steps.append(_dense_step(f"t{i}", offset, rows, cols))
+            offset += rows * cols * 2
+        chunk_bytes = rng.randrange(64, 600)
+        first = fill_chunks(steps, chunk_bytes)
+        again = fill_chunks([st for chunk in first for st in chunk], chunk_bytes)
+        assert [[id(st) for st in c] for c in again] == [[id(st) for st in c] for c in first]
