@@ -63,27 +63,27 @@ def main(argv=None) -> int:
 
     import torch
 
-    from sglang_fastload.loader import executor
+    from sglang_fastload.loader import binding, staging
     from sglang_fastload.loader.checkpoint_state import state_of
 
     plan = next(reversed(state_of(model).plans.values()))
     params = {n: t.data for n, t in model.named_parameters(remove_duplicate=False)}
-    chunks = executor._chunks(plan, chunk)
+    chunks = binding.chunks_of(plan, chunk)
     workers = []
     for _ in range(16):
-        w = executor._Worker(torch.device("cpu"), chunk)
+        w = staging.Worker(torch.device("cpu"), chunk)
         w.cuda = True  # bind as a CUDA reader does
         w.runtime = AddressOnlyRuntime()
         w.stream = IdleStream()
         workers.append(w)
-    executor._reserve(workers, [(chunk, chunk)] * len(workers))
+    staging.reserve(workers, [(chunk, chunk)] * len(workers))
 
     def bind_all():
         t0 = time.perf_counter()
-        n = executor._chunks(plan, chunk)
+        n = binding.chunks_of(plan, chunk)
         t1 = time.perf_counter()
         for i, c in enumerate(n):
-            executor._bind_chunk(c, 0, params, workers[i % 16], (i // 16) % 2)
+            binding.bind_chunk(c, 0, params, workers[i % 16], (i // 16) % 2)
         return t1 - t0, time.perf_counter() - t1
 
     times = [bind_all() for _ in range(args.repeats)]

@@ -4,7 +4,7 @@ into the same parameter elements as the uncut ones."""
 
 import random
 
-from sglang_fastload.loader.executor import _chunks
+from sglang_fastload.loader.binding import chunks_of
 from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan, aligned_nbytes, contiguous_runs, contiguous_strides, fill_chunks
 
 
@@ -48,7 +48,7 @@ def test_expert_sized_tensors_fill_every_chunk():
     # 3 "MiB" experts (3 rows of 1 "MiB"), chunks of 4: without cuts each expert takes a chunk.
     unit = 1 << 10
     steps = [_dense_step(f"e{i}", i * 3 * unit, 3, unit // 2) for i in range(8)]
-    chunks = _chunks(_plan(steps), 4 * unit)
+    chunks = chunks_of(_plan(steps), 4 * unit)
     assert [c.nbytes for c in chunks] == [4 * unit] * 6
     cut = [st for c in chunks for st in c.steps]
     assert _byte_map(cut) == _byte_map(steps)
@@ -71,7 +71,7 @@ def test_cuts_keep_every_byte_in_place_for_random_layouts():
             steps.append(step)
             offset += rows * cols * 2
         chunk_bytes = rng.randrange(64, 600)
-        chunks = _chunks(_plan(steps), chunk_bytes)
+        chunks = chunks_of(_plan(steps), chunk_bytes)
         cut = [st for c in chunks for st in c.steps]
         plain = [st for st in steps if not st.gather]
         assert _byte_map([st for st in cut if not st.gather]) == _byte_map(plain)
@@ -86,7 +86,7 @@ def test_a_step_is_never_cut_where_its_destination_has_another_shape():
     sizes = (4, 8)
     step = CopyStep("t", "p", (0, (32,), (1,)), ((0, 64),), (0, sizes, contiguous_strides(sizes)), 2)
     first = _dense_step("a", 1000, 1, 40)
-    chunks = _chunks(_plan([first, step]), 100)
+    chunks = chunks_of(_plan([first, step]), 100)
     assert [c.steps for c in chunks] == [[first], [step]]
 
 

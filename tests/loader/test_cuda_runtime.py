@@ -3,7 +3,7 @@
 import pytest
 
 from sglang_fastload import constants
-from sglang_fastload.loader import cuda_runtime, executor
+from sglang_fastload.loader import binding, cuda_runtime
 
 
 @pytest.fixture()
@@ -36,6 +36,6 @@ def test_the_switch_keeps_torch_calls_even_with_a_runtime(monkeypatch):
     found = object()
     monkeypatch.setattr(cuda_runtime, "runtime", lambda: found)
     monkeypatch.delenv(constants.ENV_DIRECT_CUDA_CALLS, raising=False)
-    assert executor._direct_runtime() is found
+    assert binding.direct_runtime() is found
     monkeypatch.setenv(constants.ENV_DIRECT_CUDA_CALLS, "0")
-    assert executor._direct_runtime() is None
+    assert binding.direct_runtime() is None

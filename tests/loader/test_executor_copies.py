@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from sglang_fastload.loader import executor
+from sglang_fastload.loader import binding, executor, staging
 from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan
 
 FLOATS = 4096
@@ -103,7 +103,7 @@ def test_cuda_reader_copies_land_in_parameters(data_file, monkeypatch, through):
     straight, transposed, shard = _steps()
     gathered = _gathered()
     params = {n: torch.full((FLOATS,), -1.0) for n in "dtrg"}
-    worker = executor._Worker(torch.device("cpu"), 64 << 10)
+    worker = staging.Worker(torch.device("cpu"), 64 << 10)
     worker.cuda = True  # bind and run the reader as on CUDA; only the device copy differs
     worker.stream = CompletedStream()
     runtime = HostMemmoveRuntime() if through == "runtime" else None
@@ -111,10 +111,10 @@ def test_cuda_reader_copies_land_in_parameters(data_file, monkeypatch, through):
         monkeypatch.setattr(torch.cuda, "Event", CompletedEvent)
     worker.runtime = runtime
     steps = [straight, shard, transposed, gathered]
-    chunk = executor._Chunk(path, steps, sum(s.nbytes for s in steps))
-    executor._reserve([worker], [executor._staged_size(chunk, True, params)])
+    chunk = binding.Chunk(path, steps, sum(s.nbytes for s in steps))
+    staging.reserve([worker], [binding.staged_size(chunk, True, params)])
     assert worker.scratch is not None  # the transposed step needs it
-    bound = executor._bind_chunk(chunk, 0, params, worker, 0)
+    bound = binding.bind_chunk(chunk, 0, params, worker, 0)
     # Straight and gathered steps are copied into their parameters, only the transposed one by view.
     assert len(bound.dsts) == 1 and bound.dsts[0].data_ptr() == params["t"].data_ptr()
     fd = open(path, "rb")
@@ -134,8 +134,8 @@ def test_a_straight_step_never_goes_through_scratch_and_needs_none(data_file):
     straight, _, shard = _steps()
     gathered = _gathered()
     params = {n: torch.full((FLOATS,), -1.0) for n in "dtrg"}
-    chunk = executor._Chunk(path, [straight, shard, gathered], straight.nbytes + shard.nbytes + gathered.nbytes)
-    host, scratch = executor._staged_size(chunk, True, params)
+    chunk = binding.Chunk(path, [straight, shard, gathered], straight.nbytes + shard.nbytes + gathered.nbytes)
+    host, scratch = binding.staged_size(chunk, True, params)
     assert host >= straight.nbytes + shard.nbytes + gathered.nbytes and scratch == 0
     # The zero-copy lane copies page cache into the scratch: it needs it for every step.
-    assert executor._staged_size(chunk, True, params, via_scratch=True)[1] == host
+    assert binding.staged_size(chunk, True, params, via_scratch=True)[1] == host

@@ -4,7 +4,7 @@ calls themselves run in the GPU benchmarks)."""
 
 import random
 
-from sglang_fastload.loader.executor import _Chunk, _split_for_lane
+from sglang_fastload.loader.binding import Chunk, split_for_lane
 from sglang_fastload.loader.host_memory import cut_at, uncovered
 from sglang_fastload.loader.plan import CopyStep
 
@@ -65,15 +65,15 @@ def test_lane_takes_its_share_spread_over_the_load_and_never_gathers():
     chunks = []
     for i in range(40):
         gather = i % 5 == 0
-        chunks.append(_Chunk("f", [_step(i * 100, 100, gather)], 100))
-    lane, rest = _split_for_lane(chunks, 0.5)
+        chunks.append(Chunk("f", [_step(i * 100, 100, gather)], 100))
+    lane, rest = split_for_lane(chunks, 0.5)
     assert not any(st.gather for c in lane for st in c.steps)
     assert sorted(map(id, lane + rest)) == sorted(map(id, chunks))
     assert 19 * 100 <= sum(c.nbytes for c in lane) <= 21 * 100
     # Spread: each quarter of the load gives the lane some of its chunks.
     positions = [chunks.index(c) for c in lane]
     assert all(any(q * 10 <= p < (q + 1) * 10 for p in positions) for q in range(4))
-    assert _split_for_lane(chunks, 0.0) == ([], chunks)
+    assert split_for_lane(chunks, 0.0) == ([], chunks)
 
 
 def test_mapped_file_registers_each_page_once_and_copies_inside_registrations(tmp_path, monkeypatch):
@@ -113,10 +113,10 @@ def test_mapped_file_registers_each_page_once_and_copies_inside_registrations(tm
 
 
 def _lane_chunk(places, scratch_bytes):
-    from sglang_fastload.loader.executor import _BoundChunk
+    from sglang_fastload.loader.binding import BoundChunk
     import torch
 
-    return _BoundChunk(
+    return BoundChunk(
         file=0, nbytes=sum(n for _, n, _ in places), direct=[], gathers=[], buffer=0, segments=[],
         places=list(places), staged_bytes=scratch_bytes, copies=[], copy_views=[], dsts=[], srcs=[],
         device=torch.zeros(scratch_bytes, dtype=torch.uint8), fault_bytes=0,

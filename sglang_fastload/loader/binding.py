@@ -1,0 +1,338 @@
+"""Binding a load plan to one model's parameters and the readers' buffers.
+
+A plan's steps are grouped into chunks (one staging buffer each) and dealt round-robin to
+the readers; every view, address and read target a chunk needs is made once here and reused
+by later loads while the parameters and buffers stay where they are (checked by address).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from sglang_fastload import constants
+from sglang_fastload.loader import cuda_runtime
+from sglang_fastload.loader.plan import STAGING_ALIGN, CopyStep, LoadPlan, aligned_nbytes, fill_chunks
+from sglang_fastload.loader.staging import Worker, reserve, wait_prepared, workers_for
+
+
+@dataclasses.dataclass
+class Chunk:
+    """Steps of one file staged together in one buffer (``nbytes``: their aligned sizes)."""
+
+    path: str
+    steps: List[CopyStep]
+    nbytes: int
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def chunks_of(plan: LoadPlan, chunk_bytes: int) -> List[Chunk]:
+    """Each file's steps, in file order, in full chunks of at most ``chunk_bytes`` (``fill_chunks``)."""
+    return [
+        Chunk(fp.path, steps, sum(aligned_nbytes(st) for st in steps))
+        for fp in plan.files
+        for steps in fill_chunks(fp.steps, chunk_bytes)
+    ]
+
+
+def _writable_view(address: int, nbytes: int) -> memoryview:
+    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
+
+
+def _param_view(param: torch.Tensor, geometry) -> torch.Tensor:
+    off, sizes, strides = geometry
+    return param.as_strided(sizes, strides, param.storage_offset() + off)
+
+
+@dataclasses.dataclass
+class BoundChunk:
+    """One chunk with every view it needs made in advance (parameters don't move between
+    updates, nor do the worker's buffers), so an update runs no per-step Python beyond a
+    read call per contiguous run and a copy per gathered slice.
+
+    Attributes:
+        file: index of the chunk's file in ``plan.files``.
+        nbytes: bytes of the chunk (progress).
+        direct: ``(parameter memory, file offset)``: CPU reads straight into parameters,
+            merged where both sides are contiguous.
+        gathers: ``(destination, step)``: elements gathered from the file mapping into a
+            parameter (CPU) or into the staging buffer (CUDA).
+        buffer: which of the worker's two host buffers stages the rest (-1: none).
+        segments: ``(buffer memory, file offset)`` reads into that buffer.
+        places: ``(file offset, nbytes, buffer position)`` of the same reads (the zero-copy
+            lane copies them from the page cache into the device scratch instead).
+        staged_bytes: bytes of the buffer in use.
+        copies: CUDA: ``(device address, host address, nbytes)`` copies of the staged bytes,
+            straight into parameters where the bytes are the destination's elements, else
+            into the device scratch; ``copy_views``: the same as tensors (torch's copies).
+        dsts, srcs: the copies out of the staged bytes that need more than a byte copy
+            (strided, gathered or converted: on CUDA, out of the device scratch).
+        device: the scratch prefix of ``staged_bytes`` (zero-copy lane chunks only).
+        fault_bytes: bytes counted against an injected fault.
+    """
+
+    file: int
+    nbytes: int
+    direct: List[Tuple[memoryview, int]]
+    gathers: List[Tuple[torch.Tensor, CopyStep]]
+    buffer: int
+    segments: List[Tuple[memoryview, int]]
+    places: List[Tuple[int, int, int]]
+    staged_bytes: int
+    copies: List[Tuple[int, int, int]]
+    copy_views: List[Tuple[torch.Tensor, torch.Tensor]]
+    dsts: List[torch.Tensor]
+    srcs: List[torch.Tensor]
+    device: Optional[torch.Tensor]
+    fault_bytes: int
+
+
+@dataclasses.dataclass
+class Binding:
+    """A plan bound to one set of parameters and workers: chunks per worker, in order."""
+
+    steps_lists: Tuple[List[CopyStep], ...]  # kept alive so their ids stay unique
+    param_ptrs: Tuple[int, ...]
+    workers: List[Worker]
+    buffers: List[Tuple[Optional[torch.Tensor], ...]]
+    per_worker: List[List[BoundChunk]]
+    zeros: List[torch.Tensor]
+    lane: int = -1  # index of the zero-copy lane in ``workers`` (-1: none)
+    runtime: Optional[cuda_runtime.CudaRuntime] = None  # what ``copies`` were bound for
+
+
+def _same_dtype(step: CopyStep, params: Dict[str, torch.Tensor]) -> bool:
+    # Bytes of another dtype are staged, then converted by the copy (as upstream's copy_ does).
+    return step.src_dtype is None or step.src_dtype == params[step.param].dtype
+
+
+def _reads_into_parameter(step: CopyStep, params: Dict[str, torch.Tensor]) -> bool:
+    """CPU: the step's bytes are exactly the destination's elements, so read them in place."""
+    return step.view_is_dense and step.dst_is_contiguous and _same_dtype(step, params)
+
+
+def _device_bytes(tensor: torch.Tensor, byte_offset: int, nbytes: int) -> torch.Tensor:
+    """``nbytes`` of ``tensor``'s storage from ``byte_offset`` past its first element, as uint8."""
+    flat = torch.empty(0, dtype=torch.uint8, device=tensor.device)
+    start = tensor.storage_offset() * tensor.element_size() + byte_offset
+    return flat.set_(tensor.untyped_storage(), start, (nbytes,), (1,))
+
+
+def _goes_straight(step: CopyStep, params: Dict[str, torch.Tensor], cuda: bool, via_scratch: bool) -> bool:
+    """CUDA: the staged bytes of ``step`` are copied straight into its parameter.
+
+    A gathered step is staged densely (``dense_view``): its bytes are the destination's
+    elements in order whenever the destination is contiguous (row-parallel shards are).
+    """
+    if not cuda or via_scratch:
+        return False
+    if step.gather:
+        return step.dst_is_contiguous and _same_dtype(step, params)
+    return _reads_into_parameter(step, params)
+
+
+def bind_chunk(
+    chunk: Chunk, file_index: int, params: Dict[str, torch.Tensor], worker: Worker, turn: int, via_scratch: bool = False
+) -> BoundChunk:
+    cuda = worker.cuda
+    direct: List[Tuple[int, int, int]] = []  # (address, file offset, nbytes), merged
+    gathers: List[Tuple[torch.Tensor, CopyStep]] = []
+    staged: List[CopyStep] = []
+    for step in chunk.steps:
+        if cuda:
+            staged.append(step)
+        elif step.gather:
+            gathers.append((_param_view(params[step.param], step.dst), step))
+        elif _reads_into_parameter(step, params):
+            address = params[step.param].data_ptr() + step.dst[0] * step.itemsize
+            for off, n in step.reads:
+                last = direct[-1] if direct else None
+                if last and last[0] + last[2] == address and last[1] + last[2] == off:
+                    direct[-1] = (last[0], last[1], last[2] + n)
+                else:
+                    direct.append((address, off, n))
+                address += n
+        else:
+            staged.append(step)
+    bound = BoundChunk(
+        file=file_index, nbytes=chunk.nbytes,
+        direct=[(_writable_view(a, n), off) for a, off, n in direct],
+        gathers=gathers, buffer=-1, segments=[], places=[], staged_bytes=0, copies=[], copy_views=[],
+        dsts=[], srcs=[], device=None, fault_bytes=chunk.nbytes,
+    )
+    if not staged:
+        return bound
+    # Lay out staged steps in one buffer; file-contiguous neighbours share one read.
+    layout: List[Tuple[CopyStep, int]] = []
+    pos = 0
+    prev_end = None
+    for step in staged:
+        if not step.gather and prev_end == step.reads[0][0] and pos % step.itemsize == 0:
+            start = pos
+        else:
+            start = _align(pos, STAGING_ALIGN)
+        layout.append((step, start))
+        pos = start + step.nbytes
+        prev_end = None if step.gather else step.reads[-1][0] + step.reads[-1][1]
+    buf = worker.buffers[turn]
+    segments: List[List[int]] = []  # [file offset, nbytes, buffer position]
+    for step, start in layout:
+        if step.gather:
+            dtype = step.src_dtype or params[step.param].dtype
+            gathers.append((buf.narrow(0, start, step.nbytes).view(dtype).view(step.view[1]), step))
+            continue
+        p = start
+        for off, n in step.reads:
+            if segments and segments[-1][0] + segments[-1][1] == off and segments[-1][2] + segments[-1][1] == p:
+                segments[-1][1] += n
+            else:
+                segments.append([off, n, p])
+            p += n
+    base = buf.data_ptr()
+    bound.buffer = turn
+    bound.segments = [(_writable_view(base + p, n), off) for off, n, p in segments]
+    bound.places = [tuple(x) for x in segments]
+    bound.staged_bytes = pos
+    # CUDA copies of the staged bytes: [target (parameter name or "" for the scratch),
+    # byte offset in the target, buffer position, nbytes], merged where both sides continue.
+    spans: List[List] = []
+    for step, start in layout:
+        if _goes_straight(step, params, cuda, via_scratch):
+            param = params[step.param]
+            target, at = step.param, step.dst[0] * param.element_size()
+        elif cuda:
+            target, at = "", start
+        else:
+            target = None
+        if target is not None:
+            last = spans[-1] if spans else None
+            if last and last[0] == target and last[1] + last[3] == at and last[2] + last[3] == start:
+                last[3] += step.nbytes
+            else:
+                spans.append([target, at, start, step.nbytes])
+            if target:
+                continue
+        source = worker.scratch if cuda else buf
+        dst = _param_view(params[step.param], step.dst)
+        src = source.narrow(0, start, step.nbytes).view(step.src_dtype or dst.dtype)
+        off, sizes, strides = step.dense_view if step.gather else step.view
+        bound.dsts.append(dst)
+        bound.srcs.append(src.as_strided(sizes, strides, src.storage_offset() + off))
+    for target, at, p, n in spans:
+        device_tensor = params[target] if target else worker.scratch
+        if worker.runtime is not None:
+            bound.copies.append((device_tensor.data_ptr() + at, base + p, n))
+        else:
+            bound.copy_views.append((_device_bytes(device_tensor, at, n), buf.narrow(0, p, n)))
+    if via_scratch:
+        bound.device = worker.scratch.narrow(0, 0, pos)
+    return bound
+
+
+def staged_size(chunk: Chunk, cuda: bool, params: Dict[str, torch.Tensor], via_scratch: bool = False) -> Tuple[int, int]:
+    """Upper bounds of the host buffer and device scratch bytes ``bind_chunk`` uses for a chunk."""
+    total = 0
+    scratch = False
+    for step in chunk.steps:
+        if cuda or not (step.gather or _reads_into_parameter(step, params)):
+            total = _align(total, STAGING_ALIGN) + step.nbytes
+            scratch = scratch or (cuda and not _goes_straight(step, params, cuda, via_scratch))
+    return total, (total if scratch else 0)
+
+
+# Bindings kept per cache (one cache per model: its views keep only that model's memory).
+_MAX_BINDINGS = 2
+
+
+def split_for_lane(chunks: List[Chunk], share: float) -> Tuple[List[Chunk], List[Chunk]]:
+    """Chunks for the zero-copy lane (about ``share`` of the bytes, spread over the load) and
+    the rest. The lane takes only chunks without gathered steps (those need a CPU pass)."""
+    lane: List[Chunk] = []
+    rest: List[Chunk] = []
+    seen = taken = 0
+    for c in chunks:
+        seen += c.nbytes
+        if share > 0 and taken < share * seen and not any(st.gather for st in c.steps):
+            lane.append(c)
+            taken += c.nbytes
+        else:
+            rest.append(c)
+    return lane, rest
+
+
+def direct_runtime() -> Optional[cuda_runtime.CudaRuntime]:
+    """The CUDA runtime for the readers' own copies, unless switched off (constants.py)."""
+    if os.environ.get(constants.ENV_DIRECT_CUDA_CALLS, "1") == "0":
+        return None
+    return cuda_runtime.runtime()
+
+
+def bind(
+    plan: LoadPlan,
+    params: Dict[str, torch.Tensor],
+    device: torch.device,
+    threads: int,
+    chunk_bytes: int,
+    cache: Optional[dict],
+    zero_copy_share: float = 0.0,
+) -> Binding:
+    """Chunks of ``plan`` with their views made, dealt round-robin to ``threads`` workers
+    (plus, on CUDA with ``zero_copy_share`` > 0, the zero-copy lane's chunks to one more).
+
+    Reused from ``cache`` while the parameters and the workers' buffers stay where they
+    were (checked by address on every call); a plan rebound to other files of the same
+    layout reuses it too.
+    """
+    cache = {} if cache is None else cache
+    steps_lists = tuple(fp.steps for fp in plan.files)
+    names = sorted(plan.param_meta)
+    ptrs = tuple(params[n].data_ptr() for n in names)
+    cuda = device.type == "cuda"
+    share = zero_copy_share if cuda else 0.0
+    runtime = direct_runtime() if cuda else None
+    key = (tuple(map(id, steps_lists)), str(device), threads, chunk_bytes, share, runtime is not None)
+    bound = cache.get(key)
+    if bound is not None and bound.param_ptrs == ptrs and all(
+        all(x is y for x, y in zip(tuple(w.buffers) + (w.scratch,), b)) for w, b in zip(bound.workers, bound.buffers)
+    ):
+        return bound
+    lane_chunks, chunks = split_for_lane(chunks_of(plan, chunk_bytes), share)
+    wait_prepared(device, chunk_bytes)
+    threads = max(1, min(threads, len(chunks)))
+    workers = workers_for(device, threads + (1 if lane_chunks else 0), chunk_bytes)
+    file_index = {fp.path: i for i, fp in enumerate(plan.files)}
+    dealt: List[List[Chunk]] = [chunks[w::threads] for w in range(threads)]
+    if lane_chunks:
+        dealt.append(lane_chunks)
+    lane = threads if lane_chunks else -1
+    sizes = []
+    for k, mine in enumerate(dealt):
+        staged = [staged_size(c, cuda, params, k == lane) for c in mine]
+        sizes.append((max([h for h, _ in staged] + [0]), max([d for _, d in staged] + [0])))
+    reserve(workers, sizes)
+    per_worker = []
+    for k, (w, mine) in enumerate(zip(workers, dealt)):
+        w.runtime = runtime  # bind_chunk binds addresses (runtime) or tensors (torch)
+        per_worker.append([bind_chunk(c, file_index[c.path], params, w, i % 2, k == lane) for i, c in enumerate(mine)])
+    bound = Binding(
+        steps_lists=steps_lists,
+        param_ptrs=ptrs,
+        workers=workers,
+        buffers=[tuple(w.buffers) + (w.scratch,) for w in workers],
+        per_worker=per_worker,
+        zeros=[_param_view(params[z.param], z.dst) for z in plan.zeros],
+        lane=lane,
+        runtime=runtime,
+    )
+    cache.pop(key, None)
+    cache[key] = bound
+    while len(cache) > _MAX_BINDINGS:
+        cache.pop(next(iter(cache)))
+    return bound

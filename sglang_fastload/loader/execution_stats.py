@@ -1,0 +1,41 @@
+"""What one execution of a load plan did (``executor.execute_plan``'s result)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict
+
+
+@dataclasses.dataclass
+class ExecutionStats:
+    """What one execution did.
+
+    Attributes:
+        bytes_read, read_calls: bytes copied out of the files and the calls that did it.
+        seconds: the whole execution.
+        setup_seconds: binding views, buffers and mappings before the first read.
+        register_seconds: the zero-copy lane's page-cache registrations (summed).
+        read_seconds: reader threads in read calls and gathers (summed over threads).
+        wait_seconds: reader threads waiting for the device to free a buffer (summed).
+        issue_seconds: threads queueing device copies (summed, lane included).
+        lane_wait_seconds: the lane's copier waiting for its registrar.
+        threads_seconds: from the first read until every thread had queued its last copy.
+        drain_seconds: after that, until the device had finished every copy.
+    """
+
+    bytes_read: int = 0
+    read_calls: int = 0
+    seconds: float = 0.0
+    setup_seconds: float = 0.0
+    register_seconds: float = 0.0
+    read_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    issue_seconds: float = 0.0
+    lane_wait_seconds: float = 0.0
+    threads_seconds: float = 0.0
+    drain_seconds: float = 0.0
+
+    def phases(self) -> Dict[str, float]:
+        """Where the time of the execution went, in seconds (summed ones may exceed it)."""
+        names = ("setup", "threads", "drain", "read", "wait", "issue", "register", "lane_wait")
+        return {name: round(getattr(self, name + "_seconds"), 4) for name in names}
