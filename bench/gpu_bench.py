@@ -1224,11 +1224,7 @@ def run_contender(cont: Contender, info, steps, args, session: Session, summarie
                 # same process (for ``fast``, from the plan store, not the in-memory plan).
                 del updater, runner, model
                 updater = runner = model = None
-                gc.collect()
-                if args.device == "cuda":
-                    import torch
-
-                    torch.cuda.empty_cache()
+                free_memory(args.device)
             profiler = cProfile.Profile() if cont.load_format == "fast" and args.profile_updates and (
                 args.profile_updates == ["all"] or cont.name in args.profile_updates) else None
             if phase in ("load", "restart"):

@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default="/var/tmp/sglang-fastload-bench-tp")
     p.add_argument("--contenders", type=lambda s: s.split(","), default=["auto", "fast"])
     p.add_argument("--cold", action="store_true", help="also one cold update per contender")
+    p.add_argument("--restart", action="store_true",
+                   help="after the updates, free the model and load a new one (fast: from the plan store)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: dry run over gloo")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_bench_tp.json"))
     return p.parse_args(argv)
@@ -176,6 +178,15 @@ def main(argv=None) -> int:
                 assert ok, message
                 fs = summaries.items[-1] if len(summaries.items) > n else None
                 phases.append((phase, cache, seconds, fs))
+            if args.restart:  # a server restart: the plan comes from the store, not from memory
+                del updater, runner, model
+                gb.free_memory(args.device)
+                _, model_config, load_config = session.configure(info.directory, cont)
+                torch.distributed.barrier()
+                n = len(summaries.items)
+                model, t = session.load(model_config, load_config)
+                updater, runner = session.updater(model, model_config, load_config)
+                phases.append(("restart", "warm", t["load_s"], summaries.items[-1] if len(summaries.items) > n else None))
         for phase, cache, seconds, fs in phases:
             bytes_read = fs["bytes_read"] if fs else info.nbytes  # upstream maps and iterates every file
             rows.append(dict(rank=rank, contender=name, phase=phase, cache=cache, seconds=round(seconds, 4),
