@@ -141,6 +141,19 @@ def _goes_straight(step: CopyStep, params: Dict[str, torch.Tensor], cuda: bool, 
 def bind_chunk(
     chunk: Chunk, file_index: int, params: Dict[str, torch.Tensor], worker: Worker, turn: int, via_scratch: bool = False
 ) -> BoundChunk:
+    """Make every view, address and read target one chunk needs.
+
+    Args:
+        chunk: the chunk.
+        file_index: its file's index in the plan.
+        params: ``{name: parameter data}``.
+        worker: the reader that runs it (its buffers reserved, its runtime set).
+        turn: which of the reader's two host buffers stages it.
+        via_scratch: zero-copy lane: every staged byte lands in the device scratch first.
+
+    Returns:
+        The bound chunk.
+    """
     cuda = worker.cuda
     direct: List[Tuple[int, int, int]] = []  # (address, file offset, nbytes), merged
     gathers: List[Tuple[torch.Tensor, CopyStep]] = []

@@ -140,6 +140,16 @@ def reserve(workers: List[Worker], sizes: List[Tuple[int, int]]) -> None:
 
 
 def workers_for(device: torch.device, count: int, chunk_bytes: int) -> List[Worker]:
+    """The process's first ``count`` readers for ``device`` and ``chunk_bytes``, made if missing.
+
+    Args:
+        device: where the parameters live.
+        count: readers needed.
+        chunk_bytes: their chunk size (readers of other sizes are another pool).
+
+    Returns:
+        The readers, kept between loads (their buffers are reserved by ``reserve``).
+    """
     key = (str(device), chunk_bytes)
     with _POOL_LOCK:
         pool = _WORKER_POOL.setdefault(key, [])
@@ -185,6 +195,7 @@ def prepare_in_background(device: torch.device, num_threads: int, chunk_bytes: i
 
 
 def wait_prepared(device: torch.device, chunk_bytes: int) -> None:
+    """Wait for ``prepare_in_background``'s thread for these settings, if one is running."""
     with _POOL_LOCK:
         thread = _PREPARING.pop((str(device), chunk_bytes), None)
     if thread is not None:
