@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from sglang_fastload import constants
 from sglang_fastload.checkpoint.safetensors_header import read_header
 from sglang_fastload.loader import plan_key, plan_store
-from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, LoadPlan, make_step
+from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, LoadPlan, fill_chunks, make_step
 from tests.rig.inprocess import CaseSpec, compare_params, load_cases
 
 SUMMARY = re.compile(r"sglang-fastload: loaded \S+?(?: \[tp rank \d+/\d+\])?: .*?plan [\d.]+ s \((cached|stored|built)\)")
@@ -208,6 +208,27 @@ def test_round_trip_binds_files_by_base_name(tiny):
     assert [f.path for f in got.files] == ["model.safetensors"]
     assert got.files[0].steps == plan.files[0].steps
     assert (got.zeros, got.param_meta, got.tensors_used, got.tensor_count) == (plan.zeros, plan.param_meta, plan.tensors_used, plan.tensor_count)
+
+
+def test_steps_cut_to_fill_chunks_are_stored_and_checked_like_any_other(tmp_path, monkeypatch):
+    # build_plan cuts steps between rows so chunks are full; the store keeps the cut steps
+    # and its checks (reads inside the tensor, writes inside the parameter) accept them.
+    monkeypatch.setenv(constants.ENV_PLAN_STORE, "1")
+    monkeypatch.setenv(constants.ENV_PLAN_DIR, str(tmp_path / "store"))
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.arange(128, dtype=torch.bfloat16).reshape(4, 32)}, str(path))
+    header = read_header(str(path))
+    start = header.tensors["w"].start
+    halves = [  # rows 0-1 and rows 2-3 of "w" into the same rows of "p": 128 bytes each
+        make_step("w", "p", (r * 32, (2, 32), (32, 1)), (r * 32, (2, 32), (32, 1)), start, 2, DEFAULT_MIN_SEGMENT_BYTES, torch.bfloat16)
+        for r in (0, 2)
+    ]
+    cut = [st for chunk in fill_chunks(halves, 192) for st in chunk]  # 3 rows per chunk
+    assert [st.view[1][0] for st in cut] == [2, 1, 1]
+    plan = LoadPlan([FilePlan(str(path), cut)], [], {"p": ((4, 32), torch.bfloat16)}, frozenset({"w"}), 1)
+    assert plan_store.write_plan("k-cut", plan) is not None
+    got = plan_store.read_plan("k-cut", {str(path): header}, {"p": torch.empty(4, 32, dtype=torch.bfloat16)})
+    assert got is not None and got.files[0].steps == cut
 
 
 def _rewrite(path, edit):
