@@ -16,7 +16,7 @@ import torch
 
 from sglang_fastload import constants
 from sglang_fastload.loader import cuda_runtime
-from sglang_fastload.loader.plan import STAGING_ALIGN, CopyStep, LoadPlan, aligned_nbytes, fill_chunks
+from sglang_fastload.loader.plan import CopyStep, LoadPlan, aligned_nbytes, fill_chunks, staging_aligned
 from sglang_fastload.loader.staging import Worker, reserve, wait_prepared, workers_for
 
 
@@ -27,10 +27,6 @@ class Chunk:
     path: str
     steps: List[CopyStep]
     nbytes: int
-
-
-def _align(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
 
 
 def chunks_of(plan: LoadPlan, chunk_bytes: int) -> List[Chunk]:
@@ -190,7 +186,7 @@ def bind_chunk(
         if not step.gather and prev_end == step.reads[0][0] and pos % step.itemsize == 0:
             start = pos
         else:
-            start = _align(pos, STAGING_ALIGN)
+            start = staging_aligned(pos)
         layout.append((step, start))
         pos = start + step.nbytes
         prev_end = None if step.gather else step.reads[-1][0] + step.reads[-1][1]
@@ -255,7 +251,7 @@ def staged_size(chunk: Chunk, cuda: bool, params: Dict[str, torch.Tensor], via_s
     scratch = False
     for step in chunk.steps:
         if cuda or not (step.gather or _reads_into_parameter(step, params)):
-            total = _align(total, STAGING_ALIGN) + step.nbytes
+            total = staging_aligned(total) + step.nbytes
             scratch = scratch or (cuda and not _goes_straight(step, params, cuda, via_scratch))
     return total, (total if scratch else 0)
 

@@ -282,13 +282,14 @@ def cut_rows(step: CopyStep, rows: int) -> Tuple[CopyStep, CopyStep]:
     return part(0, rows, head_reads), part(rows, sizes[0] - rows, tail_reads)
 
 
-def _aligned(nbytes: int) -> int:
+def staging_aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to the staging alignment (where the next step may start)."""
     return (nbytes + STAGING_ALIGN - 1) // STAGING_ALIGN * STAGING_ALIGN
 
 
 def aligned_nbytes(step: CopyStep) -> int:
     """Bytes a step takes in a staging buffer, its start aligned (an upper bound)."""
-    return _aligned(step.nbytes)
+    return staging_aligned(step.nbytes)
 
 
 def fill_chunks(steps: Sequence[CopyStep], chunk_bytes: int) -> List[List[CopyStep]]:
@@ -309,7 +310,7 @@ def fill_chunks(steps: Sequence[CopyStep], chunk_bytes: int) -> List[List[CopySt
         need = aligned_nbytes(step)
         if cur and size + need > chunk_bytes:
             rows = head_rows_within(step, chunk_bytes - size)
-            while rows and size + _aligned(step.nbytes // step.view[1][0] * rows) > chunk_bytes:
+            while rows and size + staging_aligned(step.nbytes // step.view[1][0] * rows) > chunk_bytes:
                 rows -= 1
             if rows:
                 step, tail = cut_rows(step, rows)
