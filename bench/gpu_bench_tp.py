@@ -159,13 +159,19 @@ def main(argv=None) -> int:
     rows, models = [], {}
     for name in args.contenders:
         cont = gb.CONTENDERS[name]
-        with gb.upstream_expert_scan(cont.upstream_scan, {}):
+
+        def start(phase: str):
+            """Build and load a model (all ranks together); its updater, and the phase row."""
             _, model_config, load_config = session.configure(info.directory, cont)
             torch.distributed.barrier()
             n = len(summaries.items)
             model, t = session.load(model_config, load_config)
             updater, runner = session.updater(model, model_config, load_config)
-            phases = [("load", "warm", t["load_s"], summaries.items[-1] if len(summaries.items) > n else None)]
+            return updater, runner, (phase, "warm", t["load_s"], summaries.items[-1] if len(summaries.items) > n else None)
+
+        with gb.upstream_expert_scan(cont.upstream_scan, {}):
+            updater, runner, row = start("load")
+            phases = [row]
             for phase, cache in [("update1", "warm"), ("update2", "warm")] + ([("update3", "cold")] if args.cold else []):
                 if cache == "cold" and rank == 0:
                     gb.drop_page_cache(info.files)
@@ -179,14 +185,10 @@ def main(argv=None) -> int:
                 fs = summaries.items[-1] if len(summaries.items) > n else None
                 phases.append((phase, cache, seconds, fs))
             if args.restart:  # a server restart: the plan comes from the store, not from memory
-                del updater, runner, model
+                del updater, runner
                 gb.free_memory(args.device)
-                _, model_config, load_config = session.configure(info.directory, cont)
-                torch.distributed.barrier()
-                n = len(summaries.items)
-                model, t = session.load(model_config, load_config)
-                updater, runner = session.updater(model, model_config, load_config)
-                phases.append(("restart", "warm", t["load_s"], summaries.items[-1] if len(summaries.items) > n else None))
+                updater, runner, row = start("restart")
+                phases.append(row)
         for phase, cache, seconds, fs in phases:
             bytes_read = fs["bytes_read"] if fs else info.nbytes  # upstream maps and iterates every file
             rows.append(dict(rank=rank, contender=name, phase=phase, cache=cache, seconds=round(seconds, 4),

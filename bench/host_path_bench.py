@@ -631,6 +631,12 @@ class RegisteredSlab:
         return [[self.slab.narrow(0, (t * nbuf + i) * chunk, chunk) for i in range(nbuf)] for t in range(threads)]
 
 
+def warm_page_cache(paths) -> None:
+    """Read every file once (8 threads), so the measurements that follow start warm."""
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda p: open(p, "rb").read(), paths))
+
+
 def lean_bounce(paths, threads: int, chunk: int, nbuf: int, slab: RegisteredSlab, device_dst: torch.Tensor,
                 impl: str, blocking: bool = False) -> Dict:
     """The bounce pipeline with the least per-chunk work: events made once and reused, each
@@ -771,8 +777,7 @@ def main() -> None:
     thread_set = [t for t in (4, 8, 16) if t <= max(4, cpu)]
     chunk_set = [1, 2, 4, 8, 16, 64] if not args.quick else [4, 64]
     if args.suite == "hybrid":
-        with ThreadPoolExecutor(8) as ex:  # page cache warm
-            list(ex.map(lambda p: open(p, "rb").read(), paths))
+        warm_page_cache(paths)
         device_dst = torch.empty(total, dtype=torch.uint8, device="cuda")
         pool = Pool(16 * 2 * 64 * MiB)
         res["pool_alloc"] = {"bytes": pool.slab.numel(), "seconds": pool.alloc_s}
@@ -791,8 +796,7 @@ def main() -> None:
         save()
         return
     if args.suite == "small-chunks":
-        with ThreadPoolExecutor(8) as ex:  # page cache warm
-            list(ex.map(lambda p: open(p, "rb").read(), paths))
+        warm_page_cache(paths)
         slab = RegisteredSlab(16 * 2 * 64 * MiB)
         res["slab"] = {"kind": slab.kind, "bytes": slab.slab.numel(), "seconds": slab.alloc_s}
         sizes = (2, 4, 8, 16, 64) if not args.quick else (4, 64)
@@ -820,8 +824,7 @@ def main() -> None:
         save()
         return
     if args.suite == "depth":
-        with ThreadPoolExecutor(8) as ex:  # page cache warm
-            list(ex.map(lambda p: open(p, "rb").read(), paths))
+        warm_page_cache(paths)
         if not torch.cuda.is_available():
             print("no CUDA: the depth suite copies to a device")
             return
@@ -839,8 +842,7 @@ def main() -> None:
         save()
         return
     if args.suite == "lane":
-        with ThreadPoolExecutor(8) as ex:  # page cache warm
-            list(ex.map(lambda p: open(p, "rb").read(), paths))
+        warm_page_cache(paths)
         res["folios"] = file_folios(paths)
         device_dst = torch.empty(total, dtype=torch.uint8, device="cuda")
         pool = Pool(16 * 2 * 64 * MiB)
@@ -860,8 +862,7 @@ def main() -> None:
         save()
         return
     if args.suite == "zero-copy":
-        with ThreadPoolExecutor(8) as ex:  # page cache warm
-            list(ex.map(lambda p: open(p, "rb").read(), paths))
+        warm_page_cache(paths)
         device_dst = torch.empty(total, dtype=torch.uint8, device="cuda")
         for t, piece, pop in ((1, 256, False), (4, 256, False), (8, 256, False), (16, 256, False),
                               (16, 64, False), (8, 1024, False), (8, 256, True), (16, 64, True)):

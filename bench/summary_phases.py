@@ -14,25 +14,24 @@ import os
 import sys
 
 
+def _line(path: str, label: str, phase: str, cache: str, summary: dict) -> str:
+    return (f"{os.path.basename(path)} {label} {phase}/{cache} read/copy {summary['copy_seconds']:.3f} s, "
+            f"plan {summary.get('plan_source')}, phases {summary.get('copy_phases')}")
+
+
 def main(paths) -> int:
     for path in paths:
         with open(path) as f:
             data = json.load(f)
         for rank in data.get("ranks", []):  # gpu_bench_tp.py: one entry per rank
             for row in rank.get("rows", []):
-                summary = row.get("fast_summary")
-                if summary:
-                    print(f"{os.path.basename(path)} rank {row['rank']} {row['contender']} {row['phase']}/{row['cache']} "
-                          f"read/copy {summary['copy_seconds']:.3f} s, plan {summary.get('plan_source')}, "
-                          f"phases {summary.get('copy_phases')}")
+                if row.get("fast_summary"):
+                    print(_line(path, f"rank {row['rank']} {row['contender']}", row["phase"], row["cache"], row["fast_summary"]))
         for model, mdata in data.get("models", {}).items():
             for name, cdata in mdata.get("contenders", {}).items():
                 for step in cdata.get("steps", []):
-                    summary = step.get("fast_summary")
-                    if summary:
-                        print(f"{os.path.basename(path)} {model} {name} {step['phase']}/{step['cache']} "
-                              f"read/copy {summary['copy_seconds']:.3f} s, plan {summary.get('plan_source')}, "
-                              f"phases {summary.get('copy_phases')}")
+                    if step.get("fast_summary"):
+                        print(_line(path, f"{model} {name}", step["phase"], step["cache"], step["fast_summary"]))
     return 0
 
 
