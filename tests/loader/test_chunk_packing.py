@@ -55,21 +55,28 @@ def test_expert_sized_tensors_fill_every_chunk():
     assert sum(st.nbytes for st in cut) == sum(st.nbytes for st in steps)
 
 
+def _random_layout(rng, max_steps, dense_only=False):
+    """Steps over consecutive tensors of a file: dense, row shards read run by run, gathers."""
+    steps, offset = [], 0
+    for i in range(rng.randrange(1, max_steps)):
+        rows, cols = rng.randrange(1, 9), rng.randrange(1, 40)
+        kind = 0.0 if dense_only else rng.random()
+        if kind < 0.5:
+            dst_offset = 0 if dense_only else rng.randrange(0, 5)
+            step = _dense_step(f"t{i}", offset, rows, cols, dst_offset=dst_offset, row_stride=cols)
+        elif kind < 0.8:
+            step = _row_shard_step(f"t{i}", offset, rows, cols, rng.randrange(1, cols + 1))
+        else:
+            step = _gather_step(f"t{i}", offset, rows, cols, rng.randrange(1, cols + 1))
+        steps.append(step)
+        offset += rows * cols * 2
+    return steps
+
+
 def test_cuts_keep_every_byte_in_place_for_random_layouts():
     rng = random.Random(3)
     for _ in range(200):
-        steps, offset = [], 0
-        for i in range(rng.randrange(1, 12)):
-            rows, cols = rng.randrange(1, 9), rng.randrange(1, 40)
-            kind = rng.random()
-            if kind < 0.5:
-                step = _dense_step(f"t{i}", offset, rows, cols, dst_offset=rng.randrange(0, 5), row_stride=cols)
-            elif kind < 0.8:
-                step = _row_shard_step(f"t{i}", offset, rows, cols, rng.randrange(1, cols + 1))
-            else:
-                step = _gather_step(f"t{i}", offset, rows, cols, rng.randrange(1, cols + 1))
-            steps.append(step)
-            offset += rows * cols * 2
+        steps = _random_layout(rng, 12)
         chunk_bytes = rng.randrange(64, 600)
         chunks = chunks_of(_plan(steps), chunk_bytes)
         cut = [st for c in chunks for st in c.steps]
@@ -95,11 +102,7 @@ def test_steps_cut_once_are_grouped_again_without_cuts():
     # groups them into the same chunks and makes no new step.
     rng = random.Random(5)
     for _ in range(100):
-        steps, offset = [], 0
-        for i in range(rng.randrange(1, 10)):
-            rows, cols = rng.randrange(1, 9), rng.randrange(1, 40)
-            steps.append(_dense_step(f"t{i}", offset, rows, cols))
-            offset += rows * cols * 2
+        steps = _random_layout(rng, 10, dense_only=True)
         chunk_bytes = rng.randrange(64, 600)
         first = fill_chunks(steps, chunk_bytes)
         again = fill_chunks([st for chunk in first for st in chunk], chunk_bytes)

@@ -186,10 +186,15 @@ def test_tensor_and_expert_parallel_starts_read_their_stored_plans(two_ranks):
 
 
 @pytest.fixture
-def tiny(tmp_path, monkeypatch):
-    """A real one-tensor checkpoint, a plan for it made by ``make_step``, a parameter."""
+def store_on(tmp_path, monkeypatch):
+    """The plan store switched on, in a directory of this test's own."""
     monkeypatch.setenv(constants.ENV_PLAN_STORE, "1")
     monkeypatch.setenv(constants.ENV_PLAN_DIR, str(tmp_path / "store"))
+
+
+@pytest.fixture
+def tiny(tmp_path, store_on):
+    """A real one-tensor checkpoint, a plan for it made by ``make_step``, a parameter."""
     path = tmp_path / "model.safetensors"
     save_file({"w": torch.arange(12, dtype=torch.bfloat16).reshape(3, 4)}, str(path))
     header = read_header(str(path))
@@ -210,11 +215,9 @@ def test_round_trip_binds_files_by_base_name(tiny):
     assert (got.zeros, got.param_meta, got.tensors_used, got.tensor_count) == (plan.zeros, plan.param_meta, plan.tensors_used, plan.tensor_count)
 
 
-def test_steps_cut_to_fill_chunks_are_stored_and_checked_like_any_other(tmp_path, monkeypatch):
+def test_steps_cut_to_fill_chunks_are_stored_and_checked_like_any_other(tmp_path, store_on):
     # build_plan cuts steps between rows so chunks are full; the store keeps the cut steps
     # and its checks (reads inside the tensor, writes inside the parameter) accept them.
-    monkeypatch.setenv(constants.ENV_PLAN_STORE, "1")
-    monkeypatch.setenv(constants.ENV_PLAN_DIR, str(tmp_path / "store"))
     path = tmp_path / "model.safetensors"
     save_file({"w": torch.arange(128, dtype=torch.bfloat16).reshape(4, 32)}, str(path))
     header = read_header(str(path))
