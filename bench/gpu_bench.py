@@ -119,6 +119,7 @@ CONTENDERS: Dict[str, Contender] = {
         Contender("fast16", "fast", {"num_threads": 16}, upstream_scan=False, description="sglang-fastload, 16 threads"),
         Contender("fast8", "fast", {"num_threads": 8}, upstream_scan=False, description="sglang-fastload, 8 threads"),
         Contender("fast4", "fast", {"num_threads": 4}, upstream_scan=False, description="sglang-fastload, 4 threads"),
+        Contender("fast2", "fast", {"num_threads": 2}, upstream_scan=False, description="sglang-fastload, 2 threads"),
         Contender("fast-zc0", "fast", {"zero_copy_share": 0}, upstream_scan=False, description="sglang-fastload, staging buffers only (no zero-copy lane)"),
         Contender("fast-zc35", "fast", {"zero_copy_share": 0.35}, upstream_scan=False, description="sglang-fastload, 35 % of bytes zero-copy"),
         Contender("fast-zc50", "fast", {"zero_copy_share": 0.5}, upstream_scan=False, description="sglang-fastload, 50 % of bytes zero-copy"),

@@ -16,6 +16,7 @@ class ExecutionStats:
         setup_seconds: binding views, buffers and mappings before the first read.
         register_seconds: the zero-copy lane's page-cache registrations (summed).
         read_seconds: reader threads in read calls and gathers (summed over threads).
+        gather_seconds: the part of ``read_seconds`` spent gathering strided shards.
         wait_seconds: reader threads waiting for the device to free a buffer (summed).
         issue_seconds: threads queueing device copies (summed, lane included).
         lane_wait_seconds: the lane's copier waiting for its registrar.
@@ -29,6 +30,7 @@ class ExecutionStats:
     setup_seconds: float = 0.0
     register_seconds: float = 0.0
     read_seconds: float = 0.0
+    gather_seconds: float = 0.0
     wait_seconds: float = 0.0
     issue_seconds: float = 0.0
     lane_wait_seconds: float = 0.0
@@ -37,5 +39,5 @@ class ExecutionStats:
 
     def phases(self) -> Dict[str, float]:
         """Where the time of the execution went, in seconds (summed ones may exceed it)."""
-        names = ("setup", "threads", "drain", "read", "wait", "issue", "register", "lane_wait")
+        names = ("setup", "threads", "drain", "read", "gather", "wait", "issue", "register", "lane_wait")
         return {name: round(getattr(self, name + "_seconds"), 4) for name in names}

@@ -199,10 +199,12 @@ def _run_bound(
         wait = time.perf_counter() - t1
         for view, off in chunk.segments:
             _read_exact(fd, view, off, path, stats)
+    t2 = time.perf_counter()
     for dst, step in chunk.gathers:
         dst.copy_(mappings.view(path, step, step.src_dtype or dst.dtype))
         stats.bytes_read += step.nbytes
     t3 = time.perf_counter()
+    stats.gather_seconds += t3 - t2
     stats.wait_seconds += wait
     stats.read_seconds += t3 - t0 - wait
     if chunk.buffer >= 0:
@@ -432,7 +434,7 @@ def execute_plan(
             os.close(fd)
     summed = {
         name: sum(getattr(w.stats, name) for w in workers)
-        for name in ("bytes_read", "read_calls", "read_seconds", "wait_seconds", "issue_seconds", "lane_wait_seconds")
+        for name in ("bytes_read", "read_calls", "read_seconds", "gather_seconds", "wait_seconds", "issue_seconds", "lane_wait_seconds")
     }
     return ExecutionStats(
         seconds=time.perf_counter() - t0,

@@ -1,5 +1,5 @@
-"""The executor on a really written file (CPU): a strided copy and a straight read land in
-the parameter exactly, and the load reports where its time went."""
+"""The executor on a really written file (CPU): a strided copy, a straight read and a gathered
+row shard land in the parameters exactly, and the load reports where its time went."""
 
 import torch
 
@@ -16,21 +16,25 @@ def test_a_load_reports_its_phases_and_writes_every_element(tmp_path):
     transposed = CopyStep("a", "t", (0, (64, 64), (1, 64)), ((0, nbytes),), (0, (64, 64), (64, 1)), 4)
     # Step 2: the next 4096 floats straight into "d" (read in place on CPU).
     straight = CopyStep("b", "d", (0, (4096,), (1,)), ((nbytes, nbytes),), (0, (4096,), (1,)), 4)
+    # Step 3: the first 16 floats of each 64-float row of "a", gathered into "g" (a row shard).
+    gathered = CopyStep("a", "g", (0, (64, 16), (16, 1)), ((0, nbytes),), (0, (64, 16), (64, 1)), 4, gather=True)
     plan = LoadPlan(
-        files=[FilePlan(str(path), [transposed, straight])], zeros=[],
-        param_meta={"t": ((4096,), torch.float32), "d": ((4096,), torch.float32)},
+        files=[FilePlan(str(path), [transposed, straight, gathered])], zeros=[],
+        param_meta={"t": ((4096,), torch.float32), "d": ((4096,), torch.float32), "g": ((1024,), torch.float32)},
         tensors_used=frozenset({"a", "b"}), tensor_count=2,
     )
-    params = {"t": torch.full((4096,), -1.0), "d": torch.full((4096,), -1.0)}
+    params = {"t": torch.full((4096,), -1.0), "d": torch.full((4096,), -1.0), "g": torch.full((1024,), -1.0)}
     stats = execute_plan(plan, params, device=torch.device("cpu"), num_threads=2, chunk_bytes=nbytes)
 
     assert torch.equal(params["t"].view(64, 64), data[:4096].view(64, 64).t())
     assert torch.equal(params["d"], data[4096:])
-    assert stats.bytes_read == 2 * nbytes
+    assert torch.equal(params["g"].view(64, 16), data[:4096].view(64, 64)[:, :16])
+    assert stats.bytes_read == 2 * nbytes + 1024 * 4  # a gather counts the bytes it keeps
     phases = stats.phases()
-    assert set(phases) == {"setup", "threads", "drain", "read", "wait", "issue", "register", "lane_wait"}
+    assert set(phases) == {"setup", "threads", "drain", "read", "gather", "wait", "issue", "register", "lane_wait"}
     assert all(v >= 0 for v in phases.values())
     # Both steps read; the staged one is copied (unrounded: a warm copy can take < 50 us).
     assert stats.read_seconds > 0 and stats.issue_seconds > 0
     assert phases["register"] == 0 and phases["lane_wait"] == 0  # no zero-copy lane off CUDA
+    assert 0 < stats.gather_seconds <= stats.read_seconds
     assert stats.setup_seconds + stats.threads_seconds + stats.drain_seconds <= stats.seconds + 1e-6
