@@ -169,7 +169,7 @@ def main(argv=None) -> int:
             updater, runner = session.updater(model, model_config, load_config)
             return updater, runner, (phase, "warm", t["load_s"], summaries.items[-1] if len(summaries.items) > n else None)
 
-        with gb.upstream_expert_scan(cont.upstream_scan, {}):
+        with gb.upstream_expert_scan(cont.upstream_scan, {}), gb.environment_of(cont):
             updater, runner, row = start("load")
             phases = [row]
             for phase, cache in [("update1", "warm"), ("update2", "warm")] + ([("update3", "cold")] if args.cold else []):

@@ -63,3 +63,7 @@ PLAN_STORE_SUBDIR = ("sglang_fastload", "plans")
 # Plan files kept (the most recently used): one per model, rank, placement and layout, so
 # two or more configurations of an 8-rank server.
 PLAN_STORE_MAX_FILES = 32
+
+# "0" makes every tensor-parallel rank gather its row shards by itself instead of sharing the
+# spans with the other ranks of its node (sglang_fastload/loader/shared_spans.py).
+ENV_SHARED_SPANS = "SGLANG_FASTLOAD_SHARED_SPANS"

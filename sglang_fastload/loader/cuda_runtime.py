@@ -55,6 +55,16 @@ class CudaRuntime:
         """
         self._check(self.held.cudaMemcpyAsync(dst, src, nbytes, _MEMCPY_HOST_TO_DEVICE, stream), "cudaMemcpyAsync")
 
+    def copy_2d_to_device(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, stream: int) -> None:
+        """Queue a copy of ``height`` rows of ``width`` bytes, ``spitch`` bytes apart at host
+        address ``src``, to rows ``dpitch`` bytes apart at device address ``dst``.
+
+        Raises:
+            CudaCallError: the runtime refused the copy.
+        """
+        code = self.held.cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, _MEMCPY_HOST_TO_DEVICE, stream)
+        self._check(code, "cudaMemcpy2DAsync")
+
     def new_event(self, blocking: bool = False) -> int:
         """A new event without timing (``blocking``: a wait sleeps instead of spinning).
 
@@ -112,13 +122,14 @@ def _loaded_runtime_paths() -> list:
 def _declare(lib) -> None:
     void_p, size_t, c_int = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
     lib.cudaMemcpyAsync.argtypes = [void_p, void_p, size_t, c_int, void_p]
+    lib.cudaMemcpy2DAsync.argtypes = [void_p, size_t, void_p, size_t, size_t, size_t, c_int, void_p]
     lib.cudaEventCreateWithFlags.argtypes = [ctypes.POINTER(void_p), ctypes.c_uint]
     lib.cudaEventRecord.argtypes = [void_p, void_p]
     lib.cudaEventSynchronize.argtypes = [void_p]
     lib.cudaEventQuery.argtypes = [void_p]
     lib.cudaGetErrorString.argtypes = [c_int]
     lib.cudaGetErrorString.restype = ctypes.c_char_p
-    for name in ("cudaMemcpyAsync", "cudaEventCreateWithFlags", "cudaEventRecord", "cudaEventSynchronize", "cudaEventQuery",
+    for name in ("cudaMemcpyAsync", "cudaMemcpy2DAsync", "cudaEventCreateWithFlags", "cudaEventRecord", "cudaEventSynchronize", "cudaEventQuery",
                  "cudaGetLastError"):
         getattr(lib, name).restype = c_int
 

@@ -20,6 +20,8 @@ class ExecutionStats:
         wait_seconds: reader threads waiting for the device to free a buffer (summed).
         issue_seconds: threads queueing device copies (summed, lane included).
         lane_wait_seconds: the lane's copier waiting for its registrar.
+        shared_seconds: the rounds in which the node's ranks read the spans they share.
+        shared_bytes: bytes this rank copied out of those spans into its parameters.
         threads_seconds: from the first read until every thread had queued its last copy.
         drain_seconds: after that, until the device had finished every copy.
     """
@@ -34,10 +36,12 @@ class ExecutionStats:
     wait_seconds: float = 0.0
     issue_seconds: float = 0.0
     lane_wait_seconds: float = 0.0
+    shared_seconds: float = 0.0
+    shared_bytes: int = 0
     threads_seconds: float = 0.0
     drain_seconds: float = 0.0
 
     def phases(self) -> Dict[str, float]:
         """Where the time of the execution went, in seconds (summed ones may exceed it)."""
-        names = ("setup", "threads", "drain", "read", "gather", "wait", "issue", "register", "lane_wait")
+        names = ("setup", "threads", "drain", "read", "gather", "wait", "issue", "register", "lane_wait", "shared")
         return {name: round(getattr(self, name + "_seconds"), 4) for name in names}

@@ -33,8 +33,8 @@ import torch
 
 from sglang_fastload import constants
 from sglang_fastload.errors import CheckpointError
-from sglang_fastload.loader import host_memory
-from sglang_fastload.loader.binding import BoundChunk, bind
+from sglang_fastload.loader import host_memory, shared_spans
+from sglang_fastload.loader.binding import BoundChunk, bind, direct_runtime
 from sglang_fastload.loader.execution_stats import ExecutionStats
 from sglang_fastload.loader.plan import CopyStep, LoadPlan
 from sglang_fastload.loader.staging import Worker, prepare_in_background, reader_pool
@@ -322,6 +322,42 @@ def _on_stream(worker: Worker):
     return torch.cuda.stream(worker.stream) if worker.cuda else contextlib.nullcontext()
 
 
+def _share_with_node(
+    plan: LoadPlan,
+    params: Dict[str, torch.Tensor],
+    device: torch.device,
+    num_threads: int,
+    cache: Optional[dict],
+    node: shared_spans.NodeGroup,
+    fault: _FaultBudget,
+    on_bytes: Optional[Callable[[int], None]],
+    stats: ExecutionStats,
+) -> LoadPlan:
+    """Agree with the node's ranks, go through the shared rounds if they agreed, and return
+    what is left to load rank by rank (the whole plan when they did not)."""
+    runtime = direct_runtime() if device.type == "cuda" else None
+    able = device.type == "cpu" or runtime is not None  # CUDA: 2D copies through the runtime
+    agreed = shared_spans.agree(node, plan if able else None, params, {} if cache is None else cache,
+                                cuda=device.type == "cuda")
+    if agreed is None:
+        return plan
+    seg, split = agreed
+    fds: Dict[str, int] = {}
+    error: Optional[BaseException] = None
+    try:
+        for path in shared_spans.shared_paths(split):
+            fds[path] = os.open(path, os.O_RDONLY)
+    except BaseException as exc:  # reported to every rank in the first round
+        error = exc
+    try:
+        shared_spans.run_rounds(node, seg, split, params, fds, reader_pool(max(1, num_threads)), runtime,
+                                device, fault.spend, on_bytes, stats, error=error)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return shared_spans.regular_plan(plan, split)
+
+
 def execute_plan(
     plan: LoadPlan,
     params: Dict[str, torch.Tensor],
@@ -332,6 +368,7 @@ def execute_plan(
     on_bytes: Optional[Callable[[int], None]] = None,
     cache: Optional[dict] = None,
     zero_copy_share: float = DEFAULT_ZERO_COPY_SHARE,
+    node: Optional[shared_spans.NodeGroup] = None,
 ) -> ExecutionStats:
     """Read the plan's bytes and write them into the parameters.
 
@@ -347,16 +384,24 @@ def execute_plan(
             parameters (owned by the model, so it lives and dies with it); None: no reuse.
         zero_copy_share: on CUDA, the share of bytes copied straight from registered page
             cache by the zero-copy lane (0: staging buffers only).
+        node: the tensor-parallel ranks on this host that load together: they share the
+            spans they gather from (``shared_spans.py``). Every rank of it must call this
+            at the same point of a load (or ``shared_spans.decline``); None: alone.
 
     Returns:
         Bytes read, read calls and seconds.
 
     Raises:
-        CheckpointError: a file ended early (changed or truncated under us).
+        CheckpointError: a file ended early (changed or truncated under us), or another
+            rank failed while the ranks read what they share.
     """
     t0 = time.perf_counter()
     fault = _FaultBudget(take_injected_fault(), [fp.path for fp in plan.files])
     host_memory.wait_for_releases()  # the previous load's mappings are gone before new ones
+    shared_stats = ExecutionStats()
+    if node is not None:
+        plan = _share_with_node(plan, params, device, num_threads, cache, node, fault, on_bytes, shared_stats)
+    t_setup = time.perf_counter()
     bound = bind(plan, params, device, num_threads, chunk_bytes, cache, zero_copy_share)
     workers = bound.workers
     for w in workers:
@@ -378,7 +423,7 @@ def execute_plan(
                 w.stream.wait_stream(current)
 
         failed = threading.Event()
-        setup_seconds = time.perf_counter() - t0
+        setup_seconds = time.perf_counter() - t_setup
         ready: "queue.SimpleQueue" = queue.SimpleQueue()
 
         def task(index: int) -> None:
@@ -433,14 +478,16 @@ def execute_plan(
         for fd in fds.values():
             os.close(fd)
     summed = {
-        name: sum(getattr(w.stats, name) for w in workers)
+        name: sum(getattr(st, name) for st in [w.stats for w in workers] + [shared_stats])
         for name in ("bytes_read", "read_calls", "read_seconds", "gather_seconds", "wait_seconds", "issue_seconds", "lane_wait_seconds")
     }
     return ExecutionStats(
         seconds=time.perf_counter() - t0,
         setup_seconds=setup_seconds,
         register_seconds=registrar_stats.register_seconds,
-        threads_seconds=threads_end - t0 - setup_seconds,
+        shared_seconds=shared_stats.shared_seconds,
+        shared_bytes=shared_stats.shared_bytes,
+        threads_seconds=threads_end - t_setup - setup_seconds,
         drain_seconds=drain_seconds,
         **summed,
     )

@@ -29,7 +29,7 @@ from sglang_fastload.checkpoint.checkpoint_files import (
 from sglang_fastload.checkpoint.file_stamps import check_unchanged, stamp_files
 from sglang_fastload.checkpoint.safetensors_header import read_header, torch_dtype_name
 from sglang_fastload.errors import CheckpointError, UnsupportedModelError
-from sglang_fastload.loader import validate
+from sglang_fastload.loader import shared_spans, validate
 from sglang_fastload.loader.checkpoint_state import state_of
 from sglang_fastload.loader.executor import DEFAULT_CHUNK_BYTES, DEFAULT_ZERO_COPY_SHARE, execute_plan, prepare_in_background
 from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, build_plan, numel
@@ -87,6 +87,28 @@ def _rank_suffix() -> str:
         return f" [tp rank {get_tensor_model_parallel_rank()}/{size}]" if size > 1 else ""
     except Exception:
         return ""
+
+
+def node_group() -> Optional[shared_spans.NodeGroup]:
+    """The tensor-parallel group this rank loads with, when its ranks may share spans.
+
+    Returns:
+        The group (``shared_spans.agree`` then checks that every rank is on this host and
+        gathers from the same spans), or None at TP=1, outside a distributed run, or when
+        ``SGLANG_FASTLOAD_SHARED_SPANS=0``.
+    """
+    if os.environ.get(constants.ENV_SHARED_SPANS, "1").strip() == "0":
+        return None
+    try:
+        import torch.distributed as dist
+        from sglang.srt.distributed import get_tp_group
+
+        group = get_tp_group()
+        if group.world_size <= 1 or not dist.is_initialized():
+            return None
+        return shared_spans.NodeGroup(rank=group.rank_in_group, size=group.world_size, cpu_group=group.cpu_group)
+    except Exception:
+        return None
 
 
 def _is_first_rank() -> bool:
@@ -416,10 +438,16 @@ class FastModelLoader(DefaultModelLoader):
             raise
 
     def _load_weights_and_postprocess(self, model, weights, target_device):
+        node = node_group()
         if isinstance(weights, FastCheckpoint):
-            prepared, reason = weights.try_prepare(model, target_device)
+            try:
+                prepared, reason = weights.try_prepare(model, target_device)
+            except BaseException:
+                if node is not None:  # the other ranks wait for this one's vote
+                    shared_spans.decline(node)
+                raise
             if prepared is not None:
-                self._load_prepared(model, prepared, target_device)
+                self._load_prepared(model, prepared, target_device, node)
                 DefaultModelLoader.postprocess_weights(model, target_device)
                 return
             logger.info(
@@ -427,6 +455,8 @@ class FastModelLoader(DefaultModelLoader):
                 "threaded default path",
                 type(model).__name__, reason,
             )
+        if node is not None:  # the ranks that load fast wait for this one's vote
+            shared_spans.decline(node)
         update_guard.note_writing()
         DefaultModelLoader.load_weights_and_postprocess(model, weights, target_device)
 
@@ -441,7 +471,7 @@ class FastModelLoader(DefaultModelLoader):
                 "sglang-fastload: load plan stored in %.3f s%s: %s", time.perf_counter() - t0, _rank_suffix(), path
             )
 
-    def _load_prepared(self, model, prepared: PreparedLoad, target_device) -> None:
+    def _load_prepared(self, model, prepared: PreparedLoad, target_device, node=None) -> None:
         # A cached plan may come from another checkpoint of the same layout: bind its files
         # (matched by name, as in the layout key) to this checkpoint's.
         by_name = {os.path.basename(p): p for p in prepared.headers}
@@ -454,6 +484,8 @@ class FastModelLoader(DefaultModelLoader):
         for name, (shape, dtype) in plan.param_meta.items():
             p = named.get(name)
             if p is None or tuple(p.shape) != shape or p.dtype != dtype:
+                if node is not None:  # the other ranks wait for this one's vote
+                    shared_spans.decline(node)
                 raise UnsupportedModelError(f"parameter {name} changed since the plan was made")
             params[name] = p.data
         device = torch.device(target_device)
@@ -476,6 +508,7 @@ class FastModelLoader(DefaultModelLoader):
                 on_bytes=progress.update if progress is not None else None,
                 cache=state_of(model).executor_cache,
                 zero_copy_share=self.zero_copy_share,
+                node=node,
             )
         finally:
             if progress is not None:
@@ -503,6 +536,7 @@ class FastModelLoader(DefaultModelLoader):
             load_format=_format_label(self.load_config.load_format),
             copy_setup_seconds=stats.setup_seconds,
             copy_phases=stats.phases(),
+            shared_bytes=stats.shared_bytes,
         )
         self.last_summary = summary
         logger.info(summary.line())

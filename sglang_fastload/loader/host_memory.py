@@ -56,6 +56,23 @@ def _unregister(address: int) -> None:
     torch.cuda.cudart().cudaHostUnregister(address)
 
 
+def register_host(address: int, nbytes: int) -> bool:
+    """Register existing host memory with CUDA, so device copies from it run asynchronously.
+
+    Returns:
+        True when registered (undo with ``unregister_host``); False where CUDA refused.
+    """
+    if _register(address, nbytes, _REGISTER_DEFAULT) == 0:
+        return True
+    _clear_last_error()
+    return False
+
+
+def unregister_host(address: int) -> None:
+    """End a registration made by ``register_host``."""
+    _unregister(address)
+
+
 def host_view(address: int, nbytes: int) -> torch.Tensor:
     """A uint8 CPU tensor over ``nbytes`` of memory at ``address`` (only ever a copy source)."""
     return torch.frombuffer((ctypes.c_char * nbytes).from_address(address), dtype=torch.uint8)

@@ -33,6 +33,8 @@ class LoadSummary:
     rank: str = ""
     load_format: str = "fast"
     copy_setup_seconds: float = 0.0  # part of copy_seconds spent before the first read
+    # Bytes this rank took out of spans its node's ranks read together (shared_spans.py).
+    shared_bytes: int = 0
     # Where read/copy time went (``ExecutionStats.phases``): logged at debug level.
     copy_phases: Dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -49,4 +51,5 @@ class LoadSummary:
             f"validate {self.validate_seconds:.3f} s, read/copy {self.copy_seconds:.3f} s, "
             f"total {total:.3f} s, {gbps:.2f} GB/s; format {self.load_format}; "
             f"read/copy set-up {self.copy_setup_seconds:.3f} s"
+            + (f"; {self.shared_bytes} bytes out of spans shared with the node's ranks" if self.shared_bytes else "")
         )

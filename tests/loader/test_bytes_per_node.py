@@ -15,6 +15,8 @@ from tests.rig.inprocess import compare_params, load_params
 # Bytes the loader reports per load (its own count of bytes copied out of the files).
 READ = re.compile(r"sglang-fastload: loaded \S+?(?: \[tp rank (\d+)/(\d+)\])?: .*?read (\d+) of (\d+) bytes")
 
+SHARED = re.compile(r"; (\d+) bytes out of spans shared with the node's ranks")
+
 # Heads and KV heads divide by 4, so no rank replicates a projection another rank reads.
 SIZES = dict(num_attention_heads=8, num_key_value_heads=4, head_dim=16)
 WRITERS = {
@@ -52,3 +54,8 @@ def test_node_reads_checkpoint_once_and_every_rank_is_bit_identical(tmp_path, ki
         # only its own, or the node reads up to TP checkpoints.
         assert sum(ranks) <= 1.05 * total, (what, ranks, total, sum(ranks) / total)
         assert all(n < 0.5 * total for n in ranks), (what, ranks, total)
+    if ep == 1:
+        # The spans holding row shards were read once by the node, each rank a part of them,
+        # and every rank copied its own columns out of them (both loads).
+        for r in fast:
+            assert len(SHARED.findall(r.log)) == 2, r.log[-2000:]
