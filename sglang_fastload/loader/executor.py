@@ -332,15 +332,19 @@ def _share_with_node(
     fault: _FaultBudget,
     on_bytes: Optional[Callable[[int], None]],
     stats: ExecutionStats,
-) -> LoadPlan:
-    """Agree with the node's ranks, go through the shared rounds if they agreed, and return
-    what is left to load rank by rank (the whole plan when they did not)."""
+) -> Tuple[LoadPlan, Optional[shared_spans.RoundsInBackground]]:
+    """Agree with the node's ranks and, if they agreed, start the shared rounds.
+
+    Returns:
+        What is left to load rank by rank (the whole plan when they did not agree), and the
+        rounds to join.
+    """
     runtime = direct_runtime() if device.type == "cuda" else None
     able = device.type == "cpu" or runtime is not None  # CUDA: 2D copies through the runtime
     agreed = shared_spans.agree(node, plan if able else None, params, {} if cache is None else cache,
                                 cuda=device.type == "cuda")
     if agreed is None:
-        return plan
+        return plan, None
     seg, split = agreed
     fds: Dict[str, int] = {}
     error: Optional[BaseException] = None
@@ -349,13 +353,11 @@ def _share_with_node(
             fds[path] = os.open(path, os.O_RDONLY)
     except BaseException as exc:  # reported to every rank in the first round
         error = exc
-    try:
-        shared_spans.run_rounds(node, seg, split, params, fds, reader_pool(max(1, num_threads)), runtime,
-                                device, fault.spend, on_bytes, stats, error=error)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    return shared_spans.regular_plan(plan, split)
+    rounds = shared_spans.RoundsInBackground(
+        device, node=node, seg=seg, split=split, params=params, fds=fds, pool=max(2, num_threads // 2),
+        runtime=runtime, spend=fault.spend, on_bytes=on_bytes, stats=stats, error=error,
+    )
+    return shared_spans.regular_plan(plan, split), rounds
 
 
 def execute_plan(
@@ -399,8 +401,35 @@ def execute_plan(
     fault = _FaultBudget(take_injected_fault(), [fp.path for fp in plan.files])
     host_memory.wait_for_releases()  # the previous load's mappings are gone before new ones
     shared_stats = ExecutionStats()
+    rounds = None
     if node is not None:
-        plan = _share_with_node(plan, params, device, num_threads, cache, node, fault, on_bytes, shared_stats)
+        plan, rounds = _share_with_node(plan, params, device, num_threads, cache, node, fault, on_bytes, shared_stats)
+    try:
+        stats = _execute_alone(plan, params, device, num_threads, chunk_bytes, on_bytes, cache, zero_copy_share, fault)
+    except BaseException:
+        if rounds is not None:
+            rounds.join(failed=True)
+        raise
+    if rounds is not None:
+        rounds.join(failed=False)
+        for name in ("bytes_read", "read_calls", "read_seconds", "shared_seconds", "shared_bytes"):
+            setattr(stats, name, getattr(stats, name) + getattr(shared_stats, name))
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _execute_alone(
+    plan: LoadPlan,
+    params: Dict[str, torch.Tensor],
+    device: torch.device,
+    num_threads: int,
+    chunk_bytes: int,
+    on_bytes: Optional[Callable[[int], None]],
+    cache: Optional[dict],
+    zero_copy_share: float,
+    fault: _FaultBudget,
+) -> ExecutionStats:
+    """``execute_plan`` of the steps this rank loads by itself (see there)."""
     t_setup = time.perf_counter()
     bound = bind(plan, params, device, num_threads, chunk_bytes, cache, zero_copy_share)
     workers = bound.workers
@@ -478,15 +507,13 @@ def execute_plan(
         for fd in fds.values():
             os.close(fd)
     summed = {
-        name: sum(getattr(st, name) for st in [w.stats for w in workers] + [shared_stats])
+        name: sum(getattr(w.stats, name) for w in workers)
         for name in ("bytes_read", "read_calls", "read_seconds", "gather_seconds", "wait_seconds", "issue_seconds", "lane_wait_seconds")
     }
     return ExecutionStats(
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t_setup,
         setup_seconds=setup_seconds,
         register_seconds=registrar_stats.register_seconds,
-        shared_seconds=shared_stats.shared_seconds,
-        shared_bytes=shared_stats.shared_bytes,
         threads_seconds=threads_end - t_setup - setup_seconds,
         drain_seconds=drain_seconds,
         **summed,

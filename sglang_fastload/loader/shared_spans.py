@@ -9,7 +9,8 @@ from the same spans, then go through them in rounds: each rank reads a disjoint,
 (one collective per round, which also carries failures), and each copies its own columns
 out — on CUDA the device pulls them with one 2D copy per step (``cudaMemcpy2DAsync``; on an
 H200 as fast as a contiguous copy of the same bytes for runs of 384 bytes and more), on CPU
-a strided copy. Two slots alternate, so one round's reads overlap the last round's copies.
+a strided copy. Rounds cycle through a few slots, so reads and copies of consecutive rounds
+overlap; and the rounds run on their own thread while the rank's readers load the rest.
 
 Every rank that agreed goes through every round, even after a failure of its own (it then
 reports it in the round's collective), so the ranks stop together and the load fails on all.
@@ -18,6 +19,7 @@ reports it in the round's collective), so the ranks stop together and the load f
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -26,7 +28,9 @@ import os
 import secrets
 import socket
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -40,11 +44,13 @@ from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan, staging_al
 
 logger = logging.getLogger(__name__)
 
-# Bytes of one slot of the node's shared memory (two slots alternate). Each round costs one
-# collective over the group's CPU communicator (~0.1-1 ms); 64 MiB keeps that under 2 % of
-# the round's reads at the node's page-cache rate, and the memory each rank pins small.
+# Bytes of one slot of the node's shared memory, and how many slots rounds cycle through.
+# Each round costs one collective over the group's CPU communicator (~0.1-1 ms); with four
+# slots a rank waits for its copies out of a slot three rounds after queueing them, so the
+# reads, the collective and the device copies of consecutive rounds overlap. 256 MiB in all,
+# registered by every rank.
 SLOT_BYTES = 64 << 20
-SLOTS = 2
+SLOTS = 4
 # A rank's part of a round is read by the reader pool in pieces of at most this many bytes.
 READ_PIECE_BYTES = 4 << 20
 
@@ -398,13 +404,14 @@ def run_rounds(
     split: SharedSplit,
     params: Dict[str, torch.Tensor],
     fds: Dict[str, int],
-    pool,
+    pool: int,
     runtime: Optional[CudaRuntime],
     device: torch.device,
     spend: Callable[[int], None],
     on_bytes: Optional[Callable[[int], None]],
     stats: ExecutionStats,
     error: Optional[BaseException] = None,
+    stop: Optional[threading.Event] = None,
 ) -> None:
     """Go through every round with the node's other ranks (see the module docstring).
 
@@ -412,13 +419,15 @@ def run_rounds(
         node, seg, split: the group, its shared memory and this load's spans (agreed).
         params: ``{name: parameter data}``.
         fds: descriptors of the shared spans' files, by path (``shared_paths``).
-        pool: the reader thread pool.
+        pool: threads reading this rank's parts (a pool of its own: the rank's readers
+            load the rest of the plan meanwhile).
         runtime: the CUDA runtime (CUDA parameters), or None (CPU parameters).
         device: where the parameters live.
         spend: charged with the bytes of each read (fault injection).
         on_bytes: progress, with the bytes this rank copies.
         stats: where bytes, seconds and read time are added.
         error: a failure of this rank before the rounds (reported in the first one).
+        stop: set when the rest of this rank's load failed (reported in the next round).
 
     Raises:
         The first failure of this rank, or CheckpointError when another rank failed.
@@ -433,17 +442,19 @@ def run_rounds(
     aborted = False
     for k, spans in enumerate(split.rounds):
         base = (k % SLOTS) * SLOT_BYTES
+        if error is None and stop is not None and stop.is_set():
+            error = CheckpointError(os.path.dirname(min(fds)) if fds else "", "this rank's load failed")
         if error is None:
             try:
                 t1 = time.perf_counter()
                 pieces = _my_pieces(spans, node.rank, node.size)
-                read = sum(pool.map(lambda p: _read_piece(seg, base, p, fds), pieces))
+                read = sum(_read_pool(pool).map(lambda p: _read_piece(seg, base, p, fds), pieces))
                 spend(read)
                 stats.bytes_read += read
                 stats.read_calls += len(pieces)
                 stats.read_seconds += time.perf_counter() - t1
-                if cuda and k > 0:  # before the collective: the other slot is free for round k + 1
-                    runtime.wait(events[(k - 1) % SLOTS])
+                if cuda and k >= SLOTS - 1:  # so that after this round's collective, the slot
+                    runtime.wait(events[(k + 1) % SLOTS])  # of round k + 1 is free on every rank
             except BaseException as exc:  # reported to every rank in this round's collective
                 error = exc
         if not all_ok(node, error is None):
@@ -471,6 +482,52 @@ def run_rounds(
             os.path.dirname(min(fds)) if fds else "", "another tensor-parallel rank failed while the "
             "node's ranks read the row shards they share; the load is abandoned on every rank",
         )
+
+
+_POOLS: Dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _read_pool(threads: int) -> ThreadPoolExecutor:
+    with _POOLS_LOCK:
+        if threads not in _POOLS:
+            _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastload-shared")
+        return _POOLS[threads]
+
+
+class RoundsInBackground:
+    """``run_rounds`` on a thread of its own (the CUDA device made current there), so the
+    rank's readers load the rest of its plan at the same time."""
+
+    def __init__(self, device: torch.device, **kwargs):
+        self.stop = threading.Event()
+        self.error: Optional[BaseException] = None
+        self._device = device
+        self._kwargs = kwargs
+        self._thread = threading.Thread(target=self._run, name="fastload-shared-rounds", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with torch.cuda.device(self._device) if self._device.type == "cuda" else contextlib.nullcontext():
+                run_rounds(device=self._device, stop=self.stop, **self._kwargs)
+        except BaseException as exc:  # raised by join()
+            self.error = exc
+        finally:
+            for fd in self._kwargs["fds"].values():
+                os.close(fd)
+
+    def join(self, failed: bool) -> None:
+        """Wait for the rounds (telling them first when the rest of the load ``failed``).
+
+        Raises:
+            The rounds' failure, unless the rest of the load failed (that error is raised).
+        """
+        if failed:
+            self.stop.set()
+        self._thread.join()
+        if self.error is not None and not failed:
+            raise self.error
 
 
 _STREAMS: Dict[str, "torch.cuda.Stream"] = {}

@@ -31,10 +31,11 @@ def test_a_load_reports_its_phases_and_writes_every_element(tmp_path):
     assert torch.equal(params["g"].view(64, 16), data[:4096].view(64, 64)[:, :16])
     assert stats.bytes_read == 2 * nbytes + 1024 * 4  # a gather counts the bytes it keeps
     phases = stats.phases()
-    assert set(phases) == {"setup", "threads", "drain", "read", "gather", "wait", "issue", "register", "lane_wait"}
+    assert set(phases) == {"setup", "threads", "drain", "read", "gather", "wait", "issue", "register", "lane_wait", "shared"}
     assert all(v >= 0 for v in phases.values())
     # Both steps read; the staged one is copied (unrounded: a warm copy can take < 50 us).
     assert stats.read_seconds > 0 and stats.issue_seconds > 0
     assert phases["register"] == 0 and phases["lane_wait"] == 0  # no zero-copy lane off CUDA
     assert 0 < stats.gather_seconds <= stats.read_seconds
+    assert phases["shared"] == 0 and stats.shared_bytes == 0  # one rank: nothing shared
     assert stats.setup_seconds + stats.threads_seconds + stats.drain_seconds <= stats.seconds + 1e-6
