@@ -354,7 +354,7 @@ def _share_with_node(
     except BaseException as exc:  # reported to every rank in the first round
         error = exc
     rounds = shared_spans.RoundsInBackground(
-        device, node=node, seg=seg, split=split, params=params, fds=fds, pool=max(2, num_threads // 2),
+        device, node=node, seg=seg, split=split, params=params, fds=fds, pool=max(1, num_threads),
         runtime=runtime, spend=fault.spend, on_bytes=on_bytes, stats=stats, error=error,
     )
     return shared_spans.regular_plan(plan, split), rounds
