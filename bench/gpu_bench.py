@@ -132,8 +132,8 @@ CONTENDERS: Dict[str, Contender] = {
         Contender("fast-c2", "fast", {"chunk_mb": 2}, upstream_scan=False, description="sglang-fastload, 2 MiB buffers"),
         Contender("fast-c64", "fast", {"chunk_mb": 64}, upstream_scan=False, description="sglang-fastload, 64 MiB buffers (the default before 2026-12-02)"),
         Contender(
-            "fast-noshare", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_SHARED_SPANS": "0"},
-            description="sglang-fastload, each tensor-parallel rank gathers its row shards by itself (no spans shared in the node)",
+            "fast-share", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_SHARED_SPANS": "1"},
+            description="sglang-fastload, the tensor-parallel ranks of a node share the spans holding row shards",
         ),
         Contender(
             "fast-torchcopy", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_DIRECT_CUDA_CALLS": "0"},

@@ -64,6 +64,7 @@ PLAN_STORE_SUBDIR = ("sglang_fastload", "plans")
 # two or more configurations of an 8-rank server.
 PLAN_STORE_MAX_FILES = 32
 
-# "0" makes every tensor-parallel rank gather its row shards by itself instead of sharing the
-# spans with the other ranks of its node (sglang_fastload/loader/shared_spans.py).
+# "1" makes the tensor-parallel ranks of a node read the spans holding row shards once
+# between them and share them (sglang_fastload/loader/shared_spans.py) instead of each rank
+# gathering its shards from its own mapping of the file. Opt-in: see docs/benchmarks.md.
 ENV_SHARED_SPANS = "SGLANG_FASTLOAD_SHARED_SPANS"

@@ -92,12 +92,14 @@ def _rank_suffix() -> str:
 def node_group() -> Optional[shared_spans.NodeGroup]:
     """The tensor-parallel group this rank loads with, when its ranks may share spans.
 
+    Sharing is opt-in (``SGLANG_FASTLOAD_SHARED_SPANS=1``): with all ranks on one GPU and
+    one PCIe link it measured slower than each rank gathering by itself (docs/benchmarks.md).
+
     Returns:
-        The group (``shared_spans.agree`` then checks that every rank is on this host and
-        gathers from the same spans), or None at TP=1, outside a distributed run, or when
-        ``SGLANG_FASTLOAD_SHARED_SPANS=0``.
+        The group (``shared_spans.agree`` then checks that every rank is on this host), or
+        None at TP=1, outside a distributed run, or when sharing is not switched on.
     """
-    if os.environ.get(constants.ENV_SHARED_SPANS, "1").strip() == "0":
+    if os.environ.get(constants.ENV_SHARED_SPANS, "").strip() != "1":
         return None
     try:
         import torch.distributed as dist

@@ -14,6 +14,10 @@ overlap; and the rounds run on their own thread while the rank's readers load th
 
 Every rank that agreed goes through every round, even after a failure of its own (it then
 reports it in the round's collective), so the ranks stop together and the load fails on all.
+
+Opt-in (``SGLANG_FASTLOAD_SHARED_SPANS=1``): measured with every rank on one H200 (one PCIe
+link, 16 CPUs), updates were as fast or slower than with each rank gathering by itself
+(docs/benchmarks.md); on a node whose GPUs have links of their own it is unmeasured.
 """
 
 from __future__ import annotations

@@ -39,7 +39,10 @@ CASES = [("qwen3", 4, 1), ("qwen3_moe", 4, 1), ("qwen3_moe", 4, 4)]
 def test_node_reads_checkpoint_once_and_every_rank_is_bit_identical(tmp_path, kind, tp, ep):
     a = WRITERS[kind](tmp_path / "a", 41)
     b = WRITERS[kind](tmp_path / "b", 42)
-    fast = load_params(a, load_format="fast", tp_size=tp, ep_size=ep, update_path=b, keep_initial=True)
+    # Without expert parallelism the ranks share the spans holding row shards (opt-in): the
+    # per-rank gathers are covered at TP=2 elsewhere (test_fast_matches_upstream.py).
+    env = {"SGLANG_FASTLOAD_SHARED_SPANS": "1"} if ep == 1 else None
+    fast = load_params(a, load_format="fast", tp_size=tp, ep_size=ep, update_path=b, keep_initial=True, env=env)
     upstream = load_params(a, load_format="auto", tp_size=tp, ep_size=ep, update_path=b, keep_initial=True)
     for rank, (ref, got) in enumerate(zip(upstream, fast)):
         assert ref.error is None and got.error is None, (ref.error, got.error)
@@ -54,8 +57,7 @@ def test_node_reads_checkpoint_once_and_every_rank_is_bit_identical(tmp_path, ki
         # only its own, or the node reads up to TP checkpoints.
         assert sum(ranks) <= 1.05 * total, (what, ranks, total, sum(ranks) / total)
         assert all(n < 0.5 * total for n in ranks), (what, ranks, total)
-    if ep == 1:
-        # The spans holding row shards were read once by the node, each rank a part of them,
-        # and every rank copied its own columns out of them (both loads).
-        for r in fast:
-            assert len(SHARED.findall(r.log)) == 2, r.log[-2000:]
+    for r in fast:
+        # With sharing on, the spans holding row shards were read once by the node, each rank
+        # a part of them, and every rank copied its own columns out of them (both loads).
+        assert len(SHARED.findall(r.log)) == (2 if env else 0), r.log[-2000:]

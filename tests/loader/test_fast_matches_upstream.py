@@ -143,11 +143,9 @@ def test_tp2_dense_reads_about_half_per_rank(tmp_path):
         # replicated norms are read by both ranks.
         assert 0.45 * total <= n <= 0.55 * total, (per_rank, total)
     default = load_params(a, load_format="fast", tp_size=2)
-    # With the default, tiny strided runs are not read run by run: the ranks read the spans
-    # holding them once between them, each a contiguous part, and each copies its own
-    # columns out. The same bytes leave the page cache.
-    assert sum(_bytes_read(default)) == sum(per_rank), (_bytes_read(default), per_rank)
-    assert all(re.search(r"\d+ bytes out of spans shared with the node's ranks", r.log) for r in default)
+    # With the default, tiny strided runs are gathered from a mapping of the file instead of
+    # read run by run: the same bytes leave the page cache.
+    assert _bytes_read(default) == per_rank
     reference = load_params(a, load_format="auto", tp_size=2)
     for ref, got in zip(reference, exact):
         assert not compare_params(ref.params, got.params)

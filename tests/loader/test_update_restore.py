@@ -16,15 +16,15 @@ def tp2_reference(checkpoint_factory):
 def test_one_rank_fails_after_writing_and_both_roll_back(tp2_reference, tmp_path):
     """The first rank to take the one-shot fault fails mid-copy; the other completes B. Both
     must end on A, exactly (the previous checkpoint is still on disk), then take B cleanly.
-    (Each rank gathers its row shards by itself here: with spans shared, a fault on one rank
-    stops both in the same round; see the next test.)"""
+    (Each rank gathers its row shards by itself, the default: with spans shared, a fault on
+    one rank stops both in the same round; see the next test.)"""
     a, b, ref_a, ref_b = tp2_reference
     arm = tmp_path / "arm"
     arm.write_text("4096")
     res = load_params(
         # Start-up through `auto` (the armed fault strikes the first `fast` load: the update).
         a, load_format="auto", update_load_format="fast", tp_size=2, update_path=[b, b], keep_history=True,
-        env={"SGLANG_FASTLOAD_FAULT_FILE": str(arm), "SGLANG_FASTLOAD_SHARED_SPANS": "0"},
+        env={"SGLANG_FASTLOAD_FAULT_FILE": str(arm)},
     )
     assert "shared with the node's ranks" not in res.log_text()
     assert not arm.exists()
@@ -39,15 +39,16 @@ def test_one_rank_fails_after_writing_and_both_roll_back(tp2_reference, tmp_path
 
 
 def test_a_fault_while_the_ranks_read_shared_spans_stops_both_and_both_roll_back(tp2_reference, tmp_path):
-    """The ranks read the spans of row shards together (the first bytes of a load): the rank
-    that takes the fault reports it in the round's collective, the other stops there too and
-    says why. Both end on A exactly, then take B cleanly through the shared spans."""
+    """With spans shared (opt-in), the ranks read the spans of row shards together, first
+    thing in a load: the rank that takes the fault reports it in the round's collective, the
+    other stops there too and says why. Both end on A exactly, then take B cleanly through
+    the shared spans."""
     a, b, ref_a, ref_b = tp2_reference
     arm = tmp_path / "arm"
     arm.write_text("1")
     res = load_params(
         a, load_format="auto", update_load_format="fast", tp_size=2, update_path=[b, b], keep_history=True,
-        env={"SGLANG_FASTLOAD_FAULT_FILE": str(arm)},
+        env={"SGLANG_FASTLOAD_FAULT_FILE": str(arm), "SGLANG_FASTLOAD_SHARED_SPANS": "1"},
     )
     assert not arm.exists()
     log = res.log_text()
