@@ -108,10 +108,10 @@ def test_startup_and_update_bit_identical_to_upstream(case_results, kind, layout
         assert len(got) == 2, rank.log[-3000:]
         assert "no fast-load plan" not in rank.log
     # The ranks of a node share its CPUs: together they start no more reader threads than
-    # the CPUs, or 4 per rank where CPUs are fewer (one rank keeps the single-rank default).
+    # the CPUs, or 2 per rank where CPUs are fewer (one rank keeps the single-rank default).
     if tp > 1:
         threads = [int(n) for rank in fast for n in re.findall(r"with (\d+) threads", rank.log)[:1]]
-        assert sum(threads) <= max(os.cpu_count() or 1, 4 * tp), threads
+        assert sum(threads) <= max(os.cpu_count() or 1, 2 * tp), threads
     # Between them the ranks read each checkpoint about once (row shards included).
     for load, ckpt in enumerate((a, b)):
         node = sum(int(summaries(rank.log)[load][4]) for rank in fast)
