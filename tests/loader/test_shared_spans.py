@@ -1,12 +1,14 @@
 """How the ranks of a node lay out the spans they share (pure functions; the collectives and
 the bit-exact loads through them are in test_bytes_per_node.py and test_fast_matches_upstream.py)."""
 
+import ctypes
+import dataclasses
 import random
 
 import torch
 
 from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan, staging_aligned
-from sglang_fastload.loader.shared_spans import SharedSpan, _my_pieces, node_rounds, split_plan
+from sglang_fastload.loader.shared_spans import SharedSpan, _copy_out, _my_pieces, node_rounds, split_plan
 
 ROWS, COLS, ITEM = 64, 96, 2  # a row-parallel weight: each of N ranks keeps COLS / N columns
 
@@ -86,3 +88,59 @@ def test_each_rank_copies_its_own_columns_out_of_the_shared_span():
         off, sizes, strides = step.view
         cols = staged[delta // ITEM + off:].as_strided(sizes, strides)
         assert torch.equal(cols, source.view(ROWS, COLS)[:, rank * sizes[1]:(rank + 1) * sizes[1]])
+
+
+class HostMemmove2D:
+    """Stands in for the CUDA runtime's 2D copy with a host memmove of the same addresses and
+    pitches (parameters on the CPU here), so the addresses the loader computes are checked."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def copy_2d_to_device(self, dst, dpitch, src, spitch, width, height, stream):
+        self.calls += 1
+        for row in range(height):
+            ctypes.memmove(dst + row * dpitch, src + row * spitch, width)
+
+
+class StagedSpan:
+    """The node's shared memory holding one round (what ``_copy_out`` reads)."""
+
+    def __init__(self, nbytes: int):
+        self.tensor = torch.zeros(nbytes, dtype=torch.uint8)
+        self.address = self.tensor.data_ptr()
+
+
+def test_the_2d_copies_take_exactly_each_ranks_columns_into_its_parameter():
+    ranks, tensor = 4, ROWS * COLS * ITEM
+    every = [[("f", s.reads[0][0], s.reads[0][1]) for s in [shard_step(r, ranks, 0), shard_step(r, ranks, tensor, "v")]]
+             for r in range(ranks)]
+    rounds = node_rounds(every, slot_bytes=1 << 20)
+    staged = StagedSpan(1 << 20)
+    source = torch.randint(-30000, 30000, (2, ROWS, COLS), dtype=torch.int16).view(torch.bfloat16)
+    for path, offset, nbytes, slot_offset in rounds[0]:
+        staged.tensor[slot_offset:slot_offset + nbytes] = source.view(torch.uint8).view(-1)[offset:offset + nbytes]
+    for rank in range(ranks):
+        cols = COLS // ranks
+        plan = LoadPlan(files=[FilePlan("f", [shard_step(rank, ranks, 0), shard_step(rank, ranks, tensor, "v")])],
+                        zeros=[], param_meta={}, tensors_used=frozenset(), tensor_count=2)
+        # Parameters wider than the shard (another column block beside it): the pitch matters.
+        wide = {n: torch.full((ROWS, 2 * cols), -1.0, dtype=torch.bfloat16) for n in ("w", "v")}
+        params = {n: t[:, :cols] for n, t in wide.items()}
+        plan.files[0].steps[:] = [dataclasses.replace(s, dst=(0, (ROWS, cols), (2 * cols, 1))) for s in plan.files[0].steps]
+        split = split_plan(plan, params, rounds)
+        runtime = HostMemmove2D()
+        copied = sum(_copy_out(staged, 0, span, params, runtime, 0) for span in split.rounds[0])
+        assert runtime.calls == 2 and copied == 2 * ROWS * cols * ITEM
+        for i, name in enumerate(("w", "v")):
+            want = source[i][:, rank * cols:(rank + 1) * cols]
+            assert torch.equal(wide[name][:, :cols].view(torch.int16), want.view(torch.int16)), (rank, name)
+            assert bool((wide[name][:, cols:] == -1).all())  # nothing beside the shard written
+        # The CPU path (a strided copy) lands the same bytes, and only them.
+        again = {n: torch.zeros(ROWS, 2 * cols, dtype=torch.bfloat16) for n in ("w", "v")}
+        cpu_params = {n: t[:, :cols] for n, t in again.items()}
+        for span in split_plan(plan, cpu_params, rounds).rounds[0]:
+            _copy_out(staged, 0, span, cpu_params, None, 0)
+        for i, name in enumerate(("w", "v")):
+            assert torch.equal(again[name][:, :cols].view(torch.int16), source[i][:, rank * cols:(rank + 1) * cols].view(torch.int16))
+            assert bool((again[name][:, cols:] == 0).all())
