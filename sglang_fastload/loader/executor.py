@@ -33,7 +33,7 @@ import torch
 
 from sglang_fastload import constants
 from sglang_fastload.errors import CheckpointError
-from sglang_fastload.loader import host_memory, shared_spans
+from sglang_fastload.loader import host_memory, shared_layout, shared_spans
 from sglang_fastload.loader.binding import BoundChunk, bind, direct_runtime
 from sglang_fastload.loader.execution_stats import ExecutionStats
 from sglang_fastload.loader.plan import CopyStep, LoadPlan
@@ -349,15 +349,16 @@ def _share_with_node(
     fds: Dict[str, int] = {}
     error: Optional[BaseException] = None
     try:
-        for path in shared_spans.shared_paths(split):
+        for path in shared_layout.shared_paths(split):
             fds[path] = os.open(path, os.O_RDONLY)
     except BaseException as exc:  # reported to every rank in the first round
         error = exc
     rounds = shared_spans.RoundsInBackground(
         device, node=node, seg=seg, split=split, params=params, fds=fds, pool=max(1, num_threads),
         runtime=runtime, spend=fault.spend, on_bytes=on_bytes, stats=stats, error=error,
+        after=torch.cuda.current_stream(device) if runtime is not None else None,
     )
-    return shared_spans.regular_plan(plan, split), rounds
+    return shared_layout.regular_plan(plan, split), rounds
 
 
 def execute_plan(

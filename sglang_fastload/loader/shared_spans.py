@@ -22,7 +22,6 @@ link, 16 CPUs), updates were as fast or slower than with each rank gathering by 
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import dataclasses
 import hashlib
@@ -35,28 +34,25 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from sglang_fastload import constants
 from sglang_fastload.errors import CheckpointError
 from sglang_fastload.loader import host_memory
 from sglang_fastload.loader.cuda_runtime import CudaRuntime
 from sglang_fastload.loader.execution_stats import ExecutionStats
-from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan, staging_aligned
+from sglang_fastload.loader import shared_layout
+from sglang_fastload.loader.plan import LoadPlan
+from sglang_fastload.loader.shared_layout import SharedSpan, SharedSplit
 
 logger = logging.getLogger(__name__)
 
-# Bytes of one slot of the node's shared memory, and how many slots rounds cycle through.
-# Each round costs one collective over the group's CPU communicator (~0.1-1 ms); with four
-# slots a rank waits for its copies out of a slot three rounds after queueing them, so the
-# reads, the collective and the device copies of consecutive rounds overlap. 256 MiB in all,
-# registered by every rank.
-SLOT_BYTES = 64 << 20
+# Slots the rounds cycle through (of ``shared_layout.SLOT_BYTES`` each). Each round costs one
+# collective over the group's CPU communicator (~0.1-1 ms); with four slots a rank waits for
+# its copies out of a slot three rounds after queueing them, so the reads, the collective and
+# the device copies of consecutive rounds overlap. 256 MiB in all, registered by every rank.
 SLOTS = 4
-# A rank's part of a round is read by the reader pool in pieces of at most this many bytes.
-READ_PIECE_BYTES = 4 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,138 +68,6 @@ class NodeGroup:
     rank: int
     size: int
     cpu_group: object
-
-
-@dataclasses.dataclass(frozen=True)
-class SharedSpan:
-    """A checkpoint byte range the node's ranks read once between them (a whole tensor).
-
-    Attributes:
-        path: its file.
-        offset, nbytes: where it lies in the file.
-        slot_offset: where it lies within its round's slot.
-        steps: this rank's gather steps out of it, each with the distance in bytes from this
-            span's start to the start of the step's own span.
-    """
-
-    path: str
-    offset: int
-    nbytes: int
-    slot_offset: int
-    steps: Tuple[Tuple[CopyStep, int], ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class SharedSplit:
-    """A plan with its shared gathers taken out.
-
-    Attributes:
-        regular_steps: the plan's other steps, per file (executed rank by rank); the lists
-            are kept between loads so that bindings made for them are reused.
-        rounds: the node's shared spans grouped by round (each round fits one slot).
-    """
-
-    regular_steps: Tuple[List[CopyStep], ...]
-    rounds: Tuple[Tuple[SharedSpan, ...], ...]
-
-
-def shareable(step: CopyStep, param: torch.Tensor) -> bool:
-    """True for a gather that a 2D copy can take out of its span: rows of one unit-stride run,
-    into rows of the parameter, without a dtype conversion."""
-    if not step.gather or len(step.view[1]) != 2 or len(step.dst[1]) != 2:
-        return False
-    if step.view[2][1] != 1 or step.dst[2][1] != 1 or tuple(step.view[1]) != tuple(step.dst[1]):
-        return False
-    return step.src_dtype is None or step.src_dtype == param.dtype
-
-
-def _rank_spans(plan: LoadPlan, params: Dict[str, torch.Tensor], cache: dict) -> List[Tuple[str, int, int]]:
-    """This rank's shareable gather spans, ``(path, offset, nbytes)``, sorted and distinct."""
-    key = ("shared-candidates", tuple(map(id, (fp.steps for fp in plan.files))))
-    hit = cache.get(key)
-    if hit is None or not all(a is b.steps for a, b in zip(hit[0], plan.files)):
-        found = sorted({(i, *s.reads[0]) for i, fp in enumerate(plan.files) for s in fp.steps
-                        if shareable(s, params[s.param])})
-        hit = ([fp.steps for fp in plan.files], found)
-        cache[key] = hit
-    return [(plan.files[i].path, offset, nbytes) for i, offset, nbytes in hit[1]]
-
-
-def node_rounds(every: Sequence[Sequence[Tuple[str, int, int]]], slot_bytes: int = SLOT_BYTES) -> List[List[Tuple[str, int, int, int]]]:
-    """The node's shared spans from every rank's: overlapping spans (the ranks' columns of one
-    tensor) merged, those larger than a slot left out, packed into rounds.
-
-    Args:
-        every: each rank's ``(path, offset, nbytes)`` spans.
-        slot_bytes: bytes of one round.
-
-    Returns:
-        Rounds of ``(path, offset, nbytes, slot offset)``; the same on every rank.
-    """
-    merged: List[List] = []
-    for path, offset, nbytes in sorted({s for spans in every for s in spans}):
-        last = merged[-1] if merged else None
-        if last is not None and last[0] == path and offset < last[1] + last[2]:  # overlaps: same tensor
-            last[2] = max(last[2], offset + nbytes - last[1])
-        else:
-            merged.append([path, offset, nbytes])
-    rounds: List[List[Tuple[str, int, int, int]]] = []
-    used = slot_bytes
-    for path, offset, nbytes in merged:
-        if nbytes > slot_bytes:
-            continue
-        if used + nbytes > slot_bytes:
-            rounds.append([])
-            used = 0
-        rounds[-1].append((path, offset, nbytes, used))
-        used = staging_aligned(used + nbytes)
-    return rounds
-
-
-def split_plan(plan: LoadPlan, params: Dict[str, torch.Tensor], rounds: Sequence[Sequence[Tuple[str, int, int, int]]]) -> SharedSplit:
-    """This rank's side of the node's rounds: its steps within each shared span, and the rest.
-
-    Args:
-        plan: the rank's plan.
-        params: ``{name: parameter data}``.
-        rounds: ``node_rounds``' result.
-
-    Returns:
-        The split.
-    """
-    starts: Dict[str, List[Tuple[int, int, int, int]]] = {}
-    for k, spans in enumerate(rounds):
-        for j, (path, offset, nbytes, _) in enumerate(spans):
-            starts.setdefault(path, []).append((offset, nbytes, k, j))
-    mine: Dict[Tuple[int, int], List[Tuple[CopyStep, int]]] = {}
-    regular: List[List[CopyStep]] = []
-    for fp in plan.files:
-        kept = []
-        inside = sorted(starts.get(fp.path, ()))
-        for step in fp.steps:
-            home = None
-            if shareable(step, params[step.param]):
-                offset, nbytes = step.reads[0]
-                at = bisect.bisect_right(inside, (offset, float("inf"))) - 1
-                if at >= 0 and offset + nbytes <= inside[at][0] + inside[at][1]:
-                    home = inside[at]
-            if home is None:
-                kept.append(step)
-            else:
-                mine.setdefault((home[2], home[3]), []).append((step, step.reads[0][0] - home[0]))
-        regular.append(kept)
-    out = tuple(
-        tuple(SharedSpan(path, offset, nbytes, slot, tuple(mine.get((k, j), ())))
-              for j, (path, offset, nbytes, slot) in enumerate(spans))
-        for k, spans in enumerate(rounds)
-    )
-    return SharedSplit(tuple(regular), out)
-
-
-def regular_plan(plan: LoadPlan, split: SharedSplit) -> LoadPlan:
-    """``plan`` without its shared steps (this load's files, the split's steps lists)."""
-    files = [FilePlan(fp.path, steps) for fp, steps in zip(plan.files, split.regular_steps)]
-    return dataclasses.replace(plan, files=files)
 
 
 class _Segment:
@@ -275,7 +139,7 @@ def agree(node: NodeGroup, plan: Optional[LoadPlan], params: Dict[str, torch.Ten
     """
     import torch.distributed as dist
 
-    spans = _rank_spans(plan, params, cache) if plan is not None else None
+    spans = shared_layout.rank_spans(plan, params, cache) if plan is not None else None
     digest = hashlib.sha256(repr(spans).encode()).hexdigest() if spans is not None else None
     mine = dict(digest=digest, host=socket.gethostname(), token=_SEGMENT.token if _SEGMENT is not None else None,
                 new_token=secrets.token_hex(8))
@@ -283,12 +147,12 @@ def agree(node: NodeGroup, plan: Optional[LoadPlan], params: Dict[str, torch.Ten
     dist.all_gather_object(every, mine, group=node.cpu_group)
     if any(e["digest"] is None or e["host"] != every[0]["host"] for e in every):
         return None
-    key = ("shared-rounds", tuple(e["digest"] for e in every), SLOT_BYTES)
+    key = ("shared-rounds", tuple(e["digest"] for e in every), shared_layout.SLOT_BYTES)
     rounds = cache.get(key)
     if rounds is None:  # a new layout: every rank's spans, once
         all_spans: List[list] = [None] * node.size  # type: ignore[list-item]
         dist.all_gather_object(all_spans, spans, group=node.cpu_group)
-        rounds = node_rounds(all_spans)
+        rounds = shared_layout.node_rounds(all_spans)
         cache[key] = rounds
     if not rounds:
         return None
@@ -298,7 +162,7 @@ def agree(node: NodeGroup, plan: Optional[LoadPlan], params: Dict[str, torch.Ten
     split_key = ("shared-split", key, tuple(map(id, (fp.steps for fp in plan.files))), tuple(fp.path for fp in plan.files))
     split = cache.get(split_key)
     if split is None:
-        split = split_plan(plan, params, rounds)
+        split = shared_layout.split_plan(plan, params, rounds)
         cache[split_key] = split
     return seg, split
 
@@ -315,7 +179,7 @@ def _shared_memory(node: NodeGroup, every: List[dict], cuda: bool) -> Optional[_
         _SEGMENT = None
     token = first["new_token"]
     path = _segment_path(token)
-    nbytes = SLOTS * SLOT_BYTES
+    nbytes = SLOTS * shared_layout.SLOT_BYTES
     made: Optional[_Segment] = None
     try:
         if node.rank == 0:
@@ -348,20 +212,6 @@ def decline(node: NodeGroup) -> None:
     agree(node, None, {}, {}, cuda=False)
 
 
-def _my_pieces(spans: Sequence[SharedSpan], rank: int, size: int) -> List[Tuple[str, int, int, int]]:
-    """This rank's contiguous 1/``size`` of a round: ``(path, file offset, slot offset, nbytes)``."""
-    end = spans[-1].slot_offset + spans[-1].nbytes
-    share = -(-end // size)
-    lo, hi = rank * share, min(end, (rank + 1) * share)
-    out = []
-    for s in spans:
-        a, b = max(lo, s.slot_offset), min(hi, s.slot_offset + s.nbytes)
-        for p in range(a, b, READ_PIECE_BYTES):
-            n = min(READ_PIECE_BYTES, b - p)
-            out.append((s.path, s.offset + (p - s.slot_offset), p, n))
-    return out
-
-
 def _read_piece(seg: _Segment, base: int, piece, fds: Dict[str, int]) -> int:
     path, offset, slot_offset, nbytes = piece
     view = memoryview(seg.map)[base + slot_offset:base + slot_offset + nbytes]
@@ -380,9 +230,21 @@ def _read_piece(seg: _Segment, base: int, piece, fds: Dict[str, int]) -> int:
     return nbytes
 
 
-def _copy_out(seg: _Segment, base: int, span: SharedSpan, params: Dict[str, torch.Tensor],
-              runtime: Optional[CudaRuntime], stream: int) -> int:
-    """Queue (CUDA) or do (CPU) this rank's copies out of one staged span; returns their bytes."""
+def copy_out(seg: _Segment, base: int, span: SharedSpan, params: Dict[str, torch.Tensor],
+             runtime: Optional[CudaRuntime], stream: int) -> int:
+    """Queue (CUDA) or do (CPU) this rank's copies out of one staged span.
+
+    Args:
+        seg: the shared memory (``address``, and ``tensor`` for the CPU copies).
+        base: byte offset of the round's slot in it.
+        span: the staged span.
+        params: ``{name: parameter data}``.
+        runtime: the CUDA runtime (one 2D copy per step), or None (a strided copy per step).
+        stream: the CUDA stream handle the copies go on.
+
+    Returns:
+        The bytes copied into parameters.
+    """
     total = 0
     for step, delta in span.steps:
         param = params[step.param]
@@ -416,13 +278,14 @@ def run_rounds(
     stats: ExecutionStats,
     error: Optional[BaseException] = None,
     stop: Optional[threading.Event] = None,
+    after=None,
 ) -> None:
     """Go through every round with the node's other ranks (see the module docstring).
 
     Args:
         node, seg, split: the group, its shared memory and this load's spans (agreed).
         params: ``{name: parameter data}``.
-        fds: descriptors of the shared spans' files, by path (``shared_paths``).
+        fds: descriptors of the shared spans' files, by path (``shared_layout.shared_paths``).
         pool: threads reading this rank's parts (a pool of its own: the rank's readers
             load the rest of the plan meanwhile).
         runtime: the CUDA runtime (CUDA parameters), or None (CPU parameters).
@@ -432,6 +295,8 @@ def run_rounds(
         stats: where bytes, seconds and read time are added.
         error: a failure of this rank before the rounds (reported in the first one).
         stop: set when the rest of this rank's load failed (reported in the next round).
+        after: the CUDA stream whose queued work on the parameters the copies must follow
+            (the loading thread's current stream).
 
     Raises:
         The first failure of this rank, or CheckpointError when another rank failed.
@@ -441,17 +306,17 @@ def run_rounds(
     stream = _stream(device) if cuda else None
     events: List[int] = _events(device, runtime) if cuda else []
     if stream is not None:
-        stream.wait_stream(torch.cuda.current_stream(device))  # after the load's zero-fills
+        stream.wait_stream(after if after is not None else torch.cuda.current_stream(device))
     handle = stream.cuda_stream if stream is not None else 0
     aborted = False
     for k, spans in enumerate(split.rounds):
-        base = (k % SLOTS) * SLOT_BYTES
+        base = (k % SLOTS) * shared_layout.SLOT_BYTES
         if error is None and stop is not None and stop.is_set():
             error = CheckpointError(os.path.dirname(min(fds)) if fds else "", "this rank's load failed")
         if error is None:
             try:
                 t1 = time.perf_counter()
-                pieces = _my_pieces(spans, node.rank, node.size)
+                pieces = shared_layout.pieces_of_rank(spans, node.rank, node.size)
                 read = sum(_read_pool(pool).map(lambda p: _read_piece(seg, base, p, fds), pieces))
                 spend(read)
                 stats.bytes_read += read
@@ -465,7 +330,7 @@ def run_rounds(
             aborted = True
             break
         try:
-            nbytes = sum(_copy_out(seg, base, s, params, runtime, handle) for s in spans)
+            nbytes = sum(copy_out(seg, base, s, params, runtime, handle) for s in spans)
             if cuda:
                 runtime.record(events[k % SLOTS], handle)
             stats.shared_bytes += nbytes
@@ -536,11 +401,6 @@ class RoundsInBackground:
 
 _STREAMS: Dict[str, "torch.cuda.Stream"] = {}
 _EVENTS: Dict[str, List[int]] = {}
-
-
-def shared_paths(split: SharedSplit) -> List[str]:
-    """The files the node's shared spans lie in."""
-    return sorted({s.path for r in split.rounds for s in r})
 
 
 def _stream(device: torch.device):

@@ -8,7 +8,8 @@ import random
 import torch
 
 from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan, staging_aligned
-from sglang_fastload.loader.shared_spans import SharedSpan, _copy_out, _my_pieces, node_rounds, split_plan
+from sglang_fastload.loader.shared_layout import SharedSpan, node_rounds, pieces_of_rank, split_plan
+from sglang_fastload.loader.shared_spans import copy_out
 
 ROWS, COLS, ITEM = 64, 96, 2  # a row-parallel weight: each of N ranks keeps COLS / N columns
 
@@ -56,7 +57,7 @@ def test_every_byte_of_a_round_is_read_by_exactly_one_rank():
     for ranks in (1, 2, 3, 8):
         seen = {}
         for rank in range(ranks):
-            for path, offset, slot_offset, n in _my_pieces(spans, rank, ranks):
+            for path, offset, slot_offset, n in pieces_of_rank(spans, rank, ranks):
                 for i in range(n):
                     key = (path, offset + i)
                     assert key not in seen, key
@@ -130,7 +131,7 @@ def test_the_2d_copies_take_exactly_each_ranks_columns_into_its_parameter():
         plan.files[0].steps[:] = [dataclasses.replace(s, dst=(0, (ROWS, cols), (2 * cols, 1))) for s in plan.files[0].steps]
         split = split_plan(plan, params, rounds)
         runtime = HostMemmove2D()
-        copied = sum(_copy_out(staged, 0, span, params, runtime, 0) for span in split.rounds[0])
+        copied = sum(copy_out(staged, 0, span, params, runtime, 0) for span in split.rounds[0])
         assert runtime.calls == 2 and copied == 2 * ROWS * cols * ITEM
         for i, name in enumerate(("w", "v")):
             want = source[i][:, rank * cols:(rank + 1) * cols]
@@ -140,7 +141,7 @@ def test_the_2d_copies_take_exactly_each_ranks_columns_into_its_parameter():
         again = {n: torch.zeros(ROWS, 2 * cols, dtype=torch.bfloat16) for n in ("w", "v")}
         cpu_params = {n: t[:, :cols] for n, t in again.items()}
         for span in split_plan(plan, cpu_params, rounds).rounds[0]:
-            _copy_out(staged, 0, span, cpu_params, None, 0)
+            copy_out(staged, 0, span, cpu_params, None, 0)
         for i, name in enumerate(("w", "v")):
             assert torch.equal(again[name][:, :cols].view(torch.int16), source[i][:, rank * cols:(rank + 1) * cols].view(torch.int16))
             assert bool((again[name][:, cols:] == 0).all())
