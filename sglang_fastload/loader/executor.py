@@ -345,14 +345,13 @@ def _share_with_node(
                                 cuda=device.type == "cuda")
     if agreed is None:
         return plan, None
-    seg, split = agreed
+    seg, split, error = agreed
     fds: Dict[str, int] = {}
-    error: Optional[BaseException] = None
     try:
         for path in shared_layout.shared_paths(split):
             fds[path] = os.open(path, os.O_RDONLY)
     except BaseException as exc:  # reported to every rank in the first round
-        error = exc
+        error = error or exc
     rounds = shared_spans.RoundsInBackground(
         device, node=node, seg=seg, split=split, params=params, fds=fds, pool=max(1, num_threads),
         runtime=runtime, spend=fault.spend, on_bytes=on_bytes, stats=stats, error=error,

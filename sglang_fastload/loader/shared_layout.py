@@ -108,13 +108,15 @@ def node_rounds(every: Sequence[Sequence[Tuple[str, int, int]]], slot_bytes: int
     return rounds
 
 
-def split_plan(plan: LoadPlan, params: Dict[str, torch.Tensor], rounds: Sequence[Sequence[Tuple[str, int, int, int]]]) -> SharedSplit:
+def split_plan(plan: LoadPlan, params: Dict[str, torch.Tensor], rounds: Sequence[Sequence[Tuple[str, int, int, int]]],
+               own: bool = True) -> SharedSplit:
     """This rank's side of the node's rounds: its steps within each shared span, and the rest.
 
     Args:
         plan: the rank's plan.
         params: ``{name: parameter data}``.
         rounds: ``node_rounds``' result.
+        own: False: none of the plan's steps are taken (the rank only reads its parts).
 
     Returns:
         The split.
@@ -130,7 +132,7 @@ def split_plan(plan: LoadPlan, params: Dict[str, torch.Tensor], rounds: Sequence
         inside = sorted(starts.get(fp.path, ()))
         for step in fp.steps:
             home = None
-            if shareable(step, params[step.param]):
+            if own and shareable(step, params[step.param]):
                 offset, nbytes = step.reads[0]
                 at = bisect.bisect_right(inside, (offset, float("inf"))) - 1
                 if at >= 0 and offset + nbytes <= inside[at][0] + inside[at][1]:

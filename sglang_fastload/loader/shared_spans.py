@@ -120,7 +120,7 @@ def all_ok(node: NodeGroup, ok: bool) -> bool:
 
 
 def agree(node: NodeGroup, plan: Optional[LoadPlan], params: Dict[str, torch.Tensor], cache: dict,
-          cuda: bool) -> Optional[Tuple[_Segment, SharedSplit]]:
+          cuda: bool) -> Optional[Tuple[_Segment, SharedSplit, Optional[BaseException]]]:
     """Decide, with every rank of the node, whether this load shares spans (collectives).
 
     Every rank of the group must call it at the same point of a load, with ``plan`` None
@@ -135,21 +135,32 @@ def agree(node: NodeGroup, plan: Optional[LoadPlan], params: Dict[str, torch.Ten
         cuda: the parameters live on a CUDA device (the shared memory is registered).
 
     Returns:
-        The shared memory and this rank's split, or None (every rank gathers by itself).
+        The shared memory, this rank's split and this rank's failure to make it (to report
+        in the first round: the other ranks go on to the rounds), or None (every rank
+        gathers by itself).
+
+    Raises:
+        This rank's failure to find its spans, after its vote against sharing.
     """
     import torch.distributed as dist
 
-    spans = shared_layout.rank_spans(plan, params, cache) if plan is not None else None
+    spans, failure = None, None
+    try:
+        spans = shared_layout.rank_spans(plan, params, cache) if plan is not None else None
+    except Exception as exc:  # vote against first: the other ranks wait for this vote
+        failure = exc
     digest = hashlib.sha256(repr(spans).encode()).hexdigest() if spans is not None else None
     mine = dict(digest=digest, host=socket.gethostname(), token=_SEGMENT.token if _SEGMENT is not None else None,
                 new_token=secrets.token_hex(8))
     every: List[dict] = [None] * node.size  # type: ignore[list-item]
     dist.all_gather_object(every, mine, group=node.cpu_group)
+    if failure is not None:
+        raise failure
     if any(e["digest"] is None or e["host"] != every[0]["host"] for e in every):
         return None
     key = ("shared-rounds", tuple(e["digest"] for e in every), shared_layout.SLOT_BYTES)
     rounds = cache.get(key)
-    if rounds is None:  # a new layout: every rank's spans, once
+    if not all_ok(node, rounds is not None):  # a new layout somewhere: every rank's spans, once
         all_spans: List[list] = [None] * node.size  # type: ignore[list-item]
         dist.all_gather_object(all_spans, spans, group=node.cpu_group)
         rounds = shared_layout.node_rounds(all_spans)
@@ -162,9 +173,12 @@ def agree(node: NodeGroup, plan: Optional[LoadPlan], params: Dict[str, torch.Ten
     split_key = ("shared-split", key, tuple(map(id, (fp.steps for fp in plan.files))), tuple(fp.path for fp in plan.files))
     split = cache.get(split_key)
     if split is None:
-        split = shared_layout.split_plan(plan, params, rounds)
+        try:
+            split = shared_layout.split_plan(plan, params, rounds)
+        except Exception as exc:  # the rounds still run (none of this rank's copies), and stop
+            return seg, shared_layout.split_plan(plan, {}, rounds, own=False), exc
         cache[split_key] = split
-    return seg, split
+    return seg, split, None
 
 
 def _shared_memory(node: NodeGroup, every: List[dict], cuda: bool) -> Optional[_Segment]:
