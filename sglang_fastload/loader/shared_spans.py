@@ -80,9 +80,13 @@ class _Segment:
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = os.open(path, flags, 0o600)
         try:
-            if create:
-                os.ftruncate(fd, nbytes)
+            if create:  # blocks reserved now: a full /dev/shm (a container's 64 MiB) fails
+                os.posix_fallocate(fd, 0, nbytes)  # here, not with SIGBUS at the first write
             self.map = mmap.mmap(fd, nbytes)
+        except BaseException:
+            if create:
+                os.unlink(path)  # nobody else has it yet
+            raise
         finally:
             os.close(fd)
         self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)

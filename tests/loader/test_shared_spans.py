@@ -3,13 +3,15 @@ the bit-exact loads through them are in test_bytes_per_node.py and test_fast_mat
 
 import ctypes
 import dataclasses
+import os
 import random
 
+import pytest
 import torch
 
 from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan, staging_aligned
 from sglang_fastload.loader.shared_layout import SharedSpan, node_rounds, pieces_of_rank, split_plan
-from sglang_fastload.loader.shared_spans import copy_out
+from sglang_fastload.loader.shared_spans import _Segment, copy_out
 
 ROWS, COLS, ITEM = 64, 96, 2  # a row-parallel weight: each of N ranks keeps COLS / N columns
 
@@ -145,3 +147,26 @@ def test_the_2d_copies_take_exactly_each_ranks_columns_into_its_parameter():
         for i, name in enumerate(("w", "v")):
             assert torch.equal(again[name][:, :cols].view(torch.int16), source[i][:, rank * cols:(rank + 1) * cols].view(torch.int16))
             assert bool((again[name][:, cols:] == 0).all())
+
+
+def test_node_shared_memory_is_one_mapping_seen_by_every_rank(tmp_path):
+    path = str(tmp_path / "segment")
+    made = _Segment("t", path, 1 << 20, create=True, cuda=False)
+    seen = _Segment("t", path, 1 << 20, create=False, cuda=False)  # another rank's mapping
+    made.tensor[100:104] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+    assert seen.tensor[100:104].tolist() == [1, 2, 3, 4]
+    made.close()
+    seen.close()
+
+
+def test_node_shared_memory_larger_than_dev_shm_is_refused_when_made():
+    """A container's small /dev/shm: refused when made (the ranks then gather by themselves),
+    not with SIGBUS at the first write, and no file left behind. A sparse file of that size
+    would be made and mapped without complaint."""
+    if not os.path.isdir("/dev/shm") or os.statvfs("/dev/shm").f_blocks == 0:
+        pytest.skip("no size-limited /dev/shm here (reserving more than it holds would fill memory)")
+    st = os.statvfs("/dev/shm")
+    too_big = os.path.join("/dev/shm", f"sglang-fastload-test-{os.getpid()}-too-big")
+    with pytest.raises(OSError):
+        _Segment("t", too_big, st.f_blocks * st.f_frsize + (1 << 30), create=True, cuda=False)
+    assert not os.path.exists(too_big)
