@@ -37,7 +37,7 @@ from sglang_fastload.loader import host_memory, shared_layout, shared_spans
 from sglang_fastload.loader.binding import BoundChunk, bind, direct_runtime
 from sglang_fastload.loader.execution_stats import ExecutionStats
 from sglang_fastload.loader.plan import CopyStep, LoadPlan
-from sglang_fastload.loader.staging import Worker, prepare_in_background, reader_pool
+from sglang_fastload.loader.staging import Worker, prepare_in_background, read_exact, reader_pool
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_ZERO_COPY_SHARE", "ExecutionStats", "execute_plan", "prepare_in_background"]
 
@@ -114,19 +114,8 @@ class _FaultBudget:
 
 
 def _read_exact(fd: int, view: memoryview, offset: int, path: str, stats: ExecutionStats) -> None:
-    done = 0
-    total = len(view)
-    while done < total:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        stats.read_calls += 1
-        if n <= 0:
-            raise CheckpointError(
-                path,
-                f"file ended at byte {offset + done} while {total - done} more bytes were "
-                "expected (truncated or changed during the load)",
-            )
-        done += n
-    stats.bytes_read += total
+    stats.read_calls += read_exact(fd, view, offset, path)
+    stats.bytes_read += len(view)
 
 
 class _FileMappings:

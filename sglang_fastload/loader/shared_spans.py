@@ -33,7 +33,6 @@ import socket
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -45,6 +44,7 @@ from sglang_fastload.loader.execution_stats import ExecutionStats
 from sglang_fastload.loader import shared_layout
 from sglang_fastload.loader.plan import LoadPlan
 from sglang_fastload.loader.shared_layout import SharedSpan, SharedSplit
+from sglang_fastload.loader.staging import read_exact, reader_pool
 
 logger = logging.getLogger(__name__)
 
@@ -231,21 +231,13 @@ def decline(node: NodeGroup) -> None:
 
 
 def _read_piece(seg: _Segment, base: int, piece, fds: Dict[str, int]) -> int:
+    """Read one piece of this rank's part into the slot at ``base``; returns the read calls."""
     path, offset, slot_offset, nbytes = piece
     view = memoryview(seg.map)[base + slot_offset:base + slot_offset + nbytes]
     try:
-        done = 0
-        while done < nbytes:
-            n = os.preadv(fds[path], [view[done:]], offset + done)
-            if n <= 0:
-                raise CheckpointError(
-                    path, f"file ended at byte {offset + done} while {nbytes - done} more bytes were "
-                    "expected (truncated or changed during the load)",
-                )
-            done += n
+        return read_exact(fds[path], view, offset, path)
     finally:
         view.release()
-    return nbytes
 
 
 def copy_out(seg: _Segment, base: int, span: SharedSpan, params: Dict[str, torch.Tensor],
@@ -326,19 +318,21 @@ def run_rounds(
     if stream is not None:
         stream.wait_stream(after if after is not None else torch.cuda.current_stream(device))
     handle = stream.cuda_stream if stream is not None else 0
+    where = os.path.dirname(min(fds)) if fds else ""  # the checkpoint, for messages
     aborted = False
     for k, spans in enumerate(split.rounds):
         base = (k % SLOTS) * shared_layout.SLOT_BYTES
         if error is None and stop is not None and stop.is_set():
-            error = CheckpointError(os.path.dirname(min(fds)) if fds else "", "this rank's load failed")
+            error = CheckpointError(where, "this rank's load failed")
         if error is None:
             try:
                 t1 = time.perf_counter()
                 pieces = shared_layout.pieces_of_rank(spans, node.rank, node.size)
-                read = sum(_read_pool(pool).map(lambda p: _read_piece(seg, base, p, fds), pieces))
+                readers = reader_pool(pool, "fastload-shared")
+                stats.read_calls += sum(readers.map(lambda p: _read_piece(seg, base, p, fds), pieces))
+                read = sum(p[3] for p in pieces)
                 spend(read)
                 stats.bytes_read += read
-                stats.read_calls += len(pieces)
                 stats.read_seconds += time.perf_counter() - t1
                 if cuda and k >= SLOTS - 1:  # so that after this round's collective, the slot
                     runtime.wait(events[(k + 1) % SLOTS])  # of round k + 1 is free on every rank
@@ -366,20 +360,9 @@ def run_rounds(
         raise error
     if aborted:
         raise CheckpointError(
-            os.path.dirname(min(fds)) if fds else "", "another tensor-parallel rank failed while the "
+            where, "another tensor-parallel rank failed while the "
             "node's ranks read the row shards they share; the load is abandoned on every rank",
         )
-
-
-_POOLS: Dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def _read_pool(threads: int) -> ThreadPoolExecutor:
-    with _POOLS_LOCK:
-        if threads not in _POOLS:
-            _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastload-shared")
-        return _POOLS[threads]
 
 
 class RoundsInBackground:

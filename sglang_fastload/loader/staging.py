@@ -6,12 +6,14 @@ in the background while a model is built.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
 
+from sglang_fastload.errors import CheckpointError
 from sglang_fastload.loader import cuda_runtime, host_memory
 from sglang_fastload.loader.execution_stats import ExecutionStats
 
@@ -99,17 +101,48 @@ _WORKER_POOL: Dict[Tuple[str, int], List[Worker]] = {}
 _POOL_LOCK = threading.Lock()
 
 
-_READER_POOLS: Dict[int, ThreadPoolExecutor] = {}
+_READER_POOLS: Dict[Tuple[int, str], ThreadPoolExecutor] = {}
 
 
-def reader_pool(threads: int) -> ThreadPoolExecutor:
-    """A thread pool kept between loads (starting threads on every update costs time)."""
+def reader_pool(threads: int, name: str = "fastload-reader") -> ThreadPoolExecutor:
+    """A thread pool kept between loads (starting threads on every update costs time).
+
+    Args:
+        threads: its size.
+        name: its threads' name prefix; pools of other names are others (the shared rounds
+            read on a pool of their own while the readers' pool is busy).
+    """
     with _POOL_LOCK:
-        pool = _READER_POOLS.get(threads)
+        pool = _READER_POOLS.get((threads, name))
         if pool is None:
-            pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastload-reader")
-            _READER_POOLS[threads] = pool
+            pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+            _READER_POOLS[(threads, name)] = pool
         return pool
+
+
+def read_exact(fd: int, view: memoryview, offset: int, path: str) -> int:
+    """Fill ``view`` with the file's bytes from ``offset``.
+
+    Returns:
+        The read calls it took.
+
+    Raises:
+        CheckpointError: the file ended first (truncated or changed during the load).
+    """
+    done = 0
+    calls = 0
+    total = len(view)
+    while done < total:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        calls += 1
+        if n <= 0:
+            raise CheckpointError(
+                path,
+                f"file ended at byte {offset + done} while {total - done} more bytes were "
+                "expected (truncated or changed during the load)",
+            )
+        done += n
+    return calls
 
 
 def reserve(workers: List[Worker], sizes: List[Tuple[int, int]]) -> None:
