@@ -13,6 +13,17 @@ def tp2_reference(checkpoint_factory):
     return a, b, load_params(a, load_format="auto", tp_size=2), load_params(b, load_format="auto", tp_size=2)
 
 
+def assert_back_on_a_then_on_b(res, ref_a, ref_b):
+    """On every rank: the first update failed and rolled back to A exactly, the retry landed B."""
+    for rank in range(2):
+        first, second = res[rank].update_results
+        assert not first[0] and "Rolled back to the previous weights" in first[1], first
+        assert second[0], second
+        after_failure, after_retry = res[rank].params_history
+        assert not compare_params(ref_a[rank].params, after_failure), f"rank {rank} not back on A"
+        assert not compare_params(ref_b[rank].params, after_retry), f"rank {rank} not on B"
+
+
 def test_one_rank_fails_after_writing_and_both_roll_back(tp2_reference, tmp_path):
     """The first rank to take the one-shot fault fails mid-copy; the other completes B. Both
     must end on A, exactly (the previous checkpoint is still on disk), then take B cleanly.
@@ -28,13 +39,7 @@ def test_one_rank_fails_after_writing_and_both_roll_back(tp2_reference, tmp_path
     )
     assert "shared with the node's ranks" not in res.log_text()
     assert not arm.exists()
-    for rank in range(2):
-        first, second = res[rank].update_results
-        assert not first[0] and "Rolled back to the previous weights" in first[1], first
-        assert second[0], second
-        after_failure, after_retry = res[rank].params_history
-        assert not compare_params(ref_a[rank].params, after_failure), f"rank {rank} not back on A"
-        assert not compare_params(ref_b[rank].params, after_retry), f"rank {rank} not on B"
+    assert_back_on_a_then_on_b(res, ref_a, ref_b)
     assert "injected I/O fault" in res.log_text()
 
 
@@ -54,13 +59,7 @@ def test_a_fault_while_the_ranks_read_shared_spans_stops_both_and_both_roll_back
     log = res.log_text()
     assert "injected I/O fault" in log
     assert "another tensor-parallel rank failed while the node's ranks read the row shards they share" in log
-    for rank in range(2):
-        first, second = res[rank].update_results
-        assert not first[0] and "Rolled back to the previous weights" in first[1], first
-        assert second[0], second
-        after_failure, after_retry = res[rank].params_history
-        assert not compare_params(ref_a[rank].params, after_failure), f"rank {rank} not back on A"
-        assert not compare_params(ref_b[rank].params, after_retry), f"rank {rank} not on B"
+    assert_back_on_a_then_on_b(res, ref_a, ref_b)
     assert log.count("bytes out of spans shared with the node's ranks") == 2  # the retry, one line per rank
 
 
