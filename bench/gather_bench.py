@@ -38,7 +38,7 @@ if HERE not in sys.path:
 
 import torch  # noqa: E402
 
-from host_path_bench import make_files, system_info, warm_page_cache  # noqa: E402
+from host_path_bench import _preadinto, make_files, system_info, warm_page_cache  # noqa: E402
 
 MiB = 1 << 20
 ROW_BYTES = 1536  # one down_proj row of Qwen3-30B-A3B: 768 bf16
@@ -50,6 +50,15 @@ def _tensors(paths: List[str]):
     """Every (file, offset) of a 3 MiB row-major "tensor" in the files."""
     span = ROW_BYTES * TENSOR_ROWS
     return [(p, off) for p in paths for off in range(0, os.path.getsize(p) - span + 1, span)]
+
+
+def _on_threads(threads: int, task) -> None:
+    """``task(t)`` for every ``t`` below ``threads``, each on a thread of its own, all at once."""
+    pool = [threading.Thread(target=task, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
 
 
 def _gather_pass(paths, rank: int, ranks: int, threads: int) -> int:
@@ -72,11 +81,7 @@ def _gather_pass(paths, rank: int, ranks: int, threads: int) -> int:
             pos += n
             kept[t] += 2 * n
 
-    pool = [threading.Thread(target=task, args=(t,)) for t in range(threads)]
-    for th in pool:
-        th.start()
-    for th in pool:
-        th.join()
+    _on_threads(threads, task)
     typed.clear()
     for m in maps.values():
         m.close()
@@ -95,19 +100,12 @@ def _contiguous_pass(paths, rank: int, ranks: int, threads: int) -> int:
     done = [0] * threads
 
     def task(t: int) -> None:
-        bufs = [bytearray(BUFFER_BYTES) for _ in range(2)]
+        bufs = [torch.empty(BUFFER_BYTES, dtype=torch.uint8) for _ in range(2)]
         for k, (p, off, n) in enumerate(pieces[t::threads]):
-            view = memoryview(bufs[k % 2])[:n]
-            got = 0
-            while got < n:
-                got += os.preadv(fds[p], [view[got:]], off + got)
+            _preadinto(fds[p], bufs[k % 2], off, n)
             done[t] += n
 
-    pool = [threading.Thread(target=task, args=(t,)) for t in range(threads)]
-    for th in pool:
-        th.start()
-    for th in pool:
-        th.join()
+    _on_threads(threads, task)
     for fd in fds.values():
         os.close(fd)
     return sum(done)
