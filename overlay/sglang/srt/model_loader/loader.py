@@ -4301,3 +4301,9 @@ from sglang_fastload.loader.dispatch import dispatch_first
 
 get_model_loader = dispatch_first(get_model_loader, logger)
 # OVERLAY: end
+
+# OVERLAY: begin sglang-fastload: post-load hooks of modules already on the target device run without staging
+from sglang_fastload.post_load_staging import skip_staging_when_resident
+
+device_loading_context = skip_staging_when_resident(device_loading_context)
+# OVERLAY: end

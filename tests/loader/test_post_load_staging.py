@@ -1,0 +1,76 @@
+"""Post-load hooks skip upstream's staging only where it would move nothing, and leave every
+tensor where upstream's staging would (real SGLang's context as the reference on CUDA)."""
+
+import contextlib
+
+import pytest
+import torch
+
+from sglang_fastload import post_load_staging as pls
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, device="cpu"):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.arange(12.0, device=device).view(3, 4), requires_grad=False)
+        self.register_buffer("scale", torch.ones(3, device=device))
+        self.inner = torch.nn.Linear(4, 2, bias=False, device=device)
+        self.inner.alias = self.weight  # an alias slot, as some layers keep
+
+
+def test_every_registered_slot_is_walked_aliases_included():
+    layer = _Layer()
+    assert len(list(pls.registered_tensors(layer))) == 4  # weight, scale, inner.weight, alias
+    assert pls.resident_on(layer, torch.device("cpu"))
+    layer.inner.register_buffer("parked", torch.empty(2, device="meta"))
+    assert not pls.resident_on(layer, torch.device("cpu"))
+
+
+def test_a_hook_that_leaves_a_meta_tensor_fails_as_upstream_does():
+    layer = _Layer()
+    layer.weight = torch.nn.Parameter(torch.empty(3, 4, device="meta"), requires_grad=False)
+    with pytest.raises(RuntimeError, match=pls.META_TENSOR_ERROR):
+        pls.settle_on(layer, torch.device("cpu"))
+
+
+def test_off_cuda_every_module_goes_through_upstreams_context():
+    calls = []
+
+    @contextlib.contextmanager
+    def upstream(module, device):
+        calls.append((module, device))
+        yield module
+
+    wrapped = pls.skip_staging_when_resident(upstream)
+    layer = _Layer()
+    with wrapped(layer, torch.device("cpu")) as m:
+        assert m is layer
+    assert calls == [(layer, torch.device("cpu"))]
+
+
+def test_the_overlay_routes_post_load_hooks_through_the_shortcut():
+    from sglang.srt.model_loader import loader
+
+    assert getattr(loader.device_loading_context, "__wrapped__", None) is not None
+    assert loader.device_loading_context.__wrapped__.__module__ == loader.__name__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU host)")
+@pytest.mark.parametrize("target", ["cuda", "cuda:0"])
+def test_on_cuda_tensors_end_where_upstreams_staging_puts_them(target):
+    from sglang.srt.model_loader import loader
+
+    upstream = loader.device_loading_context.__wrapped__
+    results = []
+    for context in (upstream, loader.device_loading_context):
+        layer = _Layer(device="cuda")
+        with context(layer, torch.device(target)):
+            # A hook that repacks one weight and leaves its replacement on the host.
+            layer.weight = torch.nn.Parameter(layer.weight.data.t().contiguous().cpu(), requires_grad=False)
+            layer.scale.mul_(2)
+        results.append({n: (t.device, t.detach().cpu()) for n, t in layer.state_dict(keep_vars=True).items()})
+    reference, ours = results
+    assert reference.keys() == ours.keys()
+    for name in reference:
+        assert reference[name][0] == ours[name][0] == torch.device("cuda", 0), name
+        assert torch.equal(reference[name][1], ours[name][1]), name
