@@ -144,7 +144,7 @@ CONTENDERS: Dict[str, Contender] = {
 REFERENCE = "auto"
 
 
-def top_functions(profiler: "cProfile.Profile", count: int = 30) -> List[Dict[str, Any]]:
+def top_functions(profiler: "cProfile.Profile", count: int = 80) -> List[Dict[str, Any]]:
     """The calling thread's functions with the most cumulative time in a profiled update
     (the reader threads are not profiled: their work shows as waiting for them)."""
     stats = pstats.Stats(profiler)
