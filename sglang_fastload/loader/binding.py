@@ -1,9 +1,8 @@
 """Binding a load plan to one model's parameters and the readers' buffers.
 
 A plan's steps are grouped into chunks (one staging buffer each) and dealt round-robin to
-the readers; every view, address and read target a chunk needs is made once (by the reader
-that runs it, on its first load) and reused by later loads while the parameters and buffers
-stay where they are (checked by address).
+the readers; every view, address and read target a chunk needs is made once here and reused
+by later loads while the parameters and buffers stay where they are (checked by address).
 """
 
 from __future__ import annotations
@@ -11,8 +10,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
-import time
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -94,12 +92,7 @@ class BoundChunk:
 
 @dataclasses.dataclass
 class Binding:
-    """A plan bound to one set of parameters and workers: chunks per worker, in order.
-
-    The readers' chunks are bound by the readers themselves, each just before it runs it
-    (``chunks``), so the first load with new parameters reads while it binds; the bound
-    chunks are kept, and a binding is reused only once every chunk was bound (``complete``).
-    """
+    """A plan bound to one set of parameters and workers: chunks per worker, in order."""
 
     steps_lists: Tuple[List[CopyStep], ...]  # kept alive so their ids stay unique
     param_ptrs: Tuple[int, ...]
@@ -109,30 +102,6 @@ class Binding:
     zeros: List[torch.Tensor]
     lane: int = -1  # index of the zero-copy lane in ``workers`` (-1: none)
     runtime: Optional[cuda_runtime.CudaRuntime] = None  # what ``copies`` were bound for
-    unbound: Optional[List[List[Chunk]]] = None  # each worker's chunks, until bound
-    params: Optional[Dict[str, torch.Tensor]] = None  # what ``unbound`` binds to
-    file_index: Optional[Dict[str, int]] = None
-    complete: bool = True
-
-    def chunks(self, k: int) -> Iterator[BoundChunk]:
-        """Worker ``k``'s chunks in order, bound on the way (by the calling reader) if not yet."""
-        if self.unbound is None:
-            yield from self.per_worker[k]
-            return
-        bound = self.per_worker[k]
-        worker = self.workers[k]
-        for i, chunk in enumerate(self.unbound[k]):
-            if i == len(bound):
-                t0 = time.perf_counter()
-                bound.append(bind_chunk(chunk, self.file_index[chunk.path], self.params, worker, i % 2, k == self.lane))
-                worker.stats.bind_seconds += time.perf_counter() - t0
-            yield bound[i]
-
-    def mark_complete(self) -> None:
-        """Every reader ran through all its chunks: the binding may be reused as it is."""
-        if self.unbound is not None and all(len(b) == len(u) for b, u in zip(self.per_worker, self.unbound)):
-            self.unbound = self.params = self.file_index = None
-            self.complete = True
 
 
 def _same_dtype(step: CopyStep, params: Dict[str, torch.Tensor]) -> bool:
@@ -339,7 +308,7 @@ def bind(
     runtime = direct_runtime() if cuda else None
     key = (tuple(map(id, steps_lists)), str(device), threads, chunk_bytes, share, runtime is not None)
     bound = cache.get(key)
-    if bound is not None and bound.complete and bound.param_ptrs == ptrs and all(
+    if bound is not None and bound.param_ptrs == ptrs and all(
         all(x is y for x, y in zip(tuple(w.buffers) + (w.scratch,), b)) for w, b in zip(bound.workers, bound.buffers)
     ):
         return bound
@@ -357,12 +326,10 @@ def bind(
         staged = [staged_size(c, cuda, params, k == lane) for c in mine]
         sizes.append((max([h for h, _ in staged] + [0]), max([d for _, d in staged] + [0])))
     reserve(workers, sizes)
-    per_worker: List[List[BoundChunk]] = []
+    per_worker = []
     for k, (w, mine) in enumerate(zip(workers, dealt)):
         w.runtime = runtime  # bind_chunk binds addresses (runtime) or tensors (torch)
-        # The lane's registrar looks ahead through its chunks: bound now. Readers bind theirs.
-        per_worker.append([bind_chunk(c, file_index[c.path], params, w, i % 2, True) for i, c in enumerate(mine)]
-                          if k == lane else [])
+        per_worker.append([bind_chunk(c, file_index[c.path], params, w, i % 2, k == lane) for i, c in enumerate(mine)])
     bound = Binding(
         steps_lists=steps_lists,
         param_ptrs=ptrs,
@@ -372,10 +339,6 @@ def bind(
         zeros=[_param_view(params[z.param], z.dst) for z in plan.zeros],
         lane=lane,
         runtime=runtime,
-        unbound=dealt,
-        params=params,
-        file_index=file_index,
-        complete=False,
     )
     cache.pop(key, None)
     cache[key] = bound

@@ -13,9 +13,7 @@ class ExecutionStats:
     Attributes:
         bytes_read, read_calls: bytes copied out of the files and the calls that did it.
         seconds: the whole execution.
-        setup_seconds: dealing chunks, buffers and mappings before the first read.
-        bind_seconds: readers binding their chunks' views on their first load with these
-            parameters (summed over threads).
+        setup_seconds: binding views, buffers and mappings before the first read.
         register_seconds: the zero-copy lane's page-cache registrations (summed).
         read_seconds: reader threads in read calls and gathers (summed over threads).
         gather_seconds: the part of ``read_seconds`` spent gathering strided shards.
@@ -32,7 +30,6 @@ class ExecutionStats:
     read_calls: int = 0
     seconds: float = 0.0
     setup_seconds: float = 0.0
-    bind_seconds: float = 0.0
     register_seconds: float = 0.0
     read_seconds: float = 0.0
     gather_seconds: float = 0.0
@@ -46,5 +43,5 @@ class ExecutionStats:
 
     def phases(self) -> Dict[str, float]:
         """Where the time of the execution went, in seconds (summed ones may exceed it)."""
-        names = ("setup", "bind", "threads", "drain", "read", "gather", "wait", "issue", "register", "lane_wait", "shared")
+        names = ("setup", "threads", "drain", "read", "gather", "wait", "issue", "register", "lane_wait", "shared")
         return {name: round(getattr(self, name + "_seconds"), 4) for name in names}

@@ -453,7 +453,7 @@ def _execute_alone(
                     if index == bound.lane:
                         _copy_lane(ready, paths, fds, workers[index], on_bytes, fault, mappings, failed)
                         return
-                    for chunk in bound.chunks(index):
+                    for chunk in bound.per_worker[index]:
                         if failed.is_set():
                             return  # another reader failed: the load is abandoned
                         path = paths[chunk.file]
@@ -465,7 +465,6 @@ def _execute_alone(
         tasks = len(workers) + (1 if bound.lane >= 0 else 0)
         if tasks == 1:
             task(0)
-            bound.mark_complete()
         else:
             pool = reader_pool(tasks)
             # The registrar (last index) first: the lane's copier waits for it.
@@ -473,7 +472,6 @@ def _execute_alone(
             try:
                 for f in futures:
                     f.result()
-                bound.mark_complete()
             finally:
                 for f in futures:  # never return while a reader still writes into parameters
                     f.cancel()
@@ -499,7 +497,7 @@ def _execute_alone(
             os.close(fd)
     summed = {
         name: sum(getattr(w.stats, name) for w in workers)
-        for name in ("bytes_read", "read_calls", "read_seconds", "gather_seconds", "wait_seconds", "issue_seconds", "lane_wait_seconds", "bind_seconds")
+        for name in ("bytes_read", "read_calls", "read_seconds", "gather_seconds", "wait_seconds", "issue_seconds", "lane_wait_seconds")
     }
     return ExecutionStats(
         seconds=time.perf_counter() - t_setup,
