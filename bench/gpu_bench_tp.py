@@ -14,7 +14,8 @@ Per rank, on one synthetic Qwen3-30B-A3B-shaped checkpoint (written once by rank
 upstream ``auto`` and ``fast`` — initial load, two warm updates and a cold update through
 SGLang's real ``WeightUpdater`` — seconds per rank, bytes read per rank, and a bit-exact
 check of ``fast`` against ``auto`` on every rank. Rank 0 also measures the host's raw
-page-cache read ceiling (16 threads) in the same run. Reuses ``gpu_bench.py``'s pieces.
+page-cache read ceiling (16 threads) in the same run; on CUDA, every rank group first measures
+the link its ranks share (``shared_link_ceiling``). Reuses ``gpu_bench.py``'s pieces.
 """
 
 from __future__ import annotations
@@ -76,11 +77,44 @@ def node_rows(data: dict) -> list:
         seconds = max(r["seconds"] for r in rows)
         node_bytes = sum(r["bytes_read"] for r in rows)
         ckpt = data["checkpoint"].get("bytes") or data["checkpoint"]["gb"] * GB
+        link = data.get("ceiling_shared_link") or {}
         out.append(dict(contender=key[0], phase=key[1], cache=key[2], tp=data["world"], seconds=seconds,
+                        link_gbps=link.get("node_gbps"),
                         rank_seconds=[r["seconds"] for r in rows], rank_bytes=[r["bytes_read"] for r in rows],
                         node_bytes=node_bytes, node_x_checkpoint=round(node_bytes / ckpt, 4),
                         node_gbps=round(node_bytes / seconds / GB, 2)))
     return out
+
+
+def shared_link_ceiling(total_bytes: int, world: int, repeats: int = 3) -> dict:
+    """The link every rank's process shares, at full speed: all ranks at once copy their
+    share of ``total_bytes`` (at most 2 GB each) from pinned host memory to the device.
+
+    On the shared-GPU proxy the ranks' processes take turns on the one GPU, so N ranks may
+    move fewer bytes per second than one process: a TP=N update cannot beat this rate.
+
+    Returns:
+        Bytes per rank, the slowest rank's seconds of the best repeat, and the node's GB/s.
+    """
+    import torch
+
+    n = min(total_bytes // world, 2 * GB)
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dev.copy_(host, non_blocking=True)  # first touch of both out of the timing
+    torch.cuda.synchronize()
+    best = None
+    for _ in range(repeats):
+        torch.distributed.barrier()
+        t0 = time.perf_counter()
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        on = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # where the group reduces
+        mine = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=on)
+        torch.distributed.all_reduce(mine, op=torch.distributed.ReduceOp.MAX)
+        best = mine.item() if best is None else min(best, mine.item())
+    del host, dev
+    return dict(bytes_per_rank=n, ranks=world, seconds=round(best, 4), node_gbps=round(n * world / best / GB, 2))
 
 
 def run_sizes(args) -> int:
@@ -112,12 +146,12 @@ def run_sizes(args) -> int:
     combined = dict(command=" ".join(["python3"] + sys.argv), shared_gpu=args.shared_gpu, runs=runs, node=table, paper=paper)
     with open(args.out, "w") as f:
         json.dump(combined, f, indent=1, default=str)
-    print("| TP | contender | phase | cache | slowest rank s | per-rank s | node GB read | x checkpoint | node GB/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| TP | contender | phase | cache | slowest rank s | per-rank s | node GB read | x checkpoint | node GB/s | shared link GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         print(f"| {r['tp']} | {r['contender']} | {r['phase']} | {r['cache']} | {r['seconds']:.3f} | "
               f"{' / '.join(f'{x:.2f}' for x in r['rank_seconds'])} | {r['node_bytes'] / GB:.2f} | "
-              f"{r['node_x_checkpoint']:.3f} | {r['node_gbps']:.1f} |")
+              f"{r['node_x_checkpoint']:.3f} | {r['node_gbps']:.1f} | {r['link_gbps'] or '—'} |")
     if paper:
         print(f"on paper: {paper}")
     return rc
@@ -155,6 +189,7 @@ def main(argv=None) -> int:
             time.sleep(0.2)
         info = sc.write_checkpoint(directory, spec, shard_bytes=5 * GB if args.size == "full" else 10**6, log=lambda *_: None)
     session = gb.Session(args.device, rank=rank, world=world, shared_gpu=args.shared_gpu)
+    link = shared_link_ceiling(info.nbytes, world) if args.device == "cuda" else None
     summaries = gb.FastSummaries()
     rows, models = [], {}
     for name in args.contenders:
@@ -203,12 +238,13 @@ def main(argv=None) -> int:
         data = dict(
             date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), command=" ".join(["python3"] + sys.argv),
             world=world, shared_gpu=args.shared_gpu, gpu=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", checkpoint=dict(layers=args.moe_layers, gb=round(info.nbytes / GB, 3), bytes=info.nbytes, tensors=info.tensors, files=len(info.files)),
-            ceiling_page_cache_16_threads=ceiling, ranks=gathered,
+            ceiling_page_cache_16_threads=ceiling, ceiling_shared_link=link, ranks=gathered,
         )
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(data, f, indent=1, default=str)
-        print(f"TP={world}, {data['gpu']}, checkpoint {data['checkpoint']}, page-cache ceiling {ceiling and ceiling.get('gbps')} GB/s")
+        print(f"TP={world}, {data['gpu']}, checkpoint {data['checkpoint']}, page-cache ceiling {ceiling and ceiling.get('gbps')} GB/s, "
+              f"shared link {link}")
         print("| contender | phase | cache | " + " | ".join(f"rank {r} s | rank {r} GB read" for r in range(world)) + " |")
         print("|---|---|---|" + "---|---|" * world)
         keys = [(r["contender"], r["phase"], r["cache"]) for r in gathered[0]["rows"]]
