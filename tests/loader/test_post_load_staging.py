@@ -55,14 +55,32 @@ def test_the_overlay_routes_post_load_hooks_through_the_shortcut():
     assert loader.device_loading_context.__wrapped__.__module__ == loader.__name__
 
 
+def _upstream_staging():
+    """Upstream's ``device_loading_context`` for a CUDA target: its staging context, loaded from
+    its own file (importing sglang's loader package needs GPU-only kernels on a GPU host)."""
+    import importlib.util
+    import os
+
+    root = importlib.util.find_spec("sglang").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location(
+        "upstream_post_load", os.path.join(root, "srt", "model_loader", "post_load.py"))
+    post_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(post_load)
+
+    @contextlib.contextmanager
+    def device_loading_context(module, target_device):
+        with post_load.stage_module_for_post_load(module, target_device, pin_memory=True):
+            yield module
+
+    return device_loading_context
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU host)")
 @pytest.mark.parametrize("target", ["cuda", "cuda:0"])
 def test_on_cuda_tensors_end_where_upstreams_staging_puts_them(target):
-    from sglang.srt.model_loader import loader
-
-    upstream = loader.device_loading_context.__wrapped__
+    upstream = _upstream_staging()
     results = []
-    for context in (upstream, loader.device_loading_context):
+    for context in (upstream, pls.skip_staging_when_resident(upstream)):
         layer = _Layer(device="cuda")
         with context(layer, torch.device(target)):
             # A hook that repacks one weight and leaves its replacement on the host.
