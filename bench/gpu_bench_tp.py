@@ -14,8 +14,8 @@ Per rank, on one synthetic Qwen3-30B-A3B-shaped checkpoint (written once by rank
 upstream ``auto`` and ``fast`` — initial load, two warm updates and a cold update through
 SGLang's real ``WeightUpdater`` — seconds per rank, bytes read per rank, and a bit-exact
 check of ``fast`` against ``auto`` on every rank. Rank 0 also measures the host's raw
-page-cache read ceiling (16 threads) in the same run; on CUDA, every rank group first measures
-the link its ranks share (``shared_link_ceiling``). Reuses ``gpu_bench.py``'s pieces.
+page-cache read ceiling (16 threads) in the same run; on CUDA, every rank group also measures
+the link its ranks share (``shared_link_ceiling``, after the contenders). Reuses ``gpu_bench.py``'s pieces.
 """
 
 from __future__ import annotations
@@ -189,7 +189,6 @@ def main(argv=None) -> int:
             time.sleep(0.2)
         info = sc.write_checkpoint(directory, spec, shard_bytes=5 * GB if args.size == "full" else 10**6, log=lambda *_: None)
     session = gb.Session(args.device, rank=rank, world=world, shared_gpu=args.shared_gpu)
-    link = shared_link_ceiling(info.nbytes, world) if args.device == "cuda" else None
     summaries = gb.FastSummaries()
     rows, models = [], {}
     for name in args.contenders:
@@ -230,6 +229,8 @@ def main(argv=None) -> int:
                              bytes_read=bytes_read, gbps_of_checkpoint=round(info.nbytes / seconds / GB, 2),
                              fast_summary=fs))
         models[name] = runner.model
+    # After the contenders: their first ``configure`` made the process group this needs.
+    link = shared_link_ceiling(info.nbytes, world) if args.device == "cuda" else None
     # Every other contender against upstream's load of the same checkpoint, parameter by parameter.
     verdict = {name: gb.compare_models(models["auto"], m) for name, m in models.items() if name != "auto"} if "auto" in models else None
     gathered = [None] * world

@@ -81,6 +81,7 @@ def test_on_cuda_tensors_end_where_upstreams_staging_puts_them(target):
     upstream = _upstream_staging()
     results = []
     for context in (upstream, pls.skip_staging_when_resident(upstream)):
+        torch.manual_seed(0)  # the same initial weights for both
         layer = _Layer(device="cuda")
         with context(layer, torch.device(target)):
             # A hook that repacks one weight and leaves its replacement on the host.
