@@ -158,6 +158,11 @@ class _FileMappings:
         off, sizes, strides = step.view
         return self.elements(path, dtype).as_strided(sizes, strides, offset // step.itemsize + off)
 
+    def release(self) -> None:
+        """Unmap every file (``host_memory.release_later`` calls this off the load's path:
+        tearing down the pages the gathers touched costs ~0.1 s at TP=4..8)."""
+        self.close()
+
     def close(self) -> None:
         self.typed.clear()
         for mapping in self.maps.values():
@@ -492,7 +497,8 @@ def _execute_alone(
                 if m is not None:
                     m.release()
         if mappings is not None:
-            mappings.close()
+            mappings.typed.clear()  # no view of a mapping outlives the load
+            host_memory.release_later([mappings])  # the next load waits for it (wait_for_releases)
         for fd in fds.values():
             os.close(fd)
     summed = {

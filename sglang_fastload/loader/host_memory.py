@@ -238,8 +238,9 @@ _RELEASES: List[threading.Thread] = []
 _RELEASE_LOCK = threading.Lock()
 
 
-def release_later(files: List[MappedFile]) -> None:
-    """Release mappings in the background (unregistering costs ~10 ms per GB)."""
+def release_later(files: List) -> None:
+    """Release mappings in the background (their ``release()``: unregistering costs ~10 ms
+    per GB, unmapping touched pages about as much)."""
     if not files:
         return
     thread = threading.Thread(target=lambda: [f.release() for f in files], name="fastload-release", daemon=True)

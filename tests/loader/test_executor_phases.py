@@ -39,3 +39,10 @@ def test_a_load_reports_its_phases_and_writes_every_element(tmp_path):
     assert 0 < stats.gather_seconds <= stats.read_seconds
     assert phases["shared"] == 0 and stats.shared_bytes == 0  # one rank: nothing shared
     assert stats.setup_seconds + stats.threads_seconds + stats.drain_seconds <= stats.seconds + 1e-6
+
+    # The gathers' file mapping is unmapped off the load's path, before the next load starts.
+    from sglang_fastload.loader import host_memory
+
+    host_memory.wait_for_releases()
+    with open("/proc/self/maps") as maps:
+        assert str(path) not in maps.read()
