@@ -103,13 +103,13 @@ def shared_link_ceiling(total_bytes: int, world: int, repeats: int = 3) -> dict:
     dev = torch.empty(n, dtype=torch.uint8, device="cuda")
     dev.copy_(host, non_blocking=True)  # first touch of both out of the timing
     torch.cuda.synchronize()
+    on = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # where the group reduces
     best = None
     for _ in range(repeats):
         torch.distributed.barrier()
         t0 = time.perf_counter()
         dev.copy_(host, non_blocking=True)
         torch.cuda.synchronize()
-        on = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # where the group reduces
         mine = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=on)
         torch.distributed.all_reduce(mine, op=torch.distributed.ReduceOp.MAX)
         best = mine.item() if best is None else min(best, mine.item())

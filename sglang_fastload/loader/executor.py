@@ -161,9 +161,6 @@ class _FileMappings:
     def release(self) -> None:
         """Unmap every file (``host_memory.release_later`` calls this off the load's path:
         tearing down the pages the gathers touched costs ~0.1 s at TP=4..8)."""
-        self.close()
-
-    def close(self) -> None:
         self.typed.clear()
         for mapping in self.maps.values():
             try:
@@ -497,7 +494,6 @@ def _execute_alone(
                 if m is not None:
                     m.release()
         if mappings is not None:
-            mappings.typed.clear()  # no view of a mapping outlives the load
             host_memory.release_later([mappings])  # the next load waits for it (wait_for_releases)
         for fd in fds.values():
             os.close(fd)
