@@ -8,6 +8,12 @@ on page-cached files, with ``N`` processes of ``T`` threads each (as ``N`` ranks
 - ``gather``: every process maps each file (once per pass, as a load does), and its threads
   copy their rank's runs of every row into a reused buffer (torch strided copy, one thread
   per copy, as in a server where ``torch.set_num_threads(1)``);
+- ``populate``: as ``gather``, but each tensor's span is populated into the mapping first
+  (``madvise(MADV_POPULATE_READ)``: one system call maps its pages instead of a fault per
+  group of pages);
+- ``skipread``: no mapping: ``preadv`` of each tensor's rows whole, the kept run of every row
+  into the buffer and the rest into one small scratch (every byte of the span crosses memory,
+  no page is mapped);
 - ``contiguous``: every process reads a disjoint 1/N of the same bytes with ``preadv`` into
   reused buffers (the node reads the files once; what a cooperative split would read);
 - ``dma2d`` (CUDA): the device pulls every row's run out of a pinned buffer with
@@ -61,7 +67,11 @@ def _on_threads(threads: int, task) -> None:
         th.join()
 
 
-def _gather_pass(paths, rank: int, ranks: int, threads: int) -> int:
+MADV_POPULATE_READ = 22  # Linux >= 5.14; not every Python names it
+IOV_MAX = 1024
+
+
+def _gather_pass(paths, rank: int, ranks: int, threads: int, populate: bool = False) -> int:
     """One rank's gather of its runs from every tensor; returns the bytes it kept."""
     width = ROW_BYTES // ranks // 2  # elements (bf16)
     maps = {p: mmap.mmap(os.open(p, os.O_RDONLY), 0, access=mmap.ACCESS_COPY) for p in paths}
@@ -76,6 +86,8 @@ def _gather_pass(paths, rank: int, ranks: int, threads: int) -> int:
             n = TENSOR_ROWS * width
             if pos + n > buf.numel():
                 pos = 0
+            if populate:
+                maps[p].madvise(MADV_POPULATE_READ, off - off % mmap.PAGESIZE, ROW_BYTES * TENSOR_ROWS + off % mmap.PAGESIZE)
             src = typed[p].as_strided((TENSOR_ROWS, width), (ROW_BYTES // 2, 1), off // 2 + rank * width)
             buf.narrow(0, pos, n).view(TENSOR_ROWS, width).copy_(src)
             pos += n
@@ -85,6 +97,49 @@ def _gather_pass(paths, rank: int, ranks: int, threads: int) -> int:
     typed.clear()
     for m in maps.values():
         m.close()
+    return sum(kept)
+
+
+def _skipread_pass(paths, rank: int, ranks: int, threads: int) -> int:
+    """One rank's ``preadv`` of every tensor's rows, its runs into the buffer and the rest of
+    each row into a scratch row; returns the bytes it kept."""
+    import numpy as np
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.preadv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_long]
+    libc.preadv.restype = ctypes.c_ssize_t
+    width = ROW_BYTES // ranks  # bytes
+    fds = {p: os.open(p, os.O_RDONLY) for p in paths}
+    work = _tensors(paths)
+    kept = [0] * threads
+    rows_per_call = IOV_MAX // 2
+
+    def task(t: int) -> None:
+        buf = torch.empty(BUFFER_BYTES, dtype=torch.uint8)
+        junk = torch.empty(ROW_BYTES, dtype=torch.uint8)
+        iov = np.empty((rows_per_call, 2, 2), dtype=np.uint64)  # (row, kept/skipped, base/len)
+        iov[:, 0, 1] = width
+        iov[:, 1, 0] = junk.data_ptr()
+        iov[:, 1, 1] = ROW_BYTES - width
+        steps = np.arange(rows_per_call, dtype=np.uint64) * np.uint64(width)
+        pos = 0
+        for p, off in work[t::threads]:
+            n = TENSOR_ROWS * width
+            if pos + n > BUFFER_BYTES:
+                pos = 0
+            for r0 in range(0, TENSOR_ROWS, rows_per_call):
+                h = min(rows_per_call, TENSOR_ROWS - r0)
+                iov[:h, 0, 0] = steps[:h] + np.uint64(buf.data_ptr() + pos + r0 * width)
+                count = 2 * h - 1  # the last row's tail is not read
+                want = h * ROW_BYTES - (ROW_BYTES - width)
+                got = libc.preadv(fds[p], iov.ctypes.data, count, off + r0 * ROW_BYTES + rank * width)
+                assert got == want, (got, want, ctypes.get_errno())
+            pos += n
+            kept[t] += n
+
+    _on_threads(threads, task)
+    for fd in fds.values():
+        os.close(fd)
     return sum(kept)
 
 
@@ -113,7 +168,8 @@ def _contiguous_pass(paths, rank: int, ranks: int, threads: int) -> int:
 
 def _rank_process(kind, paths, rank, ranks, threads, repeats, barrier, results) -> None:
     torch.set_num_threads(1)  # as SGLang's ModelRunner.load_model off CPU
-    fn = _gather_pass if kind == "gather" else _contiguous_pass
+    fn = {"gather": _gather_pass, "populate": lambda *a: _gather_pass(*a, populate=True),
+          "skipread": _skipread_pass, "contiguous": _contiguous_pass}[kind]
     for rep in range(repeats):
         barrier.wait()
         t0 = time.perf_counter()
@@ -193,6 +249,8 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=2)
     ap.add_argument("--configs", default="1x16,2x8,2x4,4x4,4x2,8x2,8x4",
                     help="RANKSxTHREADS, comma-separated")
+    ap.add_argument("--kinds", default="contiguous,gather,populate,skipread", help="passes, comma-separated")
+    ap.add_argument("--no-dma2d", action="store_true", help="skip the device's 2D copies")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -201,12 +259,12 @@ def main() -> None:
     res: Dict = {"command": " ".join(["python3"] + sys.argv), "node": []}
     for cfg in args.configs.split(","):
         ranks, threads = (int(x) for x in cfg.split("x"))
-        for kind in ("contiguous", "gather"):
+        for kind in args.kinds.split(","):
             row = node_pass(kind, paths, ranks, threads)
             res["node"].append(row)
             print(json.dumps(row), flush=True)
     res["system"] = system_info()  # initialises CUDA: after the forks
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not args.no_dma2d:
         res["dma2d"] = dma2d(1 << 30)
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

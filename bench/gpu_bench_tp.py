@@ -10,7 +10,8 @@ one PCIe link is shared (host-to-device copies pessimistic). ``--tp 1,2,4`` runs
 group per size in turn and adds per-node sums and the expected time of the full
 Qwen3-30B-A3B (``--paper-gb``) at the largest size.
 
-Per rank, on one synthetic Qwen3-30B-A3B-shaped checkpoint (written once by rank 0):
+Per rank, on one synthetic Qwen3-30B-A3B-shaped checkpoint (``--model dense``: Qwen3-8B's
+shapes), written once by rank 0:
 upstream ``auto`` and ``fast`` — initial load, two warm updates and a cold update through
 SGLang's real ``WeightUpdater`` — seconds per rank, bytes read per rank, and a bit-exact
 check of ``fast`` against ``auto`` on every rank. Rank 0 also measures the host's raw
@@ -43,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--shared-gpu", action="store_true", help="every rank on GPU 0 (gloo groups)")
     p.add_argument("--paper-gb", type=float, default=61.07, help="checkpoint of the case on paper (full Qwen3-30B-A3B)")
     p.add_argument("--site-dir", default=None)
+    p.add_argument("--model", choices=("moe", "dense"), default="moe",
+                   help="moe: Qwen3-30B-A3B shapes (--moe-layers of 48); dense: Qwen3-8B shapes")
     p.add_argument("--moe-layers", type=int, default=16)
     p.add_argument("--size", choices=("full", "tiny"), default="full")
     p.add_argument("--workdir", default="/var/tmp/sglang-fastload-bench-tp")
@@ -135,7 +138,7 @@ def run_sizes(args) -> int:
     table = [row for data in runs for row in node_rows(data)]
     paper = None
     fast_last = [r for r in table if r["contender"] == "fast" and r["phase"] == "update2"]
-    if fast_last:
+    if fast_last and args.model == "moe":
         top = max(fast_last, key=lambda r: r["tp"])
         # The full model reads the same bytes per node (x checkpoint) at the same per-node rate.
         node_gb = args.paper_gb * top["node_x_checkpoint"]
@@ -175,8 +178,8 @@ def main(argv=None) -> int:
         import import_standins_for_bench
 
         import_standins_for_bench.activate()
-    spec = sc.moe_spec(args.size, layers=args.moe_layers)
-    directory = os.path.join(args.workdir, "moe")
+    spec = sc.dense_spec(args.size) if args.model == "dense" else sc.moe_spec(args.size, layers=args.moe_layers)
+    directory = os.path.join(args.workdir, args.model)
     ready = os.path.join(args.workdir, f"ready-{os.environ.get('MASTER_PORT', '0')}")
     ceiling = None
     if rank == 0:
@@ -238,7 +241,7 @@ def main(argv=None) -> int:
     if rank == 0:
         data = dict(
             date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), command=" ".join(["python3"] + sys.argv),
-            world=world, shared_gpu=args.shared_gpu, gpu=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", checkpoint=dict(layers=args.moe_layers, gb=round(info.nbytes / GB, 3), bytes=info.nbytes, tensors=info.tensors, files=len(info.files)),
+            world=world, shared_gpu=args.shared_gpu, gpu=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", checkpoint=dict(model=spec.label, layers=spec.layers, gb=round(info.nbytes / GB, 3), bytes=info.nbytes, tensors=info.tensors, files=len(info.files)),
             ceiling_page_cache_16_threads=ceiling, ceiling_shared_link=link, ranks=gathered,
         )
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
