@@ -124,6 +124,8 @@ CONTENDERS: Dict[str, Contender] = {
         Contender("fast-zc35", "fast", {"zero_copy_share": 0.35}, upstream_scan=False, description="sglang-fastload, 35 % of bytes zero-copy"),
         Contender("fast-zc50", "fast", {"zero_copy_share": 0.5}, upstream_scan=False, description="sglang-fastload, 50 % of bytes zero-copy"),
         Contender("fast-zc65", "fast", {"zero_copy_share": 0.65}, upstream_scan=False, description="sglang-fastload, 65 % of bytes zero-copy"),
+        Contender("fast-seg64k", "fast", {"min_segment_bytes": 64 << 10}, upstream_scan=False, description="sglang-fastload, strided runs under 64 KiB gathered"),
+        Contender("fast-seg1m", "fast", {"min_segment_bytes": 1 << 20}, upstream_scan=False, description="sglang-fastload, strided runs under 1 MiB gathered"),
         Contender("fast-c4", "fast", {"chunk_mb": 4}, upstream_scan=False, description="sglang-fastload, 4 MiB buffers"),
         Contender("fast-c8", "fast", {"chunk_mb": 8}, upstream_scan=False, description="sglang-fastload, 8 MiB buffers"),
         Contender("fast-c6", "fast", {"chunk_mb": 6}, upstream_scan=False, description="sglang-fastload, 6 MiB buffers"),
