@@ -17,11 +17,14 @@ from sglang_fastload.loader.replay import Geometry, RecordedCopy, RecordedZero
 # Steps staged in one buffer start at multiples of this many bytes (views of any dtype).
 STAGING_ALIGN = 64
 
-# Below this many bytes per contiguous run, a strided slice (e.g. a row-parallel shard) is
-# not read run by run (one system call per run would cost more than the bytes): its
-# elements are gathered from a read-only mapping of the file instead, so a rank still
-# copies only the bytes it keeps and the ranks of a node read the checkpoint about once.
-DEFAULT_MIN_SEGMENT_BYTES = 4096
+# Below this many bytes per contiguous run, a strided slice (a row-parallel shard) is not
+# read run by run: its elements are gathered from a read-only mapping of the file instead,
+# so a rank still copies only the bytes it keeps and the ranks of a node read the
+# checkpoint about once. Run by run, every run is one system call plus interpreter work
+# that the reader threads do one at a time: on an H200 host, Qwen3-8B at TP=2 (12 KiB runs
+# of down_proj, 4 KiB of o_proj, 4096 as the limit) took 2.55 s per update against 0.42-0.47 s
+# gathered (docs/benchmarks.md, 2026-12-02 fifth run); 1 MiB was as fast as 64 KiB or faster.
+DEFAULT_MIN_SEGMENT_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
