@@ -29,6 +29,10 @@ if [ ! -e "$stamp" ]; then
 fi
 "$py" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --upgrade \
   --target "$SITE" "$root"/.devbundle/sglang_fastload-*.whl 2>&1 | grep -v "^WARNING: Target directory" || true
+# The bundle carries no bytecode: without this, every process that imports a module first
+# compiles it (~2 s of a benchmark process's first load went to compiling SGLang modules it
+# imports lazily), which biases whichever contender runs first.
+"$py" -m compileall -q -j 0 "$SITE" >/dev/null 2>&1 || true
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
 (cd / && "$py" - "$SITE") <<'EOF'

@@ -22,6 +22,7 @@ the link its ranks share (``shared_link_ceiling``, after the contenders). Reuses
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import sys
@@ -53,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--cold", action="store_true", help="also one cold update per contender")
     p.add_argument("--restart", action="store_true",
                    help="after the updates, free the model and load a new one (fast: from the plan store)")
+    p.add_argument("--profile-load", action="store_true",
+                   help="profile each fast start-up load's calling thread on every rank (cProfile): where the plan's time goes")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: dry run over gloo")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_bench_tp.json"))
     return p.parse_args(argv)
@@ -193,7 +196,7 @@ def main(argv=None) -> int:
         info = sc.write_checkpoint(directory, spec, shard_bytes=5 * GB if args.size == "full" else 10**6, log=lambda *_: None)
     session = gb.Session(args.device, rank=rank, world=world, shared_gpu=args.shared_gpu)
     summaries = gb.FastSummaries()
-    rows, models = [], {}
+    rows, models, profiles = [], {}, {}
     for name in args.contenders:
         cont = gb.CONTENDERS[name]
 
@@ -202,7 +205,13 @@ def main(argv=None) -> int:
             _, model_config, load_config = session.configure(info.directory, cont)
             torch.distributed.barrier()
             n = len(summaries.items)
+            profiler = cProfile.Profile() if args.profile_load and cont.load_format == "fast" else None
+            if profiler is not None:
+                profiler.enable()
             model, t = session.load(model_config, load_config)
+            if profiler is not None:
+                profiler.disable()
+                profiles[(name, phase)] = gb.top_functions(profiler)
             updater, runner = session.updater(model, model_config, load_config)
             return updater, runner, (phase, "warm", t["load_s"], summaries.items[-1] if len(summaries.items) > n else None)
 
@@ -230,7 +239,7 @@ def main(argv=None) -> int:
             bytes_read = fs["bytes_read"] if fs else info.nbytes  # upstream maps and iterates every file
             rows.append(dict(rank=rank, contender=name, phase=phase, cache=cache, seconds=round(seconds, 4),
                              bytes_read=bytes_read, gbps_of_checkpoint=round(info.nbytes / seconds / GB, 2),
-                             fast_summary=fs))
+                             fast_summary=fs, profile=profiles.get((name, phase))))
         models[name] = runner.model
     # After the contenders: their first ``configure`` made the process group this needs.
     link = shared_link_ceiling(info.nbytes, world) if args.device == "cuda" else None
