@@ -140,18 +140,28 @@ def contiguous_runs(geometry: Geometry) -> Tuple[int, List[int]]:
         ``(run length, run start offsets in row-major order of the view)``.
     """
     offset, sizes, strides = geometry
-    if 0 in sizes:
+    run, outer = _run_and_outer_dims(geometry)
+    if run == 0:
         return 0, []
+    starts = [offset]
+    for size, stride in zip(sizes[:outer], strides[:outer]):
+        starts = [s + i * stride for s in starts for i in range(size)]
+    # Row-major enumeration above iterates the outer dimension slowest, as required.
+    return run, starts
+
+
+def _run_and_outer_dims(geometry: Geometry) -> Tuple[int, int]:
+    """``(elements per contiguous run, how many leading dimensions enumerate the runs)``;
+    a run of 0 for an empty view."""
+    _, sizes, strides = geometry
+    if 0 in sizes:
+        return 0, 0
     run = 1
     dim = len(sizes)
     while dim > 0 and (sizes[dim - 1] == 1 or strides[dim - 1] == run):
         run *= sizes[dim - 1]
         dim -= 1
-    starts = [offset]
-    for size, stride in zip(sizes[:dim], strides[:dim]):
-        starts = [s + i * stride for s in starts for i in range(size)]
-    # Row-major enumeration above iterates the outer dimension slowest, as required.
-    return run, starts
+    return run, dim
 
 
 def _span(geometry: Geometry) -> Tuple[int, int]:
@@ -192,11 +202,13 @@ def make_step(
     Returns:
         The step, or None when the copy moves no element.
     """
-    run, starts = contiguous_runs(src)
+    run, outer = _run_and_outer_dims(src)
     if run == 0:
         return None
     sizes = src[1]
-    if len(starts) == 1 or run * itemsize >= min_segment_bytes:
+    # Runs are enumerated only when they are read one by one (a gather needs its span).
+    if math.prod(sizes[:outer]) == 1 or run * itemsize >= min_segment_bytes:
+        _, starts = contiguous_runs(src)
         reads: List[Tuple[int, int]] = []
         for s in starts:
             off = data_start + s * itemsize
