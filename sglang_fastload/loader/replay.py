@@ -73,6 +73,13 @@ def _geometry(t: torch.Tensor, base_offset: int = 0) -> Geometry:
 class _CopyRecorder(TorchDispatchMode):
     """Records copies from probes into parameters; lets pure (non-mutating) ops run."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Otherwise torch wraps ``__torch_dispatch__`` in two Python layers that switch
+        # TorchDynamo off for it: a replay never runs under torch.compile, and the
+        # wrappers cost ~12 % of a MoE replay (87,000 operations at 48 x 128 experts, CPU).
+        return False
+
     def __init__(self, params: Dict[str, torch.nn.Parameter]):
         super().__init__()
         # storage identity -> (parameter name, parameter storage offset)
