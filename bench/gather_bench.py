@@ -11,9 +11,6 @@ on page-cached files, with ``N`` processes of ``T`` threads each (as ``N`` ranks
 - ``populate``: as ``gather``, but each tensor's span is populated into the mapping first
   (``madvise(MADV_POPULATE_READ)``: one system call maps its pages instead of a fault per
   group of pages);
-- ``hugemap``: as ``gather``, from a mapping placed at a 2 MiB-aligned address and marked
-  ``MADV_HUGEPAGE`` (where the page cache holds 2 MiB folios the kernel may map each with
-  one entry instead of 512);
 - ``skipread``: no mapping: ``preadv`` of each tensor's rows whole, the kept run of every row
   into the buffer and the rest into one small scratch (every byte of the span crosses memory,
   no page is mapped);
@@ -74,60 +71,25 @@ MADV_POPULATE_READ = 22  # Linux >= 5.14; not every Python names it
 IOV_MAX = 1024
 
 
-class _HugeAlignedMapping:
-    """A private mapping of a whole file at a 2 MiB-aligned address (inside a reserved,
-    inaccessible range: PROT_NONE is 0), marked MADV_HUGEPAGE,
-    so the kernel may map large page-cache folios with one page-table entry each."""
-
-    ALIGN = 2 << 20
-    MADV_HUGEPAGE = 14
-
-    def __init__(self, path: str):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        self.libc, self.size = libc, os.path.getsize(path)
-        self.reserved = self.size + self.ALIGN
-        base = libc.mmap(None, self.reserved, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-        assert base not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
-        self.base = base
-        self.address = (base + self.ALIGN - 1) // self.ALIGN * self.ALIGN
-        fd = os.open(path, os.O_RDONLY)
-        got = libc.mmap(self.address, self.size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | 0x10, fd, 0)  # MAP_FIXED
-        os.close(fd)
-        assert got == self.address, ctypes.get_errno()
-        libc.madvise(self.address, self.size, self.MADV_HUGEPAGE)  # best effort
-
-    def elements(self, dtype) -> torch.Tensor:
-        return torch.frombuffer((ctypes.c_char * self.size).from_address(self.address), dtype=dtype)
-
-    def pmd_mapped_kib(self) -> int:
-        """How much of the mapping the kernel maps with 2 MiB entries (``FilePmdMapped``)."""
-        start = f"{self.address:x}-"
-        inside = False
-        with open("/proc/self/smaps") as f:
-            for line in f:
-                if "-" in line.split(" ", 1)[0]:
-                    inside = line.startswith(start)
-                elif inside and line.startswith("FilePmdMapped:"):
-                    return int(line.split()[1])
-        return 0
-
-    def close(self) -> None:
-        self.libc.munmap(self.base, self.reserved)
+def _pmd_mapped_kib(mapping: mmap.mmap) -> int:
+    """How much of ``mapping`` the kernel maps with 2 MiB entries (``FilePmdMapped`` in
+    /proc/self/smaps): large page-cache folios mapped whole cost one fault, not 512."""
+    start = f"{ctypes.addressof(ctypes.c_char.from_buffer(mapping)):x}-"
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if "-" in line.split(" ", 1)[0]:
+                inside = line.startswith(start)
+            elif inside and line.startswith("FilePmdMapped:"):
+                return int(line.split()[1])
+    return 0
 
 
-def _gather_pass(paths, rank: int, ranks: int, threads: int, populate: bool = False, huge: bool = False) -> int:
+def _gather_pass(paths, rank: int, ranks: int, threads: int, populate: bool = False) -> int:
     """One rank's gather of its runs from every tensor; returns the bytes it kept."""
     width = ROW_BYTES // ranks // 2  # elements (bf16)
-    if huge:
-        maps = {p: _HugeAlignedMapping(p) for p in paths}
-        typed = {p: m.elements(torch.bfloat16) for p, m in maps.items()}
-    else:
-        maps = {p: mmap.mmap(os.open(p, os.O_RDONLY), 0, access=mmap.ACCESS_COPY) for p in paths}
-        typed = {p: torch.frombuffer(m, dtype=torch.bfloat16) for p, m in maps.items()}
+    maps = {p: mmap.mmap(os.open(p, os.O_RDONLY), 0, access=mmap.ACCESS_COPY) for p in paths}
+    typed = {p: torch.frombuffer(m, dtype=torch.bfloat16) for p, m in maps.items()}
     work = _tensors(paths)
     kept = [0] * threads
 
@@ -147,9 +109,9 @@ def _gather_pass(paths, rank: int, ranks: int, threads: int, populate: bool = Fa
 
     _on_threads(threads, task)
     typed.clear()
-    if huge and rank == 0:
-        print(json.dumps({"hugemap_pmd_mapped_kib": sum(m.pmd_mapped_kib() for m in maps.values()),
-                          "file_kib": sum(m.size for m in maps.values()) >> 10}), flush=True)
+    if rank == 0:  # once per pass: did the kernel map the files' folios whole?
+        print(json.dumps({"gather_pmd_mapped_kib": sum(_pmd_mapped_kib(m) for m in maps.values()),
+                          "file_kib": sum(len(m) for m in maps.values()) >> 10}), flush=True)
     for m in maps.values():
         m.close()
     return sum(kept)
@@ -224,7 +186,6 @@ def _contiguous_pass(paths, rank: int, ranks: int, threads: int) -> int:
 def _rank_process(kind, paths, rank, ranks, threads, repeats, barrier, results) -> None:
     torch.set_num_threads(1)  # as SGLang's ModelRunner.load_model off CPU
     fn = {"gather": _gather_pass, "populate": lambda *a: _gather_pass(*a, populate=True),
-          "hugemap": lambda *a: _gather_pass(*a, huge=True),
           "skipread": _skipread_pass, "contiguous": _contiguous_pass}[kind]
     for rep in range(repeats):
         barrier.wait()
