@@ -11,6 +11,8 @@ on page-cached files, with ``N`` processes of ``T`` threads each (as ``N`` ranks
 - ``populate``: as ``gather``, but each tensor's span is populated into the mapping first
   (``madvise(MADV_POPULATE_READ)``: one system call maps its pages instead of a fault per
   group of pages);
+- ``permap``: as ``gather``, but every thread maps the files itself (its own mappings:
+  threads of one process then fault pages into different mappings, not all into one);
 - ``skipread``: no mapping: ``preadv`` of each tensor's rows whole, the kept run of every row
   into the buffer and the rest into one small scratch (every byte of the span crosses memory,
   no page is mapped);
@@ -85,17 +87,28 @@ def _pmd_mapped_kib(mapping: mmap.mmap) -> int:
     return 0
 
 
-def _gather_pass(paths, rank: int, ranks: int, threads: int, populate: bool = False) -> int:
+def _map_files(paths):
+    maps = {p: mmap.mmap(os.open(p, os.O_RDONLY), 0, access=mmap.ACCESS_COPY) for p in paths}
+    return maps, {p: torch.frombuffer(m, dtype=torch.bfloat16) for p, m in maps.items()}
+
+
+def _unmap(maps, typed) -> None:
+    typed.clear()
+    for m in maps.values():
+        m.close()
+
+
+def _gather_pass(paths, rank: int, ranks: int, threads: int, populate: bool = False, per_thread: bool = False) -> int:
     """One rank's gather of its runs from every tensor; returns the bytes it kept."""
     width = ROW_BYTES // ranks // 2  # elements (bf16)
-    maps = {p: mmap.mmap(os.open(p, os.O_RDONLY), 0, access=mmap.ACCESS_COPY) for p in paths}
-    typed = {p: torch.frombuffer(m, dtype=torch.bfloat16) for p, m in maps.items()}
+    shared = None if per_thread else _map_files(paths)
     work = _tensors(paths)
     kept = [0] * threads
 
     def task(t: int) -> None:
+        maps, typed = shared or _map_files(paths)
         buf = torch.empty(BUFFER_BYTES // 2, dtype=torch.bfloat16)
-        pos = 0
+        pos, src = 0, None
         for p, off in work[t::threads]:
             n = TENSOR_ROWS * width
             if pos + n > buf.numel():
@@ -106,14 +119,16 @@ def _gather_pass(paths, rank: int, ranks: int, threads: int, populate: bool = Fa
             buf.narrow(0, pos, n).view(TENSOR_ROWS, width).copy_(src)
             pos += n
             kept[t] += 2 * n
+        if shared is None:
+            del src
+            _unmap(maps, typed)
 
     _on_threads(threads, task)
-    typed.clear()
-    if rank == 0:  # once per pass: did the kernel map the files' folios whole?
-        print(json.dumps({"gather_pmd_mapped_kib": sum(_pmd_mapped_kib(m) for m in maps.values()),
-                          "file_kib": sum(len(m) for m in maps.values()) >> 10}), flush=True)
-    for m in maps.values():
-        m.close()
+    if shared is not None:
+        if rank == 0:  # once per pass: did the kernel map the files' folios whole?
+            print(json.dumps({"gather_pmd_mapped_kib": sum(_pmd_mapped_kib(m) for m in shared[0].values()),
+                              "file_kib": sum(len(m) for m in shared[0].values()) >> 10}), flush=True)
+        _unmap(*shared)
     return sum(kept)
 
 
@@ -186,6 +201,7 @@ def _contiguous_pass(paths, rank: int, ranks: int, threads: int) -> int:
 def _rank_process(kind, paths, rank, ranks, threads, repeats, barrier, results) -> None:
     torch.set_num_threads(1)  # as SGLang's ModelRunner.load_model off CPU
     fn = {"gather": _gather_pass, "populate": lambda *a: _gather_pass(*a, populate=True),
+          "permap": lambda *a: _gather_pass(*a, per_thread=True),
           "skipread": _skipread_pass, "contiguous": _contiguous_pass}[kind]
     for rep in range(repeats):
         barrier.wait()
@@ -266,7 +282,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=2)
     ap.add_argument("--configs", default="1x16,2x8,2x4,4x4,4x2,8x2,8x4",
                     help="RANKSxTHREADS, comma-separated")
-    ap.add_argument("--kinds", default="contiguous,gather,populate,skipread", help="passes, comma-separated")
+    ap.add_argument("--kinds", default="contiguous,gather,permap,populate,skipread", help="passes, comma-separated")
     ap.add_argument("--no-dma2d", action="store_true", help="skip the device's 2D copies")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
