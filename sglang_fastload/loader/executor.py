@@ -118,35 +118,47 @@ def _read_exact(fd: int, view: memoryview, offset: int, path: str, stats: Execut
     stats.bytes_read += len(view)
 
 
-class _FileMappings:
-    """Read-only views of the files that gather steps copy from, made once per load.
+def _check_gather_spans(plan: LoadPlan, fds: Dict[str, int]) -> None:
+    """Every file holds the spans its gather steps copy from (a mapping past a file's end
+    would fault); raises ``CheckpointError`` naming the file otherwise."""
+    for fp in plan.files:
+        ends = [s.reads[0][0] + s.reads[0][1] for s in fp.steps if s.gather]
+        if not ends:
+            continue
+        size = os.fstat(fds[fp.path]).st_size
+        if size < max(ends):
+            raise CheckpointError(
+                fp.path, f"file has {size} bytes but the plan reads up to byte {max(ends)} "
+                "(truncated or changed during the load)",
+            )
 
-    A private mapping of a read-only descriptor shares the page cache's pages (nothing is
-    copied until written, and nothing writes); ``torch.frombuffer`` needs a writable buffer.
+
+class _FileMappings:
+    """One reader thread's read-only views of the files its gather steps copy from, each
+    file mapped on first use; made once per load.
+
+    Every reader maps the files itself: threads faulting pages into one shared mapping
+    contend for it (on 2 CPUs, one process's 2 threads gathered 6.9-11.5 GB/s from one
+    mapping and 9.5-13.2 GB/s from one mapping each, faster in each of five interleaved
+    pairs; docs/benchmarks.md). A private
+    mapping of a read-only descriptor shares the page cache's pages (nothing is copied
+    until written, and nothing writes); ``torch.frombuffer`` needs a writable buffer.
     Mappings last one load only: a mapped file that is deleted keeps its disk space.
     """
 
-    def __init__(self, plan: LoadPlan, fds: Dict[str, int]):
+    def __init__(self, fds: Dict[str, int]):
+        self.fds = fds
         self.maps: Dict[str, mmap.mmap] = {}
         self.typed: Dict[Tuple[str, torch.dtype], torch.Tensor] = {}
-        for fp in plan.files:
-            ends = [s.reads[0][0] + s.reads[0][1] for s in fp.steps if s.gather]
-            if not ends:
-                continue
-            size = os.fstat(fds[fp.path]).st_size
-            if size < max(ends):
-                raise CheckpointError(
-                    fp.path, f"file has {size} bytes but the plan reads up to byte {max(ends)} "
-                    "(truncated or changed during the load)",
-                )
-            self.maps[fp.path] = mmap.mmap(fds[fp.path], 0, access=mmap.ACCESS_COPY)
 
     def elements(self, path: str, dtype: torch.dtype) -> torch.Tensor:
         """The whole file as elements of ``dtype`` (gather offsets are element-aligned)."""
         key = (path, dtype)
         typed = self.typed.get(key)
         if typed is None:
-            mapping = self.maps[path]
+            mapping = self.maps.get(path)
+            if mapping is None:
+                mapping = self.maps[path] = mmap.mmap(self.fds[path], 0, access=mmap.ACCESS_COPY)
             itemsize = torch.empty((), dtype=dtype).element_size()
             typed = torch.frombuffer(mapping, dtype=dtype, count=len(mapping) // itemsize)
             self.typed[key] = typed
@@ -431,11 +443,12 @@ def _execute_alone(
         view.zero_()
     paths = [fp.path for fp in plan.files]
     fds = {path: os.open(path, os.O_RDONLY) for path in paths}
-    mappings = None
+    mappings: List[_FileMappings] = []
     mapped: Dict[str, Optional[host_memory.MappedFile]] = {}
     registrar_stats = ExecutionStats()
     try:
-        mappings = _FileMappings(plan, fds)
+        _check_gather_spans(plan, fds)
+        mappings = [_FileMappings(fds) for _ in workers]
         if device.type == "cuda":
             # Side streams must see the parameters as they are now (zero-fills above).
             current = torch.cuda.current_stream(device)
@@ -453,13 +466,13 @@ def _execute_alone(
                     return
                 with _on_stream(workers[index]):
                     if index == bound.lane:
-                        _copy_lane(ready, paths, fds, workers[index], on_bytes, fault, mappings, failed)
+                        _copy_lane(ready, paths, fds, workers[index], on_bytes, fault, mappings[index], failed)
                         return
                     for chunk in bound.per_worker[index]:
                         if failed.is_set():
                             return  # another reader failed: the load is abandoned
                         path = paths[chunk.file]
-                        _run_bound(chunk, path, fds[path], workers[index], on_bytes, fault, mappings)
+                        _run_bound(chunk, path, fds[path], workers[index], on_bytes, fault, mappings[index])
             except BaseException:
                 failed.set()
                 raise
@@ -493,8 +506,8 @@ def _execute_alone(
             for m in mapped.values():
                 if m is not None:
                     m.release()
-        if mappings is not None:
-            host_memory.release_later([mappings])  # the next load waits for it (wait_for_releases)
+        if mappings:
+            host_memory.release_later(mappings)  # the next load waits for it (wait_for_releases)
         for fd in fds.values():
             os.close(fd)
     summed = {

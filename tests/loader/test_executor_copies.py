@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sglang_fastload.loader import binding, executor, staging
-from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan
+from sglang_fastload.loader.plan import CopyStep
 
 FLOATS = 4096
 
@@ -119,7 +119,7 @@ def test_cuda_reader_copies_land_in_parameters(data_file, monkeypatch, through):
     assert len(bound.dsts) == 1 and bound.dsts[0].data_ptr() == params["t"].data_ptr()
     fd = open(path, "rb")
     try:
-        mappings = executor._FileMappings(LoadPlan([FilePlan(path, [gathered])], [], {}, frozenset(), 0), {path: fd.fileno()})
+        mappings = executor._FileMappings({path: fd.fileno()})
         executor._run_bound(bound, path, fd.fileno(), worker, None, executor._FaultBudget(None), mappings)
     finally:
         fd.close()
