@@ -140,10 +140,10 @@ class _FileMappings:
     Every reader maps the files itself: threads faulting pages into one shared mapping
     contend for it (on 2 CPUs, one process's 2 threads gathered 6.9-11.5 GB/s from one
     mapping and 9.5-13.2 GB/s from one mapping each, faster in each of five interleaved
-    pairs; docs/benchmarks.md). A private
-    mapping of a read-only descriptor shares the page cache's pages (nothing is copied
-    until written, and nothing writes); ``torch.frombuffer`` needs a writable buffer.
-    Mappings last one load only: a mapped file that is deleted keeps its disk space.
+    pairs; docs/benchmarks.md). A private mapping of a read-only descriptor shares the page
+    cache's pages (nothing is copied until written, and nothing writes); ``torch.frombuffer``
+    needs a writable buffer. Mappings last one load only: a mapped file that is deleted
+    keeps its disk space.
     """
 
     def __init__(self, fds: Dict[str, int]):
