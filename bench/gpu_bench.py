@@ -89,6 +89,7 @@ class Contender:
     upstream_scan: bool = True  # MoE expert mapping scanned as sglang 0.5.23 does
     description: str = ""
     env: Optional[dict] = None  # environment variables set while this contender runs
+    collector_running: bool = False  # fast loads leave Python's cyclic collector running (as before 2026-12-02)
 
 
 CONTENDERS: Dict[str, Contender] = {
@@ -138,6 +139,10 @@ CONTENDERS: Dict[str, Contender] = {
             description="sglang-fastload, the tensor-parallel ranks of a node share the spans holding row shards",
         ),
         Contender(
+            "fast-gc", "fast", upstream_scan=False, collector_running=True,
+            description="sglang-fastload, Python's cyclic garbage collector left running during loads",
+        ),
+        Contender(
             "fast-torchcopy", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_DIRECT_CUDA_CALLS": "0"},
             description="sglang-fastload, host-to-device copies queued through torch (not the CUDA runtime directly)",
         ),
@@ -158,14 +163,77 @@ def top_functions(profiler: "cProfile.Profile", count: int = 80) -> List[Dict[st
     return rows[:count]
 
 
+class CollectorClock:
+    """When and how long Python's cyclic garbage collector ran while the clock was on.
+
+    A collection holds the interpreter lock: every thread of the process (reader threads
+    included) waits for it. Counted through ``gc.callbacks``, whichever thread collects.
+    """
+
+    def __init__(self):
+        self.events: List[Tuple[float, float, int]] = []  # (start, seconds, generation)
+        self._started = None
+
+    def _callback(self, phase: str, info: Dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.events.append((self._started, time.perf_counter() - self._started, info["generation"]))
+            self._started = None
+
+    def __enter__(self) -> "CollectorClock":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self, window: Optional[Tuple[float, float]] = None) -> Dict[str, Any]:
+        """Seconds and collections per generation, of the collections that began in
+        ``window`` (``perf_counter`` start and end) or all of them."""
+        seconds, collections = [0.0, 0.0, 0.0], [0, 0, 0]
+        for start, spent, generation in self.events:
+            if window is None or window[0] <= start <= window[1]:
+                seconds[generation] += spent
+                collections[generation] += 1
+        return dict(seconds=round(sum(seconds), 4), by_generation=[round(x, 4) for x in seconds],
+                    collections=collections)
+
+
+def as_first_start(cont: Contender, plan_base: str) -> None:
+    """Make the contender's next start-up load a first start of a fresh server process.
+
+    Each contender gets a plan store of its own under ``plan_base`` (a contender run after
+    another would otherwise find the other's stored plan) and the process forgets the
+    safetensors headers it has validated (a memo any earlier load of the files filled).
+    """
+    os.environ["SGLANG_FASTLOAD_PLAN_DIR"] = os.path.join(plan_base, cont.name)
+    if cont.load_format != "fast":
+        return
+    from sglang_fastload.checkpoint import safetensors_header
+
+    with safetensors_header._MEMO_LOCK:
+        safetensors_header._MEMO.clear()
+        safetensors_header._memo_bytes = 0
+
+
 @contextlib.contextmanager
 def environment_of(cont: Contender):
-    """The contender's environment variables, set for one of its steps, then restored."""
+    """The contender's environment variables, set for one of its steps, then restored; for
+    ``collector_running``, the loader's collector pause replaced by nothing meanwhile."""
     saved = {k: os.environ.get(k) for k in (cont.env or {})}
     os.environ.update(cont.env or {})
+    pause = None
+    if cont.collector_running:
+        from sglang_fastload.loader import collector_pause
+
+        pause = collector_pause.collector_paused
+        collector_pause.collector_paused = contextlib.nullcontext
     try:
         yield
     finally:
+        if pause is not None:
+            collector_pause.collector_paused = pause
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -672,7 +740,9 @@ class Session:
         sync(self.device)
         total = time.perf_counter() - t0
         load_s = marks["load_end"] - marks["load_start"] if "load_end" in marks else total
-        return model, {"total_s": total, "load_s": load_s, "build_s": total - load_s, "loader": type(loader).__name__}
+        window = (marks["load_start"], marks["load_end"]) if "load_end" in marks else (t0, t0 + total)
+        return model, {"total_s": total, "load_s": load_s, "build_s": total - load_s, "loader": type(loader).__name__,
+                       "window": window}
 
     def updater(self, model, model_config, load_config):
         m = self.m

@@ -12,7 +12,7 @@ Qwen3-30B-A3B (``--paper-gb``) at the largest size.
 
 Per rank, on one synthetic Qwen3-30B-A3B-shaped checkpoint (``--model dense``: Qwen3-8B's
 shapes), written once by rank 0:
-upstream ``auto`` and ``fast`` — initial load, two warm updates and a cold update through
+upstream ``auto`` and ``fast`` — initial load, ``--updates`` warm updates (two unless told) and a cold update through
 SGLang's real ``WeightUpdater`` — seconds per rank, bytes read per rank, and a bit-exact
 check of ``fast`` against ``auto`` on every rank. Rank 0 also measures the host's raw
 page-cache read ceiling (16 threads) in the same run; on CUDA, every rank group also measures
@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--size", choices=("full", "tiny"), default="full")
     p.add_argument("--workdir", default="/var/tmp/sglang-fastload-bench-tp")
     p.add_argument("--contenders", type=lambda s: s.split(","), default=["auto", "fast"])
+    p.add_argument("--updates", type=int, default=2, help="warm updates per contender (update1, update2, ...)")
     p.add_argument("--cold", action="store_true", help="also one cold update per contender")
     p.add_argument("--restart", action="store_true",
                    help="after the updates, free the model and load a new one (fast: from the plan store)")
@@ -140,15 +141,17 @@ def run_sizes(args) -> int:
                 runs.append(json.load(f))
     table = [row for data in runs for row in node_rows(data)]
     paper = None
-    fast_last = [r for r in table if r["contender"] == "fast" and r["phase"] == "update2"]
-    if fast_last and args.model == "moe":
-        top = max(fast_last, key=lambda r: r["tp"])
+    fast_warm = [r for r in table if r["contender"] == "fast" and r["phase"].startswith("update") and r["cache"] == "warm"]
+    if fast_warm and args.model == "moe":
+        top_tp = max(r["tp"] for r in fast_warm)
+        updates = sorted((r for r in fast_warm if r["tp"] == top_tp), key=lambda r: r["node_gbps"])
+        top = updates[len(updates) // 2]  # the median warm update (the upper one of an even count)
         # The full model reads the same bytes per node (x checkpoint) at the same per-node rate.
         node_gb = args.paper_gb * top["node_x_checkpoint"]
         paper = dict(tp=top["tp"], checkpoint_gb=args.paper_gb, node_x_checkpoint=top["node_x_checkpoint"],
-                     node_gb=round(node_gb, 2), node_gbps=top["node_gbps"],
+                     node_gb=round(node_gb, 2), node_gbps=top["node_gbps"], of_updates=len(updates),
                      expected_update_s=round(node_gb / top["node_gbps"], 3),
-                     arithmetic=f"{args.paper_gb} GB x {top['node_x_checkpoint']} / {top['node_gbps']} GB/s")
+                     arithmetic=f"{args.paper_gb} GB x {top['node_x_checkpoint']} / {top['node_gbps']} GB/s (median of {len(updates)} warm updates)")
     combined = dict(command=" ".join(["python3"] + sys.argv), shared_gpu=args.shared_gpu, runs=runs, node=table, paper=paper)
     with open(args.out, "w") as f:
         json.dump(combined, f, indent=1, default=str)
@@ -166,7 +169,8 @@ def run_sizes(args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if "RANK" not in os.environ:
-        # Rank processes inherit an empty plan store: start-up loads are first starts.
+        # Rank processes inherit an empty plan store (one directory per contender below it):
+        # start-up loads are first starts.
         os.environ.setdefault("SGLANG_FASTLOAD_PLAN_DIR", tempfile.mkdtemp(prefix="gpu-bench-tp-plans-"))
         if args.tp:
             return run_sizes(args)
@@ -196,9 +200,11 @@ def main(argv=None) -> int:
         info = sc.write_checkpoint(directory, spec, shard_bytes=5 * GB if args.size == "full" else 10**6, log=lambda *_: None)
     session = gb.Session(args.device, rank=rank, world=world, shared_gpu=args.shared_gpu)
     summaries = gb.FastSummaries()
-    rows, models, profiles = [], {}, {}
+    rows, models, profiles, collectors = [], {}, {}, {}
+    plan_base = os.environ["SGLANG_FASTLOAD_PLAN_DIR"]
     for name in args.contenders:
         cont = gb.CONTENDERS[name]
+        gb.as_first_start(cont, plan_base)
 
         def start(phase: str):
             """Build and load a model (all ranks together); its updater, and the phase row."""
@@ -208,7 +214,9 @@ def main(argv=None) -> int:
             profiler = cProfile.Profile() if args.profile_load and cont.load_format == "fast" else None
             if profiler is not None:
                 profiler.enable()
-            model, t = session.load(model_config, load_config)
+            with gb.CollectorClock() as collector:
+                model, t = session.load(model_config, load_config)
+            collectors[(name, phase)] = collector.summary(t["window"])  # the load, not the model's build
             if profiler is not None:
                 profiler.disable()
                 profiles[(name, phase)] = gb.top_functions(profiler)
@@ -218,15 +226,18 @@ def main(argv=None) -> int:
         with gb.upstream_expert_scan(cont.upstream_scan, {}), gb.environment_of(cont):
             updater, runner, row = start("load")
             phases = [row]
-            for phase, cache in [("update1", "warm"), ("update2", "warm")] + ([("update3", "cold")] if args.cold else []):
+            warm = [(f"update{i}", "warm") for i in range(1, args.updates + 1)]
+            for phase, cache in warm + ([(f"update{args.updates + 1}", "cold")] if args.cold else []):
                 if cache == "cold" and rank == 0:
                     gb.drop_page_cache(info.files)
                 torch.distributed.barrier()
                 n = len(summaries.items)
-                t0 = time.perf_counter()
-                ok, message = updater.update_weights_from_disk(info.directory, cont.load_format)
-                gb.sync(args.device)
-                seconds = time.perf_counter() - t0
+                with gb.CollectorClock() as collector:
+                    t0 = time.perf_counter()
+                    ok, message = updater.update_weights_from_disk(info.directory, cont.load_format)
+                    gb.sync(args.device)
+                    seconds = time.perf_counter() - t0
+                collectors[(name, phase)] = collector.summary()
                 assert ok, message
                 fs = summaries.items[-1] if len(summaries.items) > n else None
                 phases.append((phase, cache, seconds, fs))
@@ -239,7 +250,7 @@ def main(argv=None) -> int:
             bytes_read = fs["bytes_read"] if fs else info.nbytes  # upstream maps and iterates every file
             rows.append(dict(rank=rank, contender=name, phase=phase, cache=cache, seconds=round(seconds, 4),
                              bytes_read=bytes_read, gbps_of_checkpoint=round(info.nbytes / seconds / GB, 2),
-                             fast_summary=fs, profile=profiles.get((name, phase))))
+                             fast_summary=fs, profile=profiles.get((name, phase)), gc=collectors.get((name, phase))))
         models[name] = runner.model
     # After the contenders: their first ``configure`` made the process group this needs.
     link = shared_link_ceiling(info.nbytes, world) if args.device == "cuda" else None
@@ -269,6 +280,10 @@ def main(argv=None) -> int:
             print(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
         for r, g in enumerate(gathered):
             print(f"rank {r}: against auto: {g['verdict']}")
+        for r, g in enumerate(gathered):
+            spent = ", ".join(f"{x['contender']} {x['phase']} {x['gc']['seconds']:.3f} s ({x['gc']['collections'][2]} full)"
+                              for x in g["rows"] if x.get("gc"))
+            print(f"rank {r}: garbage collector: {spent}")
     sys.stdout.flush()
     os._exit(0)
 

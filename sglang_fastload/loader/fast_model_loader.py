@@ -29,7 +29,7 @@ from sglang_fastload.checkpoint.checkpoint_files import (
 from sglang_fastload.checkpoint.file_stamps import check_unchanged, stamp_files
 from sglang_fastload.checkpoint.safetensors_header import read_header, torch_dtype_name
 from sglang_fastload.errors import CheckpointError, UnsupportedModelError
-from sglang_fastload.loader import shared_spans, validate
+from sglang_fastload.loader import collector_pause, shared_spans, validate
 from sglang_fastload.loader.checkpoint_state import state_of
 from sglang_fastload.loader.executor import DEFAULT_CHUNK_BYTES, DEFAULT_ZERO_COPY_SHARE, execute_plan, prepare_in_background
 from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, build_plan, numel
@@ -396,7 +396,8 @@ class FastModelLoader(DefaultModelLoader):
             update_guard.on_weights_iterator_requested(update)
             error = None
             try:
-                checkpoint.try_prepare(update.model, update.target_device)
+                with collector_pause.collector_paused():
+                    checkpoint.try_prepare(update.model, update.target_device)
             except Exception as exc:
                 error = exc
             if not update_guard.all_ranks_ok(error is None):
@@ -444,16 +445,17 @@ class FastModelLoader(DefaultModelLoader):
     def _load_weights_and_postprocess(self, model, weights, target_device):
         node = node_group()
         if isinstance(weights, FastCheckpoint):
-            try:
-                prepared, reason = weights.try_prepare(model, target_device)
-            except BaseException:
-                if node is not None:  # the other ranks wait for this one's vote
-                    shared_spans.decline(node)
-                raise
-            if prepared is not None:
-                self._load_prepared(model, prepared, target_device, node)
-                DefaultModelLoader.postprocess_weights(model, target_device)
-                return
+            with collector_pause.collector_paused():
+                try:
+                    prepared, reason = weights.try_prepare(model, target_device)
+                except BaseException:
+                    if node is not None:  # the other ranks wait for this one's vote
+                        shared_spans.decline(node)
+                    raise
+                if prepared is not None:
+                    self._load_prepared(model, prepared, target_device, node)
+                    DefaultModelLoader.postprocess_weights(model, target_device)
+                    return
             logger.info(
                 "sglang-fastload: %s has no fast-load plan (%s); loading through upstream's "
                 "threaded default path",
