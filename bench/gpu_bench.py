@@ -1171,6 +1171,7 @@ def run_model(key: str, spec, args, session_box: Dict, results: Results, budget:
             ref_sums = checksums(ref_model)
             ref_model = None
         model = None
+        as_first_start(cont, args.plan_base)
         try:
             model = run_contender(cont, info, steps, args, session, summaries, cres, results, budget)
             if model is not None and not is_ref and args.verify != "none":
@@ -1531,7 +1532,8 @@ def main(argv=None) -> int:
         return 0
     # Every run starts with an empty plan store, so a start-up load is a first start (plan
     # built) whatever earlier runs left in ~/.cache; set the variable to measure stored plans.
-    os.environ.setdefault("SGLANG_FASTLOAD_PLAN_DIR", tempfile.mkdtemp(prefix="gpu-bench-plans-"))
+    # Each contender gets a store of its own below it (as_first_start).
+    args.plan_base = os.environ.setdefault("SGLANG_FASTLOAD_PLAN_DIR", tempfile.mkdtemp(prefix="gpu-bench-plans-"))
     hook = activate_site(args.site_dir)
     import torch
 
