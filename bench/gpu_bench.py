@@ -139,6 +139,10 @@ CONTENDERS: Dict[str, Contender] = {
             description="sglang-fastload, the tensor-parallel ranks of a node share the spans holding row shards",
         ),
         Contender(
+            "fast-nosteal", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_STEAL_CHUNKS": "0"},
+            description="sglang-fastload, every reader keeps to the chunks dealt to it (as before 2026-12-02)",
+        ),
+        Contender(
             "fast-gc", "fast", upstream_scan=False, collector_running=True,
             description="sglang-fastload, Python's cyclic garbage collector left running during loads",
         ),

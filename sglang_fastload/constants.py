@@ -55,6 +55,10 @@ WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 # the CUDA runtime library directly (cuda_runtime.py), e.g. to rule that path out.
 ENV_DIRECT_CUDA_CALLS = "SGLANG_FASTLOAD_DIRECT_CUDA_CALLS"
 
+# "0" keeps every reader thread to the chunks dealt to it: a reader that has run out no
+# longer takes the last unstarted chunk of the reader with the most bytes left (executor.py).
+ENV_STEAL_CHUNKS = "SGLANG_FASTLOAD_STEAL_CHUNKS"
+
 # Load plans kept between server starts (sglang_fastload/loader/plan_store.py): "0" switches
 # the store off; the directory defaults to $XDG_CACHE_HOME (else ~/.cache) + PLAN_STORE_SUBDIR.
 ENV_PLAN_STORE = "SGLANG_FASTLOAD_PLAN_STORE"

@@ -102,6 +102,17 @@ class Binding:
     zeros: List[torch.Tensor]
     lane: int = -1  # index of the zero-copy lane in ``workers`` (-1: none)
     runtime: Optional[cuda_runtime.CudaRuntime] = None  # what ``copies`` were bound for
+    # What a reader needs to bind a chunk dealt to another (``bind_taken``): the unbound
+    # chunks in the order of ``per_worker``, each file's index, the parameters.
+    dealt: List[List[Chunk]] = dataclasses.field(default_factory=list)
+    file_index: Dict[str, int] = dataclasses.field(default_factory=dict)
+    params: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def bind_taken(self, owner: int, index: int, reader: int, turn: int) -> BoundChunk:
+        """Bind chunk ``index`` of reader ``owner`` for reader ``reader``'s buffer ``turn``
+        (every reader's buffers hold any reader's chunk: ``bind`` sizes them alike)."""
+        chunk = self.dealt[owner][index]
+        return bind_chunk(chunk, self.file_index[chunk.path], self.params, self.workers[reader], turn)
 
 
 def _same_dtype(step: CopyStep, params: Dict[str, torch.Tensor]) -> bool:
@@ -325,6 +336,9 @@ def bind(
     for k, mine in enumerate(dealt):
         staged = [staged_size(c, cuda, params, k == lane) for c in mine]
         sizes.append((max([h for h, _ in staged] + [0]), max([d for _, d in staged] + [0])))
+    # Readers' buffers alike, so that a reader can run a chunk dealt to another.
+    readers = sizes[:threads]
+    sizes[:threads] = [(max(h for h, _ in readers), max(d for _, d in readers))] * threads
     reserve(workers, sizes)
     per_worker = []
     for k, (w, mine) in enumerate(zip(workers, dealt)):
@@ -339,6 +353,9 @@ def bind(
         zeros=[_param_view(params[z.param], z.dst) for z in plan.zeros],
         lane=lane,
         runtime=runtime,
+        dealt=dealt[:threads],
+        file_index=file_index,
+        params=params,
     )
     cache.pop(key, None)
     cache[key] = bound

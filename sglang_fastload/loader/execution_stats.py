@@ -23,7 +23,10 @@ class ExecutionStats:
         shared_seconds: the rounds in which the node's ranks read the spans they share.
         shared_bytes: bytes this rank copied out of those spans into its parameters.
         threads_seconds: from the first read until every thread had queued its last copy.
+        tail_seconds: from the first reader running out of chunks to the last one.
         drain_seconds: after that, until the device had finished every copy.
+        taken_chunks: chunks a reader ran that were dealt to another.
+        done_at: a reader's own: when it ran out of chunks (``perf_counter``; 0: not yet).
     """
 
     bytes_read: int = 0
@@ -39,9 +42,12 @@ class ExecutionStats:
     shared_seconds: float = 0.0
     shared_bytes: int = 0
     threads_seconds: float = 0.0
+    tail_seconds: float = 0.0
     drain_seconds: float = 0.0
+    taken_chunks: int = 0
+    done_at: float = 0.0
 
     def phases(self) -> Dict[str, float]:
         """Where the time of the execution went, in seconds (summed ones may exceed it)."""
-        names = ("setup", "threads", "drain", "read", "gather", "wait", "issue", "register", "lane_wait", "shared")
+        names = ("setup", "threads", "tail", "drain", "read", "gather", "wait", "issue", "register", "lane_wait", "shared")
         return {name: round(getattr(self, name + "_seconds"), 4) for name in names}

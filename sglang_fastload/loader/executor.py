@@ -34,7 +34,7 @@ import torch
 from sglang_fastload import constants
 from sglang_fastload.errors import CheckpointError
 from sglang_fastload.loader import host_memory, shared_layout, shared_spans
-from sglang_fastload.loader.binding import BoundChunk, bind, direct_runtime
+from sglang_fastload.loader.binding import Binding, BoundChunk, bind, direct_runtime
 from sglang_fastload.loader.execution_stats import ExecutionStats
 from sglang_fastload.loader.plan import CopyStep, LoadPlan
 from sglang_fastload.loader.staging import Worker, prepare_in_background, read_exact, reader_pool
@@ -219,6 +219,77 @@ def _run_bound(
     fault.spend(chunk.fault_bytes)
     if on_bytes:
         on_bytes(chunk.nbytes)
+
+
+class _DealtChunks:
+    """Each reader's dealt chunks: its own reader takes them from the front; a reader that
+    has run out takes the last unstarted chunk of the reader with the most bytes left.
+
+    Chunks are dealt round-robin before the load, but readers do not move bytes at one rate
+    (page-cache placement, other ranks' threads): without taking, the load ends when the
+    slowest reader ends while the others idle.
+    """
+
+    def __init__(self, per_worker: List[List[BoundChunk]], take: bool):
+        self.lists = per_worker
+        self.front = [0] * len(per_worker)
+        self.back = [len(chunks) for chunks in per_worker]
+        self.left = [sum(c.nbytes for c in chunks) for chunks in per_worker]
+        self.take = take
+        self.lock = threading.Lock()
+
+    def next_own(self, reader: int) -> Optional[BoundChunk]:
+        """The reader's next dealt chunk, or None once none is left."""
+        with self.lock:
+            i = self.front[reader]
+            if i >= self.back[reader]:
+                return None
+            self.front[reader] = i + 1
+            chunk = self.lists[reader][i]
+            self.left[reader] -= chunk.nbytes
+            return chunk
+
+    def take_from_other(self) -> Optional[Tuple[int, int]]:
+        """``(owner, index)`` of the chunk an idle reader runs next, or None (all started)."""
+        if not self.take:
+            return None
+        with self.lock:
+            owner = max(range(len(self.lists)), key=self.left.__getitem__)
+            if self.front[owner] >= self.back[owner]:
+                return None
+            self.back[owner] -= 1
+            index = self.back[owner]
+            self.left[owner] -= self.lists[owner][index].nbytes
+            return owner, index
+
+
+def _run_reader(
+    index: int,
+    bound: Binding,
+    dealt: _DealtChunks,
+    paths: List[str],
+    fds: Dict[str, int],
+    worker: Worker,
+    on_bytes: Optional[Callable[[int], None]],
+    fault: "_FaultBudget",
+    mappings: "_FileMappings",
+    failed: threading.Event,
+) -> None:
+    """One reader: its dealt chunks, then (bound for its own buffers) others' last ones."""
+    turn = 1
+    while not failed.is_set():  # another reader failed: the load is abandoned
+        chunk = dealt.next_own(index)
+        if chunk is None:
+            taken = dealt.take_from_other()
+            if taken is None:
+                return
+            # The other buffer than the last chunk's: the device may still copy from that one.
+            chunk = bound.bind_taken(*taken, reader=index, turn=1 - turn)
+            worker.stats.taken_chunks += 1
+        if chunk.buffer >= 0:
+            turn = chunk.buffer
+        path = paths[chunk.file]
+        _run_bound(chunk, path, fds[path], worker, on_bytes, fault, mappings)
 
 
 @dataclasses.dataclass
@@ -456,6 +527,8 @@ def _execute_alone(
                 w.stream.wait_stream(current)
 
         failed = threading.Event()
+        readers = len(workers) - (1 if bound.lane >= 0 else 0)  # the lane is the last worker
+        dealt = _DealtChunks(bound.per_worker[:readers], os.environ.get(constants.ENV_STEAL_CHUNKS, "1") != "0")
         setup_seconds = time.perf_counter() - t_setup
         ready: "queue.SimpleQueue" = queue.SimpleQueue()
 
@@ -468,11 +541,8 @@ def _execute_alone(
                     if index == bound.lane:
                         _copy_lane(ready, paths, fds, workers[index], on_bytes, fault, mappings[index], failed)
                         return
-                    for chunk in bound.per_worker[index]:
-                        if failed.is_set():
-                            return  # another reader failed: the load is abandoned
-                        path = paths[chunk.file]
-                        _run_bound(chunk, path, fds[path], workers[index], on_bytes, fault, mappings[index])
+                    _run_reader(index, bound, dealt, paths, fds, workers[index], on_bytes, fault, mappings[index], failed)
+                    workers[index].stats.done_at = time.perf_counter()
             except BaseException:
                 failed.set()
                 raise
@@ -512,11 +582,14 @@ def _execute_alone(
             os.close(fd)
     summed = {
         name: sum(getattr(w.stats, name) for w in workers)
-        for name in ("bytes_read", "read_calls", "read_seconds", "gather_seconds", "wait_seconds", "issue_seconds", "lane_wait_seconds")
+        for name in ("bytes_read", "read_calls", "read_seconds", "gather_seconds", "wait_seconds", "issue_seconds",
+                     "lane_wait_seconds", "taken_chunks")
     }
+    ends = [w.stats.done_at for w in workers[:readers] if w.stats.done_at]
     return ExecutionStats(
         seconds=time.perf_counter() - t_setup,
         setup_seconds=setup_seconds,
+        tail_seconds=max(ends) - min(ends) if ends else 0.0,
         register_seconds=registrar_stats.register_seconds,
         threads_seconds=threads_end - t_setup - setup_seconds,
         drain_seconds=drain_seconds,
