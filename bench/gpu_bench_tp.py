@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default="/var/tmp/sglang-fastload-bench-tp")
     p.add_argument("--contenders", type=lambda s: s.split(","), default=["auto", "fast"])
     p.add_argument("--updates", type=int, default=2, help="warm updates per contender (update1, update2, ...)")
+    p.add_argument("--alternate-steal", action="store_true",
+                   help="warm updates alternate SGLANG_FASTLOAD_STEAL_CHUNKS 1 / 0 (A/B on one model, phases updateN-steal1/0)")
     p.add_argument("--cold", action="store_true", help="also one cold update per contender")
     p.add_argument("--restart", action="store_true",
                    help="after the updates, free the model and load a new one (fast: from the plan store)")
@@ -232,6 +234,10 @@ def main(argv=None) -> int:
                     gb.drop_page_cache(info.files)
                 torch.distributed.barrier()
                 n = len(summaries.items)
+                if args.alternate_steal and cache == "warm":
+                    steal = "1" if int(phase[len("update"):]) % 2 else "0"
+                    os.environ["SGLANG_FASTLOAD_STEAL_CHUNKS"] = steal
+                    phase = f"{phase}-steal{steal}"
                 with gb.CollectorClock() as collector:
                     t0 = time.perf_counter()
                     ok, message = updater.update_weights_from_disk(info.directory, cont.load_format)
