@@ -103,16 +103,25 @@ class Binding:
     lane: int = -1  # index of the zero-copy lane in ``workers`` (-1: none)
     runtime: Optional[cuda_runtime.CudaRuntime] = None  # what ``copies`` were bound for
     # What a reader needs to bind a chunk dealt to another (``bind_taken``): the unbound
-    # chunks in the order of ``per_worker``, each file's index, the parameters.
+    # chunks in the order of ``per_worker`` and each file's index (no tensors: a binding
+    # kept in the cache must not keep replaced parameters alive).
     dealt: List[List[Chunk]] = dataclasses.field(default_factory=list)
     file_index: Dict[str, int] = dataclasses.field(default_factory=dict)
-    params: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
-    def bind_taken(self, owner: int, index: int, reader: int, turn: int) -> BoundChunk:
+    def bind_taken(self, owner: int, index: int, reader: int, turn: int, params: Dict[str, torch.Tensor]) -> BoundChunk:
         """Bind chunk ``index`` of reader ``owner`` for reader ``reader``'s buffer ``turn``
-        (every reader's buffers hold any reader's chunk: ``bind`` sizes them alike)."""
+        (every reader's buffers hold any reader's chunk: ``bind`` sizes them alike).
+
+        Args:
+            owner, index: the chunk, as dealt.
+            reader, turn: the reader that runs it and which of its two buffers stages it.
+            params: the parameters of this load (``{name: parameter data}``).
+
+        Returns:
+            The chunk bound for that reader.
+        """
         chunk = self.dealt[owner][index]
-        return bind_chunk(chunk, self.file_index[chunk.path], self.params, self.workers[reader], turn)
+        return bind_chunk(chunk, self.file_index[chunk.path], params, self.workers[reader], turn)
 
 
 def _same_dtype(step: CopyStep, params: Dict[str, torch.Tensor]) -> bool:
@@ -355,7 +364,6 @@ def bind(
         runtime=runtime,
         dealt=dealt[:threads],
         file_index=file_index,
-        params=params,
     )
     cache.pop(key, None)
     cache[key] = bound

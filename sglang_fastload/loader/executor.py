@@ -266,6 +266,7 @@ class _DealtChunks:
 def _run_reader(
     index: int,
     bound: Binding,
+    params: Dict[str, torch.Tensor],
     dealt: _DealtChunks,
     paths: List[str],
     fds: Dict[str, int],
@@ -284,7 +285,7 @@ def _run_reader(
             if taken is None:
                 return
             # The other buffer than the last chunk's: the device may still copy from that one.
-            chunk = bound.bind_taken(*taken, reader=index, turn=1 - turn)
+            chunk = bound.bind_taken(*taken, reader=index, turn=1 - turn, params=params)
             worker.stats.taken_chunks += 1
         if chunk.buffer >= 0:
             turn = chunk.buffer
@@ -541,7 +542,7 @@ def _execute_alone(
                     if index == bound.lane:
                         _copy_lane(ready, paths, fds, workers[index], on_bytes, fault, mappings[index], failed)
                         return
-                    _run_reader(index, bound, dealt, paths, fds, workers[index], on_bytes, fault, mappings[index], failed)
+                    _run_reader(index, bound, params, dealt, paths, fds, workers[index], on_bytes, fault, mappings[index], failed)
                     workers[index].stats.done_at = time.perf_counter()
             except BaseException:
                 failed.set()
