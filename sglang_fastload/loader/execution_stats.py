@@ -26,7 +26,6 @@ class ExecutionStats:
         tail_seconds: from the first reader running out of chunks to the last one.
         drain_seconds: after that, until the device had finished every copy.
         taken_chunks: chunks a reader ran that were dealt to another.
-        done_at: a reader's own: when it ran out of chunks (``perf_counter``; 0: not yet).
     """
 
     bytes_read: int = 0
@@ -45,7 +44,6 @@ class ExecutionStats:
     tail_seconds: float = 0.0
     drain_seconds: float = 0.0
     taken_chunks: int = 0
-    done_at: float = 0.0
 
     def phases(self) -> Dict[str, float]:
         """Where the time of the execution went, in seconds (summed ones may exceed it)."""

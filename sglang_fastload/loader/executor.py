@@ -530,6 +530,7 @@ def _execute_alone(
         failed = threading.Event()
         readers = len(workers) - (1 if bound.lane >= 0 else 0)  # the lane is the last worker
         dealt = _DealtChunks(bound.per_worker[:readers], os.environ.get(constants.ENV_STEAL_CHUNKS, "1") != "0")
+        done_at = [0.0] * readers  # when each reader ran out of chunks
         setup_seconds = time.perf_counter() - t_setup
         ready: "queue.SimpleQueue" = queue.SimpleQueue()
 
@@ -543,7 +544,7 @@ def _execute_alone(
                         _copy_lane(ready, paths, fds, workers[index], on_bytes, fault, mappings[index], failed)
                         return
                     _run_reader(index, bound, params, dealt, paths, fds, workers[index], on_bytes, fault, mappings[index], failed)
-                    workers[index].stats.done_at = time.perf_counter()
+                    done_at[index] = time.perf_counter()
             except BaseException:
                 failed.set()
                 raise
@@ -586,7 +587,7 @@ def _execute_alone(
         for name in ("bytes_read", "read_calls", "read_seconds", "gather_seconds", "wait_seconds", "issue_seconds",
                      "lane_wait_seconds", "taken_chunks")
     }
-    ends = [w.stats.done_at for w in workers[:readers] if w.stats.done_at]
+    ends = [t for t in done_at if t]
     return ExecutionStats(
         seconds=time.perf_counter() - t_setup,
         setup_seconds=setup_seconds,
