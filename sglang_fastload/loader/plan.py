@@ -139,15 +139,20 @@ def contiguous_runs(geometry: Geometry) -> Tuple[int, List[int]]:
     Returns:
         ``(run length, run start offsets in row-major order of the view)``.
     """
-    offset, sizes, strides = geometry
     run, outer = _run_and_outer_dims(geometry)
     if run == 0:
         return 0, []
+    return run, _run_starts(geometry, outer)
+
+
+def _run_starts(geometry: Geometry, outer: int) -> List[int]:
+    """Start offsets of the runs, enumerating the ``outer`` leading dimensions."""
+    offset, sizes, strides = geometry
     starts = [offset]
     for size, stride in zip(sizes[:outer], strides[:outer]):
         starts = [s + i * stride for s in starts for i in range(size)]
     # Row-major enumeration above iterates the outer dimension slowest, as required.
-    return run, starts
+    return starts
 
 
 def _run_and_outer_dims(geometry: Geometry) -> Tuple[int, int]:
@@ -208,9 +213,8 @@ def make_step(
     sizes = src[1]
     # Runs are enumerated only when they are read one by one (a gather needs its span).
     if math.prod(sizes[:outer]) == 1 or run * itemsize >= min_segment_bytes:
-        _, starts = contiguous_runs(src)
         reads: List[Tuple[int, int]] = []
-        for s in starts:
+        for s in _run_starts(src, outer):
             off = data_start + s * itemsize
             if reads and reads[-1][0] + reads[-1][1] == off:
                 reads[-1] = (reads[-1][0], reads[-1][1] + run * itemsize)
