@@ -212,13 +212,23 @@ def as_first_start(cont: Contender, plan_base: str) -> None:
     safetensors headers it has validated (a memo any earlier load of the files filled).
     """
     os.environ["SGLANG_FASTLOAD_PLAN_DIR"] = os.path.join(plan_base, cont.name)
-    if cont.load_format != "fast":
-        return
-    from sglang_fastload.checkpoint import safetensors_header
+    if cont.load_format == "fast":
+        forget_process_memos()
+
+
+def forget_process_memos() -> None:
+    """Forget what this process memoized about files, as a new server process starts without:
+    validated safetensors headers, parsed index files, and the source-file digests of the
+    plan store's key (earlier loads, the warm-up's included, filled them)."""
+    from sglang_fastload.checkpoint import checkpoint_files, safetensors_header
+    from sglang_fastload.loader import plan_key
 
     with safetensors_header._MEMO_LOCK:
         safetensors_header._MEMO.clear()
         safetensors_header._memo_bytes = 0
+    checkpoint_files._INDEX_MEMO.clear()
+    checkpoint_files._index_memo_bytes = 0
+    plan_key._FILE_DIGESTS.clear()
 
 
 @contextlib.contextmanager
@@ -1310,6 +1320,8 @@ def run_contender(cont: Contender, info, steps, args, session: Session, summarie
                 del updater, runner, model
                 updater = runner = model = None
                 free_memory(args.device)
+                if cont.load_format == "fast":
+                    forget_process_memos()
             profiler = cProfile.Profile() if cont.load_format == "fast" and args.profile_updates and (
                 args.profile_updates == ["all"] or cont.name in args.profile_updates) else None
             if phase in ("load", "restart"):

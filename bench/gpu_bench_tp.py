@@ -250,6 +250,8 @@ def main(argv=None) -> int:
             if args.restart:  # a server restart: the plan comes from the store, not from memory
                 del updater, runner
                 gb.free_memory(args.device)
+                if cont.load_format == "fast":
+                    gb.forget_process_memos()  # a new server process has none
                 updater, runner, row = start("restart")
                 phases.append(row)
         for phase, cache, seconds, fs in phases:
