@@ -192,13 +192,23 @@ def main(argv=None) -> int:
     ready = os.path.join(args.workdir, f"ready-{os.environ.get('MASTER_PORT', '0')}")
     ceiling = None
     if rank == 0:
-        os.makedirs(directory, exist_ok=True)
-        info = sc.write_checkpoint(directory, spec, shard_bytes=5 * GB if args.size == "full" else 10**6, log=gb.log)
-        ceiling = gb.raw_read(info.files, 16)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            info = sc.write_checkpoint(directory, spec, shard_bytes=5 * GB if args.size == "full" else 10**6, log=gb.log)
+            ceiling = gb.raw_read(info.files, 16)
+        except BaseException as exc:
+            with open(ready, "w") as f:  # the other ranks stop instead of waiting for ever
+                f.write(f"failed: {type(exc).__name__}: {exc}")
+            raise
         open(ready, "w").close()
     else:
         while not os.path.exists(ready):
             time.sleep(0.2)
+        time.sleep(0.1)  # a failure note is written right after the file appears
+        with open(ready) as f:
+            note = f.read()
+        if note:
+            raise SystemExit(f"rank {rank}: rank 0 could not write the checkpoint ({note})")
         info = sc.write_checkpoint(directory, spec, shard_bytes=5 * GB if args.size == "full" else 10**6, log=lambda *_: None)
     session = gb.Session(args.device, rank=rank, world=world, shared_gpu=args.shared_gpu)
     summaries = gb.FastSummaries()
