@@ -143,6 +143,10 @@ CONTENDERS: Dict[str, Contender] = {
             description="sglang-fastload, every reader keeps to the chunks dealt to it (as before 2026-12-02)",
         ),
         Contender(
+            "fast-roundrobin", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_DEAL_CHUNKS": "round-robin"},
+            description="sglang-fastload, chunks dealt round-robin to the readers (as before 2026-12-03), not in contiguous runs",
+        ),
+        Contender(
             "fast-gc", "fast", upstream_scan=False, collector_running=True,
             description="sglang-fastload, Python's cyclic garbage collector left running during loads",
         ),

@@ -38,6 +38,13 @@ import gpu_bench as gb  # noqa: E402
 GB = 10**9
 
 
+# --alternate: the environment variable it flips and its two values (odd updates, even updates).
+ALTERNATIONS = {
+    "steal": ("SGLANG_FASTLOAD_STEAL_CHUNKS", ("1", "0"), "steal{}"),
+    "deal": ("SGLANG_FASTLOAD_DEAL_CHUNKS", ("runs", "round-robin"), "deal-{}"),
+}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--nproc", type=int, default=2, help="tensor-parallel size (one process per rank)")
@@ -48,13 +55,18 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=("moe", "dense"), default="moe",
                    help="moe: Qwen3-30B-A3B shapes (--moe-layers of 48); dense: Qwen3-8B shapes")
     p.add_argument("--moe-layers", type=int, default=16)
-    p.add_argument("--size", choices=("full", "tiny"), default="full")
+    p.add_argument("--size", choices=("full", "tiny", "cpu"), default="full",
+                   help="cpu: bench/cpu_bench.py's shapes (MoE: --moe-layers of 48), 0.5 GB shards")
     p.add_argument("--workdir", default="/var/tmp/sglang-fastload-bench-tp")
     p.add_argument("--contenders", type=lambda s: s.split(","), default=["auto", "fast"])
     p.add_argument("--updates", type=int, default=2, help="warm updates per contender (update1, update2, ...)")
-    p.add_argument("--alternate-steal", action="store_true",
-                   help="warm updates alternate SGLANG_FASTLOAD_STEAL_CHUNKS 1 / 0 (A/B on one model, phases updateN-steal1/0)")
-    p.add_argument("--cold", action="store_true", help="also one cold update per contender")
+    p.add_argument("--alternate", choices=sorted(ALTERNATIONS), default=None,
+                   help="updates alternate a loader switch (A/B on one model): steal: taking chunks 1 / 0 "
+                        "(phases updateN-steal1/0); deal: chunks dealt in runs / round-robin (updateN-deal-runs/-round-robin)")
+    p.add_argument("--alternate-steal", dest="alternate", action="store_const", const="steal", help="= --alternate steal")
+    p.add_argument("--cold", dest="cold_updates", action="store_const", const=1, default=0,
+                   help="also one cold update per contender (after the warm ones)")
+    p.add_argument("--cold-updates", type=int, help="this many cold updates per contender (alternated too with --alternate)")
     p.add_argument("--restart", action="store_true",
                    help="after the updates, free the model and load a new one (fast: from the plan store)")
     p.add_argument("--profile-load", action="store_true",
@@ -188,13 +200,14 @@ def main(argv=None) -> int:
 
         import_standins_for_bench.activate()
     spec = sc.dense_spec(args.size) if args.model == "dense" else sc.moe_spec(args.size, layers=args.moe_layers)
+    shard_bytes = {"full": 5 * GB, "tiny": 10**6, "cpu": GB // 2}[args.size]
     directory = os.path.join(args.workdir, args.model)
     ready = os.path.join(args.workdir, f"ready-{os.environ.get('MASTER_PORT', '0')}")
     ceiling = None
     if rank == 0:
         try:
             os.makedirs(directory, exist_ok=True)
-            info = sc.write_checkpoint(directory, spec, shard_bytes=5 * GB if args.size == "full" else 10**6, log=gb.log)
+            info = sc.write_checkpoint(directory, spec, shard_bytes=shard_bytes, log=gb.log)
             ceiling = gb.raw_read(info.files, 16)
         except BaseException as exc:
             with open(ready, "w") as f:  # the other ranks stop instead of waiting for ever
@@ -209,7 +222,7 @@ def main(argv=None) -> int:
             note = f.read()
         if note:
             raise SystemExit(f"rank {rank}: rank 0 could not write the checkpoint ({note})")
-        info = sc.write_checkpoint(directory, spec, shard_bytes=5 * GB if args.size == "full" else 10**6, log=lambda *_: None)
+        info = sc.write_checkpoint(directory, spec, shard_bytes=shard_bytes, log=lambda *_: None)
     session = gb.Session(args.device, rank=rank, world=world, shared_gpu=args.shared_gpu)
     summaries = gb.FastSummaries()
     rows, models, profiles, collectors = [], {}, {}, {}
@@ -239,15 +252,17 @@ def main(argv=None) -> int:
             updater, runner, row = start("load")
             phases = [row]
             warm = [(f"update{i}", "warm") for i in range(1, args.updates + 1)]
-            for phase, cache in warm + ([(f"update{args.updates + 1}", "cold")] if args.cold else []):
+            cold = [(f"update{args.updates + i}", "cold") for i in range(1, (args.cold_updates or 0) + 1)]
+            for phase, cache in warm + cold:
                 if cache == "cold" and rank == 0:
                     gb.drop_page_cache(info.files)
                 torch.distributed.barrier()
                 n = len(summaries.items)
-                if args.alternate_steal and cache == "warm":
-                    steal = "1" if int(phase[len("update"):]) % 2 else "0"
-                    os.environ["SGLANG_FASTLOAD_STEAL_CHUNKS"] = steal
-                    phase = f"{phase}-steal{steal}"
+                if args.alternate:
+                    variable, values, label = ALTERNATIONS[args.alternate]
+                    value = values[0] if int(phase[len("update"):]) % 2 else values[1]
+                    os.environ[variable] = value
+                    phase = f"{phase}-{label.format(value)}"
                 with gb.CollectorClock() as collector:
                     t0 = time.perf_counter()
                     ok, message = updater.update_weights_from_disk(info.directory, cont.load_format)

@@ -59,6 +59,14 @@ ENV_DIRECT_CUDA_CALLS = "SGLANG_FASTLOAD_DIRECT_CUDA_CALLS"
 # longer takes the last unstarted chunk of the reader with the most bytes left (executor.py).
 ENV_STEAL_CHUNKS = "SGLANG_FASTLOAD_STEAL_CHUNKS"
 
+# How a load's chunks are dealt to the reader threads (binding.py): "runs" (default), each
+# reader a contiguous run of the files' chunks, so every reader reads one region front to
+# back; "round-robin", reader k the chunks k, k + T, k + 2T, ... (the dealing before
+# 2026-12-03), so all readers move through the same region together.
+ENV_DEAL_CHUNKS = "SGLANG_FASTLOAD_DEAL_CHUNKS"
+DEAL_RUNS = "runs"
+DEAL_ROUND_ROBIN = "round-robin"
+
 # Load plans kept between server starts (sglang_fastload/loader/plan_store.py): "0" switches
 # the store off; the directory defaults to $XDG_CACHE_HOME (else ~/.cache) + PLAN_STORE_SUBDIR.
 ENV_PLAN_STORE = "SGLANG_FASTLOAD_PLAN_STORE"

@@ -225,7 +225,7 @@ class _DealtChunks:
     """Each reader's dealt chunks: its own reader takes them from the front; a reader that
     has run out takes the last unstarted chunk of the reader with the most bytes left.
 
-    Chunks are dealt round-robin before the load, but readers do not move bytes at one rate
+    Chunks are dealt before the load (``binding.deal``), but readers do not move bytes at one rate
     (page-cache placement, other ranks' threads): without taking, the load ends when the
     slowest reader ends while the others idle.
     """

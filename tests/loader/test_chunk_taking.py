@@ -1,5 +1,6 @@
-"""Readers that run out of dealt chunks take the others' unstarted ones (CPU, a really written
-file): a slow reader no longer holds the load up, and every element still lands exactly."""
+"""How chunks are dealt to readers, and readers that run out of dealt chunks taking the others'
+unstarted ones (CPU, a really written file): a slow reader no longer holds the load up, and
+every element still lands exactly, however the chunks were dealt."""
 
 import threading
 import time
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from sglang_fastload import constants
+from sglang_fastload.loader.binding import Chunk, deal
 from sglang_fastload.loader.executor import execute_plan
 from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan
 
@@ -76,8 +78,36 @@ def test_readers_keep_to_their_dealt_chunks_when_taking_is_switched_off(tmp_path
     assert stats.tail_seconds > 0.3
 
 
+def _chunks(sizes):
+    return [Chunk(f"f{i // 10}", [], n) for i, n in enumerate(sizes)]
+
+
+def test_runs_give_each_reader_one_contiguous_run_of_about_equal_bytes():
+    chunks = _chunks([6 << 20] * 37 + [2 << 20])
+    dealt = deal(chunks, 4)
+    flat = [c for run in dealt for c in run]
+    assert len(flat) == len(chunks) and all(a is b for a, b in zip(flat, chunks))  # in order, each once
+    shares = [sum(c.nbytes for c in run) for run in dealt]
+    assert max(shares) - min(shares) <= 6 << 20, shares
+
+
+def test_round_robin_deals_every_readers_th_chunk():
+    chunks = _chunks([1 << 20] * 10)
+    dealt = deal(chunks, 3, constants.DEAL_ROUND_ROBIN)
+    position = {id(c): i for i, c in enumerate(chunks)}
+    assert [[position[id(c)] for c in run] for run in dealt] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+
+
+def test_a_chunk_larger_than_a_share_leaves_a_reader_without_dealt_chunks():
+    chunks = _chunks([100, 1, 1])
+    dealt = deal(chunks, 3)
+    assert [len(run) for run in dealt] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("dealing", [constants.DEAL_RUNS, constants.DEAL_ROUND_ROBIN])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_any_reader_count_loads_every_element(tmp_path, threads):
+def test_any_reader_count_loads_every_element(tmp_path, monkeypatch, threads, dealing):
+    monkeypatch.setenv(constants.ENV_DEAL_CHUNKS, dealing)
     plan, data, nbytes = _plan_and_data(tmp_path)
     params = {name: torch.full(shape, -1.0) for name, (shape, _) in plan.param_meta.items()}
     stats = execute_plan(plan, params, device=torch.device("cpu"), num_threads=threads, chunk_bytes=nbytes, cache={})
