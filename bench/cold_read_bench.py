@@ -79,12 +79,7 @@ def read_lists(paths: Sequence[str], lists: List[List[Piece]], piece: int, optio
             view = memoryview(bytearray(piece))
             start.wait()
             for path, offset, n in lists[k]:
-                got = 0
-                while got < n:
-                    r = os.preadv(fds[path], [view[got:n]], offset + got)
-                    if r <= 0:
-                        raise OSError(f"{path}: short read at {offset + got}")
-                    got += r
+                gb.pread_fully(fds[path], view[:n], offset, path)
                 done[k] += n
         finally:
             if shared is None:

@@ -411,6 +411,16 @@ def settle_page_cache(paths: Sequence[str]) -> Dict[str, float]:
     return {"seconds": round(time.perf_counter() - t0, 3)}
 
 
+def pread_fully(fd: int, view: memoryview, offset: int, path: str) -> None:
+    """Fill ``view`` with the file's bytes from ``offset`` (``os.preadv``; raises on a short file)."""
+    got = 0
+    while got < len(view):
+        r = os.preadv(fd, [view[got:]], offset + got)
+        if r <= 0:
+            raise IOError(f"{path}: short read at {offset + got}")
+        got += r
+
+
 def raw_read(paths: Sequence[str], threads: int, *, max_bytes: Optional[int] = None, chunk: int = 64 * MIB) -> Dict:
     """Read the files (up to ``max_bytes``) with ``threads`` threads: ``os.preadv`` into reused buffers."""
     chunks = _read_chunks(paths, max_bytes, chunk)
@@ -432,12 +442,7 @@ def raw_read(paths: Sequence[str], threads: int, *, max_bytes: Optional[int] = N
             if item is None:
                 return
             path, off, n = item
-            got = 0
-            while got < n:
-                r = os.preadv(fds[path], [buf[got:n]], off + got)
-                if r <= 0:
-                    raise IOError(f"{path}: short read at {off + got}")
-                got += r
+            pread_fully(fds[path], buf[:n], off, path)
             done[k] += n
 
     try:
