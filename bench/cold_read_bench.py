@@ -10,8 +10,9 @@ into one reused buffer per thread. A pattern is ``KIND-MiBxTHREADS[-OPTION...]``
 - ``queue``: the threads take pieces of MiB in file order from one shared queue (how
   ``gpu_bench``'s cold-read ceiling reads: ``queue-64x8``).
 - ``dealt``: the pieces in file order dealt round-robin, thread k reading pieces k, k + T,
-  k + 2T, ... (how the loader's executor deals its chunks).
-- ``ranges``: thread k reading the k-th contiguous run of pieces.
+  k + 2T, ... (the loader's ``SGLANG_FASTLOAD_DEAL_CHUNKS=round-robin``).
+- ``ranges``: thread k reading the k-th contiguous run of pieces (the loader's default).
+  Both split the pieces with the loader's own ``binding.deal``.
 - ``-seq``: ``posix_fadvise(SEQUENTIAL)`` on every file descriptor first.
 - ``-ownfd``: every thread opens the files itself (its own read-ahead state per file).
 
@@ -35,6 +36,9 @@ from typing import Dict, List, Sequence, Tuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import gpu_bench as gb  # noqa: E402
+from sglang_fastload import constants  # noqa: E402
+from sglang_fastload.loader.binding import Chunk, deal  # noqa: E402
+from sglang_fastload.loader.staging import read_exact  # noqa: E402
 
 MIB = 1 << 20
 Piece = Tuple[str, int, int]  # (path, offset, bytes)
@@ -52,16 +56,11 @@ def parse_pattern(text: str) -> Dict[str, object]:
 
 
 def split_pieces(pieces: Sequence[Piece], threads: int, kind: str) -> List[List[Piece]]:
-    """Each thread's pieces, in the order it reads them."""
-    if kind == "dealt":
-        return [list(pieces[k::threads]) for k in range(threads)]
-    per, extra = divmod(len(pieces), threads)
-    out, start = [], 0
-    for k in range(threads):
-        end = start + per + (1 if k < extra else 0)
-        out.append(list(pieces[start:end]))
-        start = end
-    return out
+    """Each thread's pieces, in the order it reads them, dealt as the loader deals chunks."""
+    how = constants.DEAL_ROUND_ROBIN if kind == "dealt" else constants.DEAL_RUNS
+    chunks = [Chunk(path, [], n) for path, _, n in pieces]
+    where = {id(c): piece for c, piece in zip(chunks, pieces)}
+    return [[where[id(c)] for c in run] for run in deal(chunks, threads, how)]
 
 
 def read_lists(paths: Sequence[str], lists: List[List[Piece]], piece: int, options: set) -> Dict[str, float]:
@@ -79,7 +78,7 @@ def read_lists(paths: Sequence[str], lists: List[List[Piece]], piece: int, optio
             view = memoryview(bytearray(piece))
             start.wait()
             for path, offset, n in lists[k]:
-                gb.pread_fully(fds[path], view[:n], offset, path)
+                read_exact(fds[path], view[:n], offset, path)
                 done[k] += n
         finally:
             if shared is None:

@@ -411,18 +411,10 @@ def settle_page_cache(paths: Sequence[str]) -> Dict[str, float]:
     return {"seconds": round(time.perf_counter() - t0, 3)}
 
 
-def pread_fully(fd: int, view: memoryview, offset: int, path: str) -> None:
-    """Fill ``view`` with the file's bytes from ``offset`` (``os.preadv``; raises on a short file)."""
-    got = 0
-    while got < len(view):
-        r = os.preadv(fd, [view[got:]], offset + got)
-        if r <= 0:
-            raise IOError(f"{path}: short read at {offset + got}")
-        got += r
-
-
 def raw_read(paths: Sequence[str], threads: int, *, max_bytes: Optional[int] = None, chunk: int = 64 * MIB) -> Dict:
     """Read the files (up to ``max_bytes``) with ``threads`` threads: ``os.preadv`` into reused buffers."""
+    from sglang_fastload.loader.staging import read_exact  # the loader's own read loop
+
     chunks = _read_chunks(paths, max_bytes, chunk)
     buffers = []
     for _ in range(threads):
@@ -442,7 +434,7 @@ def raw_read(paths: Sequence[str], threads: int, *, max_bytes: Optional[int] = N
             if item is None:
                 return
             path, off, n = item
-            pread_fully(fds[path], buf[:n], off, path)
+            read_exact(fds[path], buf[:n], off, path)
             done[k] += n
 
     try:
