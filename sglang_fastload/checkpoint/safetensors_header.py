@@ -188,11 +188,25 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Where ``_parse_int`` can differ from ``int``: a "-0" or a run of 20 or more digits (every
+# integer above 2**64 - 1 has 20 digits or more). A header without either anywhere, in
+# strings included, parses the same with the plain ``int`` (MoE headers: 15 ms instead of
+# 29 for 6,291 tensors; the look costs 3). Digits are found by a byte translation: a
+# regular expression for the runs took longer than the hook it would save.
+_DIGITS_ONLY = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_LONG_DIGIT_RUN = b"0" * 20
+
+
+def _int_hook_needed(text: str) -> bool:
+    return "-0" in text or _LONG_DIGIT_RUN in text.encode("utf-8", "surrogatepass").translate(_DIGITS_ONLY)
+
+
 def _loads(text: str):
+    hooked = _int_hook_needed(text)
     return json.loads(
         text,
         object_pairs_hook=_Pairs,
-        parse_int=_parse_int,
+        parse_int=_parse_int if hooked else None,
         parse_constant=_reject_constant,
     )
 
@@ -280,8 +294,38 @@ def _parse_metadata(path: str, value) -> Optional[Dict[str, str]]:
     return metadata
 
 
+def _plain_entry(value, data_len: int):
+    """(dtype, shape, begin, end) of an entry written the usual way and passing every check
+    of ``_parse_entry`` (keys in the writer's order, no other keys), else None."""
+    if len(value) != 3:
+        return None
+    (k0, dtype), (k1, shape), (k2, offsets) = value
+    if k0 != "dtype" or k1 != "shape" or k2 != "data_offsets" or type(dtype) is not str:
+        return None
+    itemsize = DTYPE_SIZES.get(dtype)
+    if itemsize is None or type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
+        return None
+    numel = 1
+    for dim in shape:
+        if type(dim) is not int or dim < 0 or dim > _MAX_DIM:
+            return None
+        numel *= dim
+        if numel > _MAX_NUMEL:
+            return None
+    begin, end = offsets
+    if type(begin) is not int or type(end) is not int or not 0 <= begin <= end <= data_len:
+        return None
+    if numel * itemsize != end - begin:
+        return None
+    return dtype, tuple(shape), begin, end
+
+
 def _parse_entry(path: str, name: str, value, data_len: int):
     """Check one tensor entry; returns (dtype, shape, begin, end) relative to the data section."""
+    if type(value) is _Pairs:
+        plain = _plain_entry(value, data_len)
+        if plain is not None:
+            return plain
     if not isinstance(value, _Pairs):
         raise HeaderError(path, f"tensor entry must be a JSON object, got {_json_type(value)}", name)
     fields = {}
