@@ -8,7 +8,6 @@ Offsets are absolute file offsets; geometries are ``(offset, sizes, strides)`` i
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -25,6 +24,24 @@ STAGING_ALIGN = 64
 # of down_proj, 4 KiB of o_proj, 4096 as the limit) took 2.55 s per update against 0.42-0.47 s
 # gathered (docs/benchmarks.md, 2026-12-02 fifth run); 1 MiB was as fast as 64 KiB or faster.
 DEFAULT_MIN_SEGMENT_BYTES = 1 << 20
+
+
+class _computed_once:
+    """A derived attribute computed on first use and kept in the instance's ``__dict__``
+    (``functools.cached_property`` without its per-access lock, which Python 3.8-3.11
+    take: binding a restarted server's plan asks ~20,000 of them once each)."""
+
+    def __init__(self, compute):
+        self.compute = compute
+        self.name = compute.__name__
+        self.__doc__ = compute.__doc__
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        value = self.compute(instance)
+        instance.__dict__[self.name] = value  # found before this descriptor from now on
+        return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +74,7 @@ class CopyStep:
     gather: bool = False
 
     # Derived values are cached on the instance (binding a plan asks for them per chunk).
-    @functools.cached_property
+    @_computed_once
     def nbytes(self) -> int:
         """Bytes this step copies out of the file (and occupies in a staging buffer)."""
         if self.gather:
@@ -70,14 +87,14 @@ class CopyStep:
         sizes = self.view[1]
         return (0, tuple(sizes), contiguous_strides(sizes))
 
-    @functools.cached_property
+    @_computed_once
     def view_is_dense(self) -> bool:
         """True when the read bytes are exactly the destination's elements in row-major order."""
         if self.gather:
             return False
         return is_contiguous(self.view) and self.view[0] == 0 and numel(self.view) * self.itemsize == self.nbytes
 
-    @functools.cached_property
+    @_computed_once
     def dst_is_contiguous(self) -> bool:
         """True when the destination's elements are consecutive in the parameter."""
         return is_contiguous(self.dst)

@@ -129,15 +129,16 @@ def model_source_modules(model: torch.nn.Module) -> List[str]:
     submodules or of any parameter, or a parameter's ``weight_loader``, plus every loaded
     module of ``SOURCE_PACKAGES``.
     """
-    names = set()
-    for m in model.modules():
-        for cls in type(m).__mro__:
-            names.add(cls.__module__)
+    # Classes and loaders are shared by many modules and parameters: collect them first.
+    classes = {type(m) for m in model.modules()}
+    loaders = {}  # by id: a loader object need not be hashable
     for p in model.parameters():
-        for cls in type(p).__mro__:  # SGLang's parameter classes carry loading methods
-            names.add(cls.__module__)
+        classes.add(type(p))  # SGLang's parameter classes carry loading methods
         loader = getattr(p, "weight_loader", None)
         func = getattr(loader, "__func__", loader)
+        loaders[id(func)] = func
+    names = {c.__module__ for cls in classes for c in cls.__mro__}
+    for func in loaders.values():
         module = getattr(func, "__module__", None)
         if module:
             names.add(module)
