@@ -73,6 +73,20 @@ class CopyStep:
     src_dtype: object = None
     gather: bool = False
 
+    @classmethod
+    def with_derived(cls, tensor, param, dst, reads, view, itemsize, src_dtype, gather,
+                     nbytes: int, view_is_dense: bool, dst_is_contiguous: bool) -> "CopyStep":
+        """A step made with its derived values given (``plan_store`` computes them once per
+        geometry: a stored MoE plan repeats a few shapes thousands of times). Equal to
+        ``CopyStep(...)`` with the same fields; the caller guarantees the derived values."""
+        step = object.__new__(cls)  # the frozen __init__ sets fields one call at a time
+        step.__dict__.update(
+            tensor=tensor, param=param, dst=dst, reads=reads, view=view, itemsize=itemsize,
+            src_dtype=src_dtype, gather=gather,
+            nbytes=nbytes, view_is_dense=view_is_dense, dst_is_contiguous=dst_is_contiguous,
+        )
+        return step
+
     # Derived values are cached on the instance (binding a plan asks for them per chunk).
     @_computed_once
     def nbytes(self) -> int:

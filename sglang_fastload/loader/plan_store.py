@@ -32,7 +32,7 @@ import torch
 
 from sglang_fastload import constants
 from sglang_fastload.checkpoint.safetensors_header import torch_dtype_name
-from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan, numel
+from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan, is_contiguous, numel
 from sglang_fastload.loader.plan_key import PLAN_SCHEMA_VERSION
 from sglang_fastload.loader.plan_store_location import SUFFIX, store_dir
 from sglang_fastload.loader.replay import RecordedZero
@@ -132,6 +132,14 @@ def _last(offset: int, sizes: tuple, strides: tuple) -> int:
     return offset + sum(map(operator.mul, sizes, strides)) - sum(strides)
 
 
+def _shape_facts(facts: Dict[tuple, tuple], sizes: tuple, strides: tuple) -> tuple:
+    """``(last element, contiguous, element count)`` of a geometry at offset 0, kept in
+    ``facts`` under ``(sizes, strides)``."""
+    geometry = (0, sizes, strides)
+    found = facts[(sizes, strides)] = (_last(0, sizes, strides), is_contiguous(geometry), numel(geometry))
+    return found
+
+
 def decode_plan(
     data, key: str, headers: Mapping[str, object], params: Mapping[str, torch.Tensor]
 ) -> LoadPlan:
@@ -183,7 +191,7 @@ def _decode_body(body, headers, params) -> LoadPlan:
         param_meta[name] = (shape, dtype)
         sizes[p] = numel((0, shape, ()))
     by_base = {os.path.basename(p): h for p, h in headers.items()}
-    extents: Dict[tuple, int] = {}  # (sizes, strides) -> _last(0, sizes, strides)
+    extents: Dict[tuple, tuple] = {}  # (sizes, strides) -> _shape_facts
     files = []
     for base, count, flat in body["files"]:
         header = by_base.get(base) if type(base) is str else None
@@ -216,21 +224,24 @@ def _decode_body(body, headers, params) -> LoadPlan:
             for offset, size in reads:
                 if offset < start or offset + size > end:
                     raise PlanFileError(f"step {tensor!r} reads outside the tensor")
-            # Steps repeat a few shapes (every expert alike): their extents are computed once.
-            dst_extent = extents.get((dst_sizes, dst_strides))
-            if dst_extent is None:
-                dst_extent = extents[(dst_sizes, dst_strides)] = _last(0, dst_sizes, dst_strides)
-            view_extent = extents.get((dst_sizes, view_strides))
-            if view_extent is None:
-                view_extent = extents[(dst_sizes, view_strides)] = _last(0, dst_sizes, view_strides)
+            # Steps repeat a few shapes (every expert alike): what a geometry implies (its
+            # last element, whether it is contiguous, its element count) is computed once.
+            dst_extent, dst_contiguous, count = extents.get((dst_sizes, dst_strides)) or _shape_facts(
+                extents, dst_sizes, dst_strides)
+            view_extent, view_contiguous, _ = extents.get((dst_sizes, view_strides)) or _shape_facts(
+                extents, dst_sizes, view_strides)
             if dst_extent >= 0 and dst_off + dst_extent >= sizes[p]:
                 raise PlanFileError(f"step {tensor!r} writes outside parameter {param!r}")
             span = reads[0][1] if nreads == 1 else sum(size for _, size in reads)
             if (gather and nreads != 1) or (view_extent >= 0 and (view_off + view_extent + 1) * itemsize > span):
                 raise PlanFileError(f"step {tensor!r} views outside the bytes it reads")
+            nbytes = count * itemsize if gather else span
             append(
-                CopyStep(tensor, param, (dst_off, dst_sizes, dst_strides), reads,
-                         (view_off, dst_sizes, view_strides), itemsize, src_dtype, gather == 1)
+                CopyStep.with_derived(
+                    tensor, param, (dst_off, dst_sizes, dst_strides), reads, (view_off, dst_sizes, view_strides),
+                    itemsize, src_dtype, gather == 1, nbytes=nbytes, dst_is_contiguous=dst_contiguous,
+                    view_is_dense=not gather and view_contiguous and view_off == 0 and count * itemsize == nbytes,
+                )
             )
         if i != len(flat):
             raise PlanFileError(f"steps of {base}: {len(flat) - i} integers left over")

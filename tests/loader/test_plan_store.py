@@ -5,6 +5,7 @@ store can be switched off; concurrent writers never leave a torn file."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -232,6 +233,35 @@ def test_steps_cut_to_fill_chunks_are_stored_and_checked_like_any_other(tmp_path
     assert plan_store.write_plan("k-cut", plan) is not None
     got = plan_store.read_plan("k-cut", {str(path): header}, {"p": torch.empty(4, 32, dtype=torch.bfloat16)})
     assert got is not None and got.files[0].steps == cut
+
+
+def test_stored_steps_carry_the_derived_values_fresh_steps_compute(tmp_path, store_on):
+    # The store hands back steps with their byte count and contiguity already set (computed
+    # once per geometry); they must be what a step computes for itself, for every kind.
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.arange(128, dtype=torch.bfloat16).reshape(4, 32),
+               "v": torch.arange(32, dtype=torch.float32).reshape(4, 8)}, str(path))
+    header = read_header(str(path))
+    w, v = header.tensors["w"].start, header.tensors["v"].start
+    cols = (8, (4, 8), (32, 1))  # a column slice: runs of 16 bytes
+    steps = [
+        make_step("w", "p", (0, (4, 32), (32, 1)), (0, (4, 32), (32, 1)), w, 2, DEFAULT_MIN_SEGMENT_BYTES, torch.bfloat16),
+        make_step("w", "q", cols, (0, (4, 8), (8, 1)), w, 2, DEFAULT_MIN_SEGMENT_BYTES, torch.bfloat16),  # gathered
+        make_step("w", "q", cols, (0, (4, 8), (8, 1)), w, 2, 1, torch.bfloat16),  # read run by run
+        make_step("w", "p", cols, (0, (4, 8), (32, 1)), w, 2, 1, torch.bfloat16),  # into a strided destination
+        make_step("v", "q", (0, (4, 8), (8, 1)), (0, (4, 8), (8, 1)), v, 4, DEFAULT_MIN_SEGMENT_BYTES, torch.float32),
+    ]
+    steps.append(dataclasses.replace(steps[1], gather=False))  # a span read whole (a file's unaligned tensor)
+    assert [st.gather for st in steps] == [False, True, False, False, False, False]
+    plan = LoadPlan([FilePlan(str(path), steps)], [], {"p": ((4, 32), torch.bfloat16), "q": ((4, 8), torch.bfloat16)},
+                    frozenset({"w", "v"}), 2)
+    assert plan_store.write_plan("k-derived", plan) is not None
+    got = plan_store.read_plan("k-derived", {str(path): header},
+                               {"p": torch.empty(4, 32, dtype=torch.bfloat16), "q": torch.empty(4, 8, dtype=torch.bfloat16)})
+    assert got is not None and got.files[0].steps == steps
+    derived = [(st.nbytes, st.view_is_dense, st.dst_is_contiguous) for st in steps]
+    assert [(st.nbytes, st.view_is_dense, st.dst_is_contiguous) for st in got.files[0].steps] == derived
+    assert {d[1] for d in derived} == {True, False} and {d[2] for d in derived} == {True, False}
 
 
 def _rewrite(path, edit):
