@@ -199,6 +199,7 @@ def _decode_body(body, headers, params) -> LoadPlan:
             raise PlanFileError(f"file {base!r} is not in the checkpoint")
         _ints(flat, f"steps of {base}")
         entries = header.tensors
+        tensor_facts: Dict[int, tuple] = {}  # name index -> (entry, itemsize): tensors recur in cut steps
         steps = []
         append = steps.append
         i = 0
@@ -211,14 +212,21 @@ def _decode_body(body, headers, params) -> LoadPlan:
             view_strides = tuple(flat[i + 2 * nd + 1:i + 3 * nd + 1])
             nreads = flat[i + 3 * nd + 1]
             i += 3 * nd + 2
-            reads = tuple(zip(flat[i:i + 2 * nreads:2], flat[i + 1:i + 2 * nreads:2]))
+            if nreads == 1:  # most steps
+                reads = ((flat[i], flat[i + 1]),)
+            else:
+                reads = tuple(zip(flat[i:i + 2 * nreads:2], flat[i + 1:i + 2 * nreads:2]))
             i += 2 * nreads
             tensor, param = names[t], names[p]
-            entry = entries.get(tensor)
+            facts = tensor_facts.get(t)
+            if facts is None:
+                entry = entries.get(tensor)
+                facts = tensor_facts[t] = (entry, entry.itemsize if entry is not None else 0)
+            entry, entry_itemsize = facts
             if entry is None or p not in sizes or len(reads) != nreads or len(view_strides) != nd or gather > 1:
                 raise PlanFileError(f"step {tensor!r} -> {param!r} names an unknown tensor or parameter")
             src_dtype = dtypes[dt - 1] if dt else None
-            if itemsize != entry.itemsize or (dt and src_dtype is not _torch_dtype(entry.dtype)):
+            if itemsize != entry_itemsize or (dt and src_dtype is not _torch_dtype(entry.dtype)):
                 raise PlanFileError(f"step {tensor!r} reads the tensor as another dtype")
             start, end = entry.start, entry.end
             for offset, size in reads:
