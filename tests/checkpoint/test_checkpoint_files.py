@@ -455,6 +455,27 @@ def test_weights_format_finds_what_upstream_would_load(tmp_path, contents, expec
 # ----------------------------------------------------------------- check_weight_map
 
 
+def test_repeated_checks_reuse_the_map_and_still_catch_a_changed_shard_or_index(sharded):
+    # Updates re-resolve and re-check the same files every step: the map is made once, a pair
+    # that passed is not checked again, and a rewritten shard or index is checked afresh.
+    first = resolve_checkpoint_files(str(sharded))
+    check_weight_map(first, headers_of(first))
+    again = resolve_checkpoint_files(str(sharded))
+    assert again.weight_map is first.weight_map
+    check_weight_map(again, headers_of(again))
+    write_shard(sharded / SHARD2, SHARD2_TENSORS + ("extra.weight",))  # same index, new header
+    with pytest.raises(CheckpointIndexError, match="the index does not name it"):
+        check_weight_map(again, headers_of(again))
+    write_shard(sharded / SHARD2, SHARD2_TENSORS)
+    wm = default_map()
+    wm["embed.weight"] = SHARD2  # new index, the same headers as the pair that passed
+    write_index(sharded, wm)
+    moved = resolve_checkpoint_files(str(sharded))
+    assert moved.weight_map is not first.weight_map
+    with pytest.raises(CheckpointIndexError, match="but the index maps it to"):
+        check_weight_map(moved, headers_of(moved))
+
+
 def test_check_weight_map_tensor_missing_from_index(tmp_path):
     write_shard(tmp_path / SHARD1, SHARD1_TENSORS + ("extra.weight",))
     write_shard(tmp_path / SHARD2, SHARD2_TENSORS)
