@@ -74,16 +74,22 @@ class CopyStep:
     gather: bool = False
 
     @classmethod
-    def with_derived(cls, tensor, param, dst, reads, view, itemsize, src_dtype, gather,
-                     nbytes: int, view_is_dense: bool, dst_is_contiguous: bool) -> "CopyStep":
-        """A step made with its derived values given (``plan_store`` computes them once per
-        geometry: a stored MoE plan repeats a few shapes thousands of times). Equal to
-        ``CopyStep(...)`` with the same fields; the caller guarantees the derived values."""
+    def with_derived(cls, tensor, param, dst, reads, view, itemsize, src_dtype, gather, *,
+                     view_numel: int, view_contiguous: bool, dst_contiguous: bool) -> "CopyStep":
+        """``CopyStep(...)`` with the same fields, its derived values set from facts about its
+        geometries the caller already has (``plan_store`` computes them once per geometry: a
+        stored MoE plan repeats a few shapes thousands of times).
+
+        Args:
+            view_numel, view_contiguous: ``numel(view)`` and ``is_contiguous(view)``.
+            dst_contiguous: ``is_contiguous(dst)``.
+        """
         step = object.__new__(cls)  # the frozen __init__ sets fields one call at a time
+        nbytes = _step_nbytes(gather, reads, view_numel, itemsize)
         step.__dict__.update(
             tensor=tensor, param=param, dst=dst, reads=reads, view=view, itemsize=itemsize,
-            src_dtype=src_dtype, gather=gather,
-            nbytes=nbytes, view_is_dense=view_is_dense, dst_is_contiguous=dst_is_contiguous,
+            src_dtype=src_dtype, gather=gather, nbytes=nbytes, dst_is_contiguous=dst_contiguous,
+            view_is_dense=_view_is_dense(gather, view, view_numel, view_contiguous, itemsize, nbytes),
         )
         return step
 
@@ -91,9 +97,7 @@ class CopyStep:
     @_computed_once
     def nbytes(self) -> int:
         """Bytes this step copies out of the file (and occupies in a staging buffer)."""
-        if self.gather:
-            return numel(self.view) * self.itemsize
-        return sum(n for _, n in self.reads)
+        return _step_nbytes(self.gather, self.reads, numel(self.view), self.itemsize)
 
     @property
     def dense_view(self) -> Geometry:
@@ -104,14 +108,23 @@ class CopyStep:
     @_computed_once
     def view_is_dense(self) -> bool:
         """True when the read bytes are exactly the destination's elements in row-major order."""
-        if self.gather:
-            return False
-        return is_contiguous(self.view) and self.view[0] == 0 and numel(self.view) * self.itemsize == self.nbytes
+        return _view_is_dense(self.gather, self.view, numel(self.view), is_contiguous(self.view), self.itemsize, self.nbytes)
 
     @_computed_once
     def dst_is_contiguous(self) -> bool:
         """True when the destination's elements are consecutive in the parameter."""
         return is_contiguous(self.dst)
+
+
+def _step_nbytes(gather: bool, reads, view_numel: int, itemsize: int) -> int:
+    # A gathered step keeps only its view's elements; any other keeps every byte it reads.
+    if gather:
+        return view_numel * itemsize
+    return reads[0][1] if len(reads) == 1 else sum(n for _, n in reads)
+
+
+def _view_is_dense(gather: bool, view: Geometry, view_numel: int, view_contiguous: bool, itemsize: int, nbytes: int) -> bool:
+    return not gather and view_contiguous and view[0] == 0 and view_numel * itemsize == nbytes
 
 
 @dataclasses.dataclass

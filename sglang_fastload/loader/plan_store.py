@@ -191,7 +191,7 @@ def _decode_body(body, headers, params) -> LoadPlan:
         param_meta[name] = (shape, dtype)
         sizes[p] = numel((0, shape, ()))
     by_base = {os.path.basename(p): h for p, h in headers.items()}
-    extents: Dict[tuple, tuple] = {}  # (sizes, strides) -> _shape_facts
+    shape_facts: Dict[tuple, tuple] = {}  # (sizes, strides) -> _shape_facts
     files = []
     for base, count, flat in body["files"]:
         header = by_base.get(base) if type(base) is str else None
@@ -234,21 +234,20 @@ def _decode_body(body, headers, params) -> LoadPlan:
                     raise PlanFileError(f"step {tensor!r} reads outside the tensor")
             # Steps repeat a few shapes (every expert alike): what a geometry implies (its
             # last element, whether it is contiguous, its element count) is computed once.
-            dst_extent, dst_contiguous, count = extents.get((dst_sizes, dst_strides)) or _shape_facts(
-                extents, dst_sizes, dst_strides)
-            view_extent, view_contiguous, _ = extents.get((dst_sizes, view_strides)) or _shape_facts(
-                extents, dst_sizes, view_strides)
+            dst_extent, dst_contiguous, count = shape_facts.get((dst_sizes, dst_strides)) or _shape_facts(
+                shape_facts, dst_sizes, dst_strides)
+            view_extent, view_contiguous, _ = shape_facts.get((dst_sizes, view_strides)) or _shape_facts(
+                shape_facts, dst_sizes, view_strides)
             if dst_extent >= 0 and dst_off + dst_extent >= sizes[p]:
                 raise PlanFileError(f"step {tensor!r} writes outside parameter {param!r}")
             span = reads[0][1] if nreads == 1 else sum(size for _, size in reads)
             if (gather and nreads != 1) or (view_extent >= 0 and (view_off + view_extent + 1) * itemsize > span):
                 raise PlanFileError(f"step {tensor!r} views outside the bytes it reads")
-            nbytes = count * itemsize if gather else span
             append(
                 CopyStep.with_derived(
                     tensor, param, (dst_off, dst_sizes, dst_strides), reads, (view_off, dst_sizes, view_strides),
-                    itemsize, src_dtype, gather == 1, nbytes=nbytes, dst_is_contiguous=dst_contiguous,
-                    view_is_dense=not gather and view_contiguous and view_off == 0 and count * itemsize == nbytes,
+                    itemsize, src_dtype, gather == 1,
+                    view_numel=count, view_contiguous=view_contiguous, dst_contiguous=dst_contiguous,
                 )
             )
         if i != len(flat):
