@@ -293,56 +293,63 @@ def split_rows(step: CopyStep, src: Geometry, data_start: int, max_bytes: int, m
     return out
 
 
-def head_rows_within(step: CopyStep, max_bytes: int) -> int:
-    """How many leading rows of ``step`` fit in ``max_bytes`` when it can be cut between rows.
+def cuttable_rows(step: CopyStep) -> int:
+    """The row count of a step that can be cut between rows, else 0.
 
     A step can be cut when its bytes are its destination's elements in row-major order
-    (a dense view of the same shape as the destination, not gathered): its first rows are
-    then a prefix of its bytes and of its destination.
-
-    Returns:
-        The row count (at least 1 and fewer than all rows), or 0 when the step cannot be cut
-        there.
+    (a dense view of the same shape as the destination, not gathered) and it has more
+    than one row: its first rows are then a prefix of its bytes and of its destination.
     """
     sizes = step.view[1]
     if not step.view_is_dense or tuple(step.dst[1]) != tuple(sizes) or len(sizes) == 0 or sizes[0] <= 1:
         return 0
-    rows = min(max_bytes // (step.nbytes // sizes[0]), sizes[0] - 1)
-    return max(rows, 0)
+    return sizes[0]
 
 
-def cut_rows(step: CopyStep, rows: int) -> Tuple[CopyStep, CopyStep]:
-    """Cut a step that ``head_rows_within`` allows into its first ``rows`` rows and the rest.
+def cut_into_rows(step: CopyStep, counts: Sequence[int]) -> List[CopyStep]:
+    """Cut a step that ``cuttable_rows`` allows into consecutive pieces of ``counts`` rows.
 
     Args:
         step: the step (dense view, destination of the same shape).
-        rows: rows of the first part, 0 < rows < the step's row count.
+        counts: rows per piece, each > 0, summing to the step's row count.
 
     Returns:
-        ``(head, tail)``: together they read the same bytes and write the same elements.
+        The pieces, in order: together they read the same bytes and write the same elements.
     """
     sizes = step.view[1]
-    cut = rows * (step.nbytes // sizes[0])
-    head_reads: List[Tuple[int, int]] = []
-    tail_reads: List[Tuple[int, int]] = []
-    seen = 0
-    for off, n in step.reads:
-        if seen + n <= cut:
-            head_reads.append((off, n))
-        elif seen >= cut:
-            tail_reads.append((off, n))
-        else:
-            head_reads.append((off, cut - seen))
-            tail_reads.append((off + cut - seen, n - (cut - seen)))
-        seen += n
-
-    def part(first: int, count: int, reads: List[Tuple[int, int]]) -> CopyStep:
-        part_sizes = (count, *sizes[1:])
-        dst = (step.dst[0] + first * step.dst[2][0], part_sizes, tuple(step.dst[2]))
-        view = (0, part_sizes, contiguous_strides(part_sizes))
-        return dataclasses.replace(step, dst=dst, reads=tuple(reads), view=view)
-
-    return part(0, rows, head_reads), part(rows, sizes[0] - rows, tail_reads)
+    inner = tuple(sizes[1:])
+    row_bytes = step.nbytes // sizes[0]
+    row_elements = math.prod(inner)
+    dst_off, _, dst_strides = step.dst
+    dst_strides = tuple(dst_strides)
+    view_strides = contiguous_strides((1, *inner))  # the same for any row count
+    reads = list(step.reads)
+    r = 0  # next read to take from; its first ``used`` bytes already went to earlier pieces
+    used = 0
+    pieces = []
+    first = 0
+    for count in counts:
+        want = count * row_bytes
+        piece_reads: List[Tuple[int, int]] = []
+        while want:
+            off, n = reads[r]
+            take = min(n - used, want)
+            piece_reads.append((off + used, take))
+            want -= take
+            used += take
+            if used == n:
+                r, used = r + 1, 0
+        piece_sizes = (count, *inner)
+        dst = (dst_off + first * dst_strides[0], piece_sizes, dst_strides)
+        pieces.append(CopyStep.with_derived(
+            step.tensor, step.param, dst, tuple(piece_reads), (0, piece_sizes, view_strides),
+            step.itemsize, step.src_dtype, False,
+            view_numel=count * row_elements, view_contiguous=True,
+            # Rows of a contiguous destination are contiguous; others are checked.
+            dst_contiguous=step.dst_is_contiguous or is_contiguous(dst),
+        ))
+        first += count
+    return pieces
 
 
 def staging_aligned(nbytes: int) -> int:
@@ -355,33 +362,65 @@ def aligned_nbytes(step: CopyStep) -> int:
     return staging_aligned(step.nbytes)
 
 
+def _piece_rows(rows: int, row_bytes: int, room: int, chunk_bytes: int) -> List[int]:
+    """Rows per piece of a cuttable step of ``rows`` rows when ``room`` bytes are left in the
+    current chunk: every piece but the last ends a chunk; a 0 ends the current chunk
+    without a piece (not one row fits in what is left)."""
+    # A piece starts aligned: n rows fit in ``room`` when n * row_bytes fits in its aligned part.
+    whole = chunk_bytes - chunk_bytes % STAGING_ALIGN
+    fits = room - room % STAGING_ALIGN
+    counts = []
+    left = rows
+    while left * row_bytes > fits:
+        n = fits // row_bytes  # < left here
+        if n == 0:
+            if fits < whole:  # not one row fits in what is left: the next chunk
+                counts.append(0)
+                fits = whole
+                continue
+            if left == 1:  # a row larger than a chunk: the last piece, a chunk of its own
+                break
+            n = 1
+        counts.append(n)
+        left -= n
+        fits = whole
+    counts.append(left)
+    return counts
+
+
 def fill_chunks(steps: Sequence[CopyStep], chunk_bytes: int) -> List[List[CopyStep]]:
     """Group steps, in order, into chunks of at most ``chunk_bytes`` staged bytes.
 
     A step that does not fit in what is left of a chunk is cut between rows where it can be
-    (``cut_rows``), so every chunk but the last is full: a load's cost is mostly per chunk
-    (a read, a copy, a hand-over between threads), and 3 MiB expert tensors in 4 MiB chunks
-    would otherwise take one chunk each. Grouping steps that were already cut this way
-    finds nothing more to cut. A step larger than a chunk that cannot be cut gets one of its own.
+    (``cut_into_rows``: the head fills the chunk, whole chunks follow, the rest starts the
+    next), so every chunk but the last is full: a load's cost is mostly per chunk (a read,
+    a copy, a hand-over between threads), and 3 MiB expert tensors in 4 MiB chunks would
+    otherwise take one chunk each. Grouping steps that were already cut this way finds
+    nothing more to cut. A step larger than a chunk that cannot be cut gets one of its own.
     """
     out: List[List[CopyStep]] = []
     cur: List[CopyStep] = []
     size = 0
-    pending = list(reversed(steps))
-    while pending:
-        step = pending.pop()
+    for step in steps:
         need = aligned_nbytes(step)
-        if cur and size + need > chunk_bytes:
-            rows = head_rows_within(step, chunk_bytes - size)
-            while rows and size + staging_aligned(step.nbytes // step.view[1][0] * rows) > chunk_bytes:
-                rows -= 1
-            if rows:
-                step, tail = cut_rows(step, rows)
-                pending.append(tail)
-                need = aligned_nbytes(step)
+        if size + need > chunk_bytes:
+            rows = cuttable_rows(step)
+            if not rows:
+                if cur:
+                    out.append(cur)
+                    cur, size = [], 0
             else:
-                out.append(cur)
-                cur, size = [], 0
+                counts = _piece_rows(rows, step.nbytes // rows, chunk_bytes - size, chunk_bytes)
+                kept = [n for n in counts if n]
+                pieces = iter(cut_into_rows(step, kept) if len(kept) > 1 else [step])
+                for n in counts[:-1]:
+                    if n:
+                        piece = next(pieces)
+                        cur.append(piece)
+                    out.append(cur)
+                    cur, size = [], 0
+                step = next(pieces)
+                need = aligned_nbytes(step)
         cur.append(step)
         size += need
         if size >= chunk_bytes:
@@ -425,8 +464,10 @@ def build_plan(
         step = make_step(c.tensor, c.param, c.src, c.dst, data_start, itemsize, min_segment_bytes, src_dtype)
         if step is None:
             continue
+        # Steps that can be cut between rows are cut where chunks end (``fill_chunks``);
+        # the others are split here so that buffers stay bounded.
         by_file.setdefault(path, []).extend(
-            split_rows(step, c.src, data_start, max_step_bytes, min_segment_bytes)
+            [step] if cuttable_rows(step) else split_rows(step, c.src, data_start, max_step_bytes, min_segment_bytes)
         )
     files = [
         FilePlan(path, [st for chunk in fill_chunks(sorted(steps, key=lambda s: s.reads[0][0]), max_step_bytes) for st in chunk])

@@ -63,7 +63,9 @@ def _random_layout(rng, max_steps, dense_only=False):
         kind = 0.0 if dense_only else rng.random()
         if kind < 0.5:
             dst_offset = 0 if dense_only else rng.randrange(0, 5)
-            step = _dense_step(f"t{i}", offset, rows, cols, dst_offset=dst_offset, row_stride=cols)
+            # Some destinations' rows are apart (a slice of a wider parameter).
+            row_stride = cols if dense_only else cols + rng.choice((0, 0, 3))
+            step = _dense_step(f"t{i}", offset, rows, cols, dst_offset=dst_offset, row_stride=row_stride)
         elif kind < 0.8:
             step = _row_shard_step(f"t{i}", offset, rows, cols, rng.randrange(1, cols + 1))
         else:
@@ -86,6 +88,23 @@ def test_cuts_keep_every_byte_in_place_for_random_layouts():
         for c in chunks:
             assert c.nbytes == sum(aligned_nbytes(st) for st in c.steps)
             assert c.nbytes <= chunk_bytes or len(c.steps) == 1
+        for st in cut:  # pieces carry the derived values a fresh step computes
+            fresh = CopyStep(st.tensor, st.param, st.dst, st.reads, st.view, st.itemsize, st.src_dtype, st.gather)
+            assert (st.nbytes, st.view_is_dense, st.dst_is_contiguous) == (
+                fresh.nbytes, fresh.view_is_dense, fresh.dst_is_contiguous)
+
+
+def test_a_step_of_several_chunks_is_cut_where_chunks_end():
+    # 11 rows of 1 "KiB" after a 2 "KiB" step, chunks of 4: the head fills the first chunk,
+    # two whole chunks follow, the last row starts the next one.
+    unit = 1 << 10
+    head = _dense_step("a", 0, 4, unit // 4)
+    big = _dense_step("b", 2 * unit, 11, unit // 2)
+    chunks = chunks_of(_plan([head, big]), 4 * unit)
+    assert [c.nbytes for c in chunks] == [4 * unit, 4 * unit, 4 * unit, unit]
+    assert [[st.view[1][0] for st in c.steps] for c in chunks] == [[4, 2], [4], [4], [1]]
+    cut = [st for c in chunks for st in c.steps]
+    assert _byte_map(cut) == _byte_map([head, big])
 
 
 def test_a_step_is_never_cut_where_its_destination_has_another_shape():
