@@ -132,12 +132,18 @@ def _last(offset: int, sizes: tuple, strides: tuple) -> int:
     return offset + sum(map(operator.mul, sizes, strides)) - sum(strides)
 
 
-def _shape_facts(facts: Dict[tuple, tuple], sizes: tuple, strides: tuple) -> tuple:
-    """``(last element, contiguous, element count)`` of a geometry at offset 0, kept in
-    ``facts`` under ``(sizes, strides)``."""
-    geometry = (0, sizes, strides)
-    found = facts[(sizes, strides)] = (_last(0, sizes, strides), is_contiguous(geometry), numel(geometry))
-    return found
+def _geometry_facts(key: tuple, nd: int) -> tuple:
+    """A stored step's geometry fields ``key`` (destination sizes and strides, view offset,
+    view strides) as ``(dst sizes, dst strides, view offset, view strides, last destination
+    element, destination contiguous, element count, last viewed element, view contiguous)``,
+    offsets 0 for the last elements."""
+    sizes, dst_strides = key[:nd], key[nd:2 * nd]
+    view_strides = key[2 * nd + 1:]
+    return (
+        sizes, dst_strides, key[2 * nd], view_strides,
+        _last(0, sizes, dst_strides), is_contiguous((0, sizes, dst_strides)), numel((0, sizes, ())),
+        _last(0, sizes, view_strides), is_contiguous((0, sizes, view_strides)),
+    )
 
 
 def decode_plan(
@@ -191,7 +197,9 @@ def _decode_body(body, headers, params) -> LoadPlan:
         param_meta[name] = (shape, dtype)
         sizes[p] = numel((0, shape, ()))
     by_base = {os.path.basename(p): h for p, h in headers.items()}
-    shape_facts: Dict[tuple, tuple] = {}  # (sizes, strides) -> _shape_facts
+    # Steps repeat a few geometries (every expert alike): what one implies (its tuples, last
+    # elements, contiguity, element count) is worked out once, found by its stored integers.
+    geometries: Dict[tuple, tuple] = {}
     files = []
     for base, count, flat in body["files"]:
         header = by_base.get(base) if type(base) is str else None
@@ -205,13 +213,17 @@ def _decode_body(body, headers, params) -> LoadPlan:
         i = 0
         for _ in range(count):
             t, p, itemsize, dt, gather, nd, dst_off = flat[i:i + 7]
-            i += 7
-            dst_sizes = tuple(flat[i:i + nd])
-            dst_strides = tuple(flat[i + nd:i + 2 * nd])
-            view_off = flat[i + 2 * nd]
-            view_strides = tuple(flat[i + 2 * nd + 1:i + 3 * nd + 1])
-            nreads = flat[i + 3 * nd + 1]
-            i += 3 * nd + 2
+            end = i + 3 * nd + 8
+            key = tuple(flat[i + 7:end])
+            geometry = geometries.get(key)
+            if geometry is None:
+                if len(key) != 3 * nd + 1:
+                    raise PlanFileError(f"steps of {base}: cut short")
+                geometry = geometries[key] = _geometry_facts(key, nd)
+            (dst_sizes, dst_strides, view_off, view_strides,
+             dst_extent, dst_contiguous, elements, view_extent, view_contiguous) = geometry
+            nreads = flat[end]
+            i = end + 1
             if nreads == 1:  # most steps
                 reads = ((flat[i], flat[i + 1]),)
             else:
@@ -223,21 +235,15 @@ def _decode_body(body, headers, params) -> LoadPlan:
                 entry = entries.get(tensor)
                 facts = tensor_facts[t] = (entry, entry.itemsize if entry is not None else 0)
             entry, entry_itemsize = facts
-            if entry is None or p not in sizes or len(reads) != nreads or len(view_strides) != nd or gather > 1:
+            if entry is None or p not in sizes or len(reads) != nreads or gather > 1:
                 raise PlanFileError(f"step {tensor!r} -> {param!r} names an unknown tensor or parameter")
             src_dtype = dtypes[dt - 1] if dt else None
             if itemsize != entry_itemsize or (dt and src_dtype is not _torch_dtype(entry.dtype)):
                 raise PlanFileError(f"step {tensor!r} reads the tensor as another dtype")
-            start, end = entry.start, entry.end
+            start, stop = entry.start, entry.end
             for offset, size in reads:
-                if offset < start or offset + size > end:
+                if offset < start or offset + size > stop:
                     raise PlanFileError(f"step {tensor!r} reads outside the tensor")
-            # Steps repeat a few shapes (every expert alike): what a geometry implies (its
-            # last element, whether it is contiguous, its element count) is computed once.
-            dst_extent, dst_contiguous, count = shape_facts.get((dst_sizes, dst_strides)) or _shape_facts(
-                shape_facts, dst_sizes, dst_strides)
-            view_extent, view_contiguous, _ = shape_facts.get((dst_sizes, view_strides)) or _shape_facts(
-                shape_facts, dst_sizes, view_strides)
             if dst_extent >= 0 and dst_off + dst_extent >= sizes[p]:
                 raise PlanFileError(f"step {tensor!r} writes outside parameter {param!r}")
             span = reads[0][1] if nreads == 1 else sum(size for _, size in reads)
@@ -247,7 +253,7 @@ def _decode_body(body, headers, params) -> LoadPlan:
                 CopyStep.with_derived(
                     tensor, param, (dst_off, dst_sizes, dst_strides), reads, (view_off, dst_sizes, view_strides),
                     itemsize, src_dtype, gather == 1,
-                    view_numel=count, view_contiguous=view_contiguous, dst_contiguous=dst_contiguous,
+                    view_numel=elements, view_contiguous=view_contiguous, dst_contiguous=dst_contiguous,
                 )
             )
         if i != len(flat):

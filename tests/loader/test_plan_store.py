@@ -287,10 +287,13 @@ def _bump_read_offset(data):
         (lambda p: _rewrite(p, lambda d: d["plan"]["files"][0][2].__setitem__(2, 4)), "another dtype"),
         (lambda p: _rewrite(p, lambda d: d["plan"]["files"][0][2].__setitem__(7, 4)), "writes outside parameter"),
         (lambda p: _rewrite(p, lambda d: d["plan"]["files"][0][2].__setitem__(6, 1.5)), "integers"),
+        (lambda p: _rewrite(p, lambda d: d["plan"]["files"][0][2].__setitem__(11, 100)), "views outside the bytes"),
+        (lambda p: _rewrite(p, lambda d: d["plan"]["files"][0][2].__delitem__(slice(9, None))), "cut short"),
         (lambda p: _rewrite(p, lambda d: d["plan"]["param_meta"][0].__setitem__(1, [4, 3])), "is not [4, 3]"),
         (lambda p: (os.unlink(p), os.mkdir(p)), "IsADirectoryError"),
     ],
-    ids=["truncated", "garbage", "schema", "key", "read-offset", "itemsize", "dst-size", "float", "shape", "directory"],
+    ids=["truncated", "garbage", "schema", "key", "read-offset", "itemsize", "dst-size", "float", "view-offset",
+         "cut-short", "shape", "directory"],
 )
 def test_damaged_store_file_is_ignored_with_one_warning(tiny, caplog, damage, reason):
     plan, headers, params = tiny
