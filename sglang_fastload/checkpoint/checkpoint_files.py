@@ -133,10 +133,13 @@ def parse_index(index_path: str, data: bytes) -> Dict[str, str]:
         )
     if not weight_map:
         raise CheckpointIndexError(index_path, "'weight_map' is empty")
+    checked = set()  # a checkpoint names a few shards thousands of times: each is checked once
     for tensor, shard in weight_map.items():
         if not _is_unicode(tensor):
             raise CheckpointIndexError(index_path, "tensor name is not valid Unicode", tensor)
-        _check_shard_name(index_path, tensor, shard)
+        if type(shard) is not str or shard not in checked:
+            _check_shard_name(index_path, tensor, shard)
+            checked.add(shard)
     return dict(weight_map)
 
 

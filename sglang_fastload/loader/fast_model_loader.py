@@ -37,6 +37,7 @@ from sglang_fastload.loader.dispatch import auto_means_fast
 from sglang_fastload.loader.replay import replay_load_weights
 from sglang_fastload.loader import plan_store
 from sglang_fastload.loader.plan_key import LoadKnobs, expert_location_digest, plan_key_and_parts
+from sglang_fastload.loader.progress import ChunkProgress
 from sglang_fastload.loader.summary import PLAN_BUILT, PLAN_CACHED, PLAN_STORED, LoadSummary
 from sglang_fastload.model_support import unsupported_architecture_reason
 from sglang_fastload.served_checkpoint import record_served
@@ -497,12 +498,13 @@ class FastModelLoader(DefaultModelLoader):
         device = torch.device(target_device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        progress = None
+        progress = counted = None
         startup = not state_of(model).loaded
         if startup and _is_first_rank():
             from tqdm.auto import tqdm
 
             progress = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="Loading safetensors (fast)")
+            counted = ChunkProgress(progress.update, plan.nbytes)
         update_guard.note_writing()
         try:
             stats = execute_plan(
@@ -511,13 +513,14 @@ class FastModelLoader(DefaultModelLoader):
                 device=device,
                 num_threads=self.num_threads,
                 chunk_bytes=self.chunk_bytes,
-                on_bytes=progress.update if progress is not None else None,
+                on_bytes=counted,
                 cache=state_of(model).executor_cache,
                 zero_copy_share=self.zero_copy_share,
                 node=node,
             )
         finally:
             if progress is not None:
+                counted.flush()
                 progress.close()
         check_unchanged(prepared.stats)
         if prepared.store_key is not None:
