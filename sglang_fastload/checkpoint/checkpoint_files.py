@@ -256,6 +256,13 @@ _WEIGHT_MAPS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict(
 _WEIGHT_MAPS_KEPT = 4
 
 
+def _keep_recent(memo: "collections.OrderedDict", key, value) -> None:
+    """Put ``value`` in ``memo`` under ``key``; drop the oldest entries beyond ``_WEIGHT_MAPS_KEPT``."""
+    memo[key] = value
+    while len(memo) > _WEIGHT_MAPS_KEPT:
+        memo.popitem(last=False)
+
+
 def _weight_map_of(directory: str, names: Dict[str, str]) -> Tuple[list, Tuple[str, ...], Dict[str, str]]:
     key = (directory, id(names))
     hit = _WEIGHT_MAPS.get(key)
@@ -268,9 +275,7 @@ def _weight_map_of(directory: str, names: Dict[str, str]) -> Tuple[list, Tuple[s
     paths = {s: os.path.join(directory, s) for s in shards}
     files = tuple(paths[s] for s in shards)
     weight_map = {tensor: paths[shard] for tensor, shard in names.items()}
-    _WEIGHT_MAPS[key] = (names, shards, files, weight_map)
-    while len(_WEIGHT_MAPS) > _WEIGHT_MAPS_KEPT:
-        _WEIGHT_MAPS.popitem(last=False)
+    _keep_recent(_WEIGHT_MAPS, key, (names, shards, files, weight_map))
     return shards, files, weight_map
 
 
@@ -331,9 +336,7 @@ def check_weight_map(files: CheckpointFiles, headers: Mapping[str, SafetensorsHe
         _PASSED_WEIGHT_MAPS.move_to_end(key)
         return
     _check_weight_map(files, headers)
-    _PASSED_WEIGHT_MAPS[key] = (files.weight_map, tables)  # holds them: the ids stay theirs
-    while len(_PASSED_WEIGHT_MAPS) > _WEIGHT_MAPS_KEPT:
-        _PASSED_WEIGHT_MAPS.popitem(last=False)
+    _keep_recent(_PASSED_WEIGHT_MAPS, key, (files.weight_map, tables))  # holds them: the ids stay theirs
 
 
 # (id of the weight map, shard paths, ids of the headers' tensor tables) of checks that passed.
