@@ -12,6 +12,8 @@ import re
 from typing import Dict, List, Sequence, Tuple
 
 _EXPERT_KEY = re.compile(r"experts\.(\d+)\.([^.]+)\.")
+# Every occurrence in a name, overlapping ones included (a lookahead consumes nothing).
+_EXPERT_KEYS_IN_NAME = re.compile(r"(?=experts\.(\d+)\.([^.]+)\.)")
 
 
 class ExpertMappingIndex:
@@ -30,11 +32,14 @@ class ExpertMappingIndex:
 
     def candidates(self, name: str) -> List[Tuple]:
         """Return the mappings whose weight name is a substring of ``name``, in original order."""
-        found = [
-            item
-            for m in _EXPERT_KEY.finditer(name)
-            for item in self._by_key.get((m.group(1), m.group(2)), ())
-        ]
-        found += [item for item in self._unindexed if item[1][1] in name]
-        found = [item for item in found if item[1][1] in name]
-        return [mapping for _, mapping in sorted(found, key=lambda item: item[0])]
+        keys = _EXPERT_KEY.findall(name)
+        if len(keys) != name.count("experts."):
+            # An occurrence that did not start a match may start one inside another match.
+            keys = _EXPERT_KEYS_IN_NAME.findall(name)
+        if len(keys) == 1 and not self._unindexed:
+            # The common case (one expert key, every mapping indexed): the key's mappings,
+            # kept in original order when indexed; their weight name is the matched text.
+            return [mapping for _, mapping in self._by_key.get(keys[0], ())]
+        found = dict(item for key in set(keys) for item in self._by_key.get(key, ()))
+        found.update(item for item in self._unindexed if item[1][1] in name)
+        return [found[position] for position in sorted(found)]

@@ -70,6 +70,20 @@ def _geometry(t: torch.Tensor, base_offset: int = 0) -> Geometry:
     return (t.storage_offset() - base_offset, tuple(t.shape), tuple(t.stride()))
 
 
+# How the recorder treats an operator (decided once per operator, ``_kind_of``).
+_PURE, _COPY, _ZERO, _FILL, _MUTATING = range(5)
+
+
+def _kind_of(func) -> int:
+    if func is aten.copy_.default:
+        return _COPY
+    if func is aten.zero_.default:
+        return _ZERO
+    if func is aten.fill_.Scalar:
+        return _FILL
+    return _MUTATING if func._schema.is_mutable else _PURE
+
+
 class _CopyRecorder(TorchDispatchMode):
     """Records copies from probes into parameters; lets pure (non-mutating) ops run."""
 
@@ -91,36 +105,42 @@ class _CopyRecorder(TorchDispatchMode):
         self.copies: List[RecordedCopy] = []
         self.zeros: List[RecordedZero] = []
         self.used: set = set()
+        # Most operations a loader runs are views (slice, select, detach: ~3 per expert
+        # tensor of a MoE): each is classified once, then run with no further test.
+        self.kinds: Dict[object, int] = {}
 
     def _param_of(self, t: torch.Tensor):
         return self.param_storages.get(t.untyped_storage()._cdata)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is aten.copy_.default:
+        kind = self.kinds.get(func)
+        if kind is None:
+            kind = self.kinds[func] = _kind_of(func)
+        if kind == _PURE:
+            return func(*args, **kwargs) if kwargs else func(*args)
+        if kind == _COPY:
             return self._record_copy(args[0], args[1])
-        if func is aten.zero_.default or (
-            func is aten.fill_.Scalar and args[1] == 0
-        ):
+        kwargs = kwargs or {}
+        if kind == _ZERO or (kind == _FILL and args[1] == 0):
             target = self._param_of(args[0])
             if target is None:
                 return func(*args, **kwargs)
             self.zeros.append(RecordedZero(target[0], _geometry(args[0], target[1])))
             return args[0]
-        if func._schema.is_mutable:
-            for a in args:
-                if isinstance(a, torch.Tensor) and self._param_of(a) is not None:
-                    raise UnsupportedModelError(
-                        f"weight loader applies {func} to parameter {self._param_of(a)[0]} "
-                        f"while loading {self.current!r}"
-                    )
+        # A mutating operation (``fill_`` with another value included): refused on a parameter.
+        for a in args:
+            if isinstance(a, torch.Tensor) and self._param_of(a) is not None:
+                raise UnsupportedModelError(
+                    f"weight loader applies {func} to parameter {self._param_of(a)[0]} "
+                    f"while loading {self.current!r}"
+                )
         return func(*args, **kwargs)
 
     def _record_copy(self, dst: torch.Tensor, src: torch.Tensor):
         target = self._param_of(dst)
-        probe = self.probes.get(src.untyped_storage()._cdata) if src.device.type == "meta" else None
+        probe = self.probes.get(src.untyped_storage()._cdata) if src.is_meta else None
         if target is None:
-            if probe is not None or dst.device.type == "meta":
+            if probe is not None or dst.is_meta:
                 raise UnsupportedModelError(
                     f"weight loader copies checkpoint tensor {self.current!r} into a temporary, "
                     "not into a parameter"
@@ -131,7 +151,7 @@ class _CopyRecorder(TorchDispatchMode):
                 f"weight loader writes parameter {target[0]} from a computed tensor while "
                 f"loading {self.current!r}"
             )
-        if tuple(dst.shape) != tuple(src.shape):
+        if dst.shape != src.shape:
             raise CheckpointMismatchError(
                 "<checkpoint>",
                 f"has shape that does not fit parameter {target[0]!r}: the loader copies "
