@@ -225,8 +225,9 @@ def forget_process_memos() -> None:
     validated safetensors headers, parsed index files, and the source-file digests of the
     plan store's key (earlier loads, the warm-up's included, filled them)."""
     from sglang_fastload.checkpoint import checkpoint_files, safetensors_header
-    from sglang_fastload.loader import plan_key
+    from sglang_fastload.loader import plan_key, plan_store
 
+    plan_store.wait_for_writes()  # the previous server process finished storing its plan
     with safetensors_header._MEMO_LOCK:
         safetensors_header._MEMO.clear()
         safetensors_header._memo_bytes = 0

@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     _, model_config, load_config = session.configure(info.directory, gb.CONTENDERS["fast"])
     model, _ = session.load(model_config, load_config)
     fast_model_loader.build_plan = build_plan
+    plan_store.wait_for_writes()
 
     headers = {f: read_header(f) for f in sorted(glob.glob(os.path.join(info.directory, "*.safetensors")))}
     params = dict(model.named_parameters(remove_duplicate=False))

@@ -71,6 +71,7 @@ def main(argv=None) -> int:
         gb.free_memory("cpu")
         _, model_config, load_config = session.configure(info.directory, gb.CONTENDERS["fast"])
         model, t = session.load(model_config, load_config)
+        plan_store.wait_for_writes()  # as the next server process would find it
         s = summaries.items[-1]
         plans.setdefault(s["plan_source"], []).append(s["plan_seconds"])
         shares.setdefault(s["plan_source"], []).append(s["plan_seconds"] / t["load_s"])

@@ -75,6 +75,9 @@ PLAN_STORE_SUBDIR = ("sglang_fastload", "plans")
 # Plan files kept (the most recently used): one per model, rank, placement and layout, so
 # two or more configurations of an 8-rank server.
 PLAN_STORE_MAX_FILES = 32
+# Seconds a normal interpreter exit waits for each plan still being stored (a stalled
+# file system must not hold a server's shutdown).
+PLAN_STORE_EXIT_WAIT_S = 10.0
 
 # "1" makes the tensor-parallel ranks of a node read the spans holding row shards once
 # between them and share them (sglang_fastload/loader/shared_spans.py) instead of each rank

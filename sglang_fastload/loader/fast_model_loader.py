@@ -469,14 +469,15 @@ class FastModelLoader(DefaultModelLoader):
 
     @staticmethod
     def _store_plan(prepared: PreparedLoad) -> None:
-        # After the load, so only plans that loaded a checkpoint are kept, and once.
+        # After the load, so only plans that loaded a checkpoint are kept, and once; off the
+        # load's path (plan_store.write_plan_in_background).
         key, prepared.store_key = prepared.store_key, None
-        t0 = time.perf_counter()
-        path = plan_store.write_plan(key, prepared.plan)
-        if path is not None:
-            logger.info(
-                "sglang-fastload: load plan stored in %.3f s%s: %s", time.perf_counter() - t0, _rank_suffix(), path
-            )
+        rank = _rank_suffix()
+
+        def stored(path: str, seconds: float) -> None:
+            logger.info("sglang-fastload: load plan stored in %.3f s%s: %s", seconds, rank, path)
+
+        plan_store.write_plan_in_background(key, prepared.plan, stored)
 
     def _load_prepared(self, model, prepared: PreparedLoad, target_device, node=None) -> None:
         # A cached plan may come from another checkpoint of the same layout: bind its files

@@ -6,6 +6,7 @@ store can be switched off; concurrent writers never leave a torn file."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import gzip
 import json
 import os
@@ -432,3 +433,29 @@ def test_plan_kept_in_memory_is_keyed_by_the_expert_location_map_and_plan_knobs(
     assert keys[0] == keys[1] and keys[0] != keys[2]
     other_knobs = SimpleNamespace(min_segment_bytes=1, chunk_bytes=64 << 20)
     assert memory_plan_key(other_knobs, headers, "cpu") != keys[2]
+
+
+def test_a_plan_is_stored_off_the_callers_path_with_the_collector_paused(tiny, monkeypatch):
+    plan, headers, params = tiny
+    collecting = gc.isenabled()
+    release = threading.Event()
+    seen = {}
+    encode = plan_store.encode_plan
+
+    def slow_encode(*args):
+        seen["collector on"] = gc.isenabled()
+        assert release.wait(30)
+        return encode(*args)
+
+    monkeypatch.setattr(plan_store, "encode_plan", slow_encode)
+    done = []
+    plan_store.write_plan_in_background("k-bg", plan, lambda path, seconds: done.append((path, seconds)))
+    assert not done and plan_store.read_plan("k-bg", headers, params) is None  # returned before writing
+    release.set()
+    plan_store.wait_for_writes()
+    assert seen["collector on"] is False
+    [(path, seconds)] = done
+    assert os.path.basename(path).startswith("k-bg") and seconds >= 0
+    got = plan_store.read_plan("k-bg", headers, params)
+    assert got is not None and got.files[0].steps == plan.files[0].steps
+    assert gc.isenabled() == collecting  # the pause ended with the write

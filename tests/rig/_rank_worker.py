@@ -81,6 +81,11 @@ def main(spec_path: str, rank: int) -> int:
         else:
             _run_case(case, rank, world, one, log, init_distributed=first)
         first = False
+        # As a running server would, finish storing a plan this case built (its log line
+        # belongs to the case; the worker leaves with os._exit, which waits for nothing).
+        from sglang_fastload.loader import plan_store
+
+        plan_store.wait_for_writes()
         if len(cases) > 1:
             log.info("rig case %d end", index)
         result["cases"].append(one)
