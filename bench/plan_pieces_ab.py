@@ -43,6 +43,11 @@ from bench import synthetic_checkpoints as sc  # noqa: E402
 def module_at(ref: str, relpath: str, name: str):
     """The module ``relpath`` of the package as it was at ``ref`` (imports resolve to this tree)."""
     source = subprocess.run(["git", "-C", ROOT, "show", f"{ref}:{relpath}"], check=True, capture_output=True, text=True).stdout
+    return module_from_source(source, name)
+
+
+def module_from_source(source: str, name: str):
+    """A module made from ``source`` under ``name`` (its imports resolve to this tree)."""
     path = os.path.join(tempfile.mkdtemp(prefix="plan-pieces-"), f"{name}.py")
     with open(path, "w") as f:
         f.write(source)
