@@ -40,9 +40,13 @@ def moe_arguments(description: str) -> argparse.ArgumentParser:
 
 
 def cpu_moe_checkpoint(args):
-    """Quiet logging, SGLang with the overlay, and ``cpu_bench.py``'s MoE checkpoint (written once)."""
+    """Quiet logging, SGLang with the overlay (and, where the image lacks them, the benches'
+    import stand-ins for GPU kernel packages), and ``cpu_bench.py``'s MoE checkpoint (written once)."""
     logging.basicConfig(level=logging.ERROR, stream=sys.stdout, force=True)
     gb.activate_site(None)
+    from bench import import_standins_for_bench
+
+    import_standins_for_bench.activate()  # a GPU machine's image lacks sgl_kernel (real installs win)
     spec = sc.moe_spec("cpu", layers=args.layers)
     spec.cfg["num_experts"] = args.experts
     return sc.write_checkpoint(os.path.join(args.workdir, f"moe-{args.experts}x{args.layers}"), spec,
