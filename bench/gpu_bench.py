@@ -223,7 +223,8 @@ def as_first_start(cont: Contender, plan_base: str) -> None:
 def forget_process_memos() -> None:
     """Forget what this process memoized about files, as a new server process starts without:
     validated safetensors headers, parsed index files, and the source-file digests of the
-    plan store's key (earlier loads, the warm-up's included, filled them)."""
+    plan store's key (earlier loads, the warm-up's included, filled them; a new process
+    starts from those kept beside the plans)."""
     from sglang_fastload.checkpoint import checkpoint_files, safetensors_header
     from sglang_fastload.loader import plan_key, plan_store
 
@@ -234,6 +235,7 @@ def forget_process_memos() -> None:
     checkpoint_files._INDEX_MEMO.clear()
     checkpoint_files._index_memo_bytes = 0
     plan_key._FILE_DIGESTS.clear()
+    plan_key._DIGESTS_FROM = None  # a new process reads the digests kept beside the plans
 
 
 @contextlib.contextmanager

@@ -18,6 +18,9 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
+from sglang_fastload.loader import source_digest_cache
+from sglang_fastload.loader.plan_store_location import store_dir
+
 # Bump whenever the stored file's layout or the meaning of a plan's fields changes.
 PLAN_SCHEMA_VERSION = 1
 
@@ -81,16 +84,22 @@ def _tensor_digest(t: torch.Tensor) -> str:
 
 # --------------------------------------------------------------------------- source files
 
-# (path, size, mtime) -> content digest: each file is read once per process while unchanged.
+# (path, size, mtime_ns, inode) -> content digest: each file is read once while unchanged;
+# kept beside the stored plans between processes (source_digest_cache.py).
 _FILE_DIGESTS: Dict[tuple, str] = {}
+# The store directory whose kept digests were merged into _FILE_DIGESTS (once per process),
+# and how many digests this process computed (a reason to keep them).
+_DIGESTS_FROM: Optional[str] = None
+_computed = 0
 
 
 def _file_digest(path: str) -> str:
+    global _computed
     try:
         st = os.stat(path)
     except OSError as exc:
         return f"unreadable:{exc.errno}"
-    memo = (path, st.st_size, st.st_mtime_ns)
+    memo = (path, st.st_size, st.st_mtime_ns, st.st_ino)
     cached = _FILE_DIGESTS.get(memo)
     if cached is None:
         try:
@@ -99,6 +108,7 @@ def _file_digest(path: str) -> str:
         except OSError as exc:
             cached = f"unreadable:{exc.errno}"
         _FILE_DIGESTS[memo] = cached
+        _computed += 1
     return cached
 
 
@@ -331,6 +341,15 @@ def plan_key_and_parts(model: torch.nn.Module, knobs: LoadKnobs, headers: Mappin
     Two starts that should share a plan but do not log different parts: the part that
     differs names the ingredient that changed between them.
     """
+    global _DIGESTS_FROM, _computed
+    directory = store_dir()
+    if directory is not None and _DIGESTS_FROM != directory:
+        for memo, value in source_digest_cache.load(directory).items():
+            _FILE_DIGESTS.setdefault(memo, value)
+        _DIGESTS_FROM = directory
+    _computed = 0
     ingredients = key_ingredients(model, knobs, headers)
+    if directory is not None and _computed:
+        source_digest_cache.save(directory, _FILE_DIGESTS)
     parts = " ".join(f"{name}={digest({name: value})[:8]}" for name, value in sorted(ingredients.items()))
     return digest(ingredients), parts

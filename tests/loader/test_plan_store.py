@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from safetensors.torch import save_file
 
 from sglang_fastload import constants
 from sglang_fastload.checkpoint.safetensors_header import read_header
-from sglang_fastload.loader import plan_key, plan_store
+from sglang_fastload.loader import plan_key, plan_store, source_digest_cache
 from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, LoadPlan, fill_chunks, make_step
 from tests.rig.inprocess import CaseSpec, compare_params, load_cases
 
@@ -459,3 +460,53 @@ def test_a_plan_is_stored_off_the_callers_path_with_the_collector_paused(tiny, m
     got = plan_store.read_plan("k-bg", headers, params)
     assert got is not None and got.files[0].steps == plan.files[0].steps
     assert gc.isenabled() == collecting  # the pause ended with the write
+
+
+def test_source_digests_are_kept_beside_the_plans_for_the_next_process(one_rank, store):
+    # The first start hashed the source files its key covers and kept the digests; the
+    # second (a new process) reused them and still found its plans (test above).
+    kept = source_digest_cache.load(str(store))
+    assert len(kept) > 100, len(kept)  # SGLang's layer and loader modules, this package's files
+    checked = 0
+    for (path, size, mtime_ns, inode), value in kept.items():
+        st = os.stat(path)
+        if (st.st_size, st.st_mtime_ns, st.st_ino) == (size, mtime_ns, inode):
+            with open(path, "rb") as f:
+                assert value == hashlib.sha256(f.read()).hexdigest(), path
+            checked += 1
+    assert checked > 100
+
+
+def _kept_only(monkeypatch, directory):
+    """This process's digests as a new process starts them: only what the store kept."""
+    monkeypatch.setattr(plan_key, "_FILE_DIGESTS", dict(source_digest_cache.load(directory)))
+
+
+def test_a_kept_digest_is_used_only_while_its_file_is_unchanged(tmp_path, monkeypatch):
+    module = tmp_path / "module.py"
+    module.write_text("a = 1\n")
+    st = os.stat(module)
+    directory = str(tmp_path / "store")
+    source_digest_cache.save(directory, {(str(module), st.st_size, st.st_mtime_ns, st.st_ino): "kept"})
+    _kept_only(monkeypatch, directory)
+    assert plan_key._file_digest(str(module)) == "kept"  # reused, not read
+
+    module.write_text("a = 22\n")  # edited in place
+    assert plan_key._file_digest(str(module)) == hashlib.sha256(b"a = 22\n").hexdigest()
+
+    # Replaced by another file of the same size and modification time (a reinstall that
+    # keeps times): the inode differs, so the content is read again.
+    st = os.stat(module)
+    source_digest_cache.save(directory, {(str(module), st.st_size, st.st_mtime_ns, st.st_ino): "kept"})
+    other = tmp_path / "other.py"
+    other.write_text("a = 33\n")
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(other, module)
+    _kept_only(monkeypatch, directory)
+    assert plan_key._file_digest(str(module)) == hashlib.sha256(b"a = 33\n").hexdigest()
+
+
+@pytest.mark.parametrize("content", [b"", b"not json", b'{"a": 1}', b'[["p", 1, 2, 3], ["p", "1", 2, 3, "d"]]'])
+def test_an_unusable_digest_file_is_ignored(tmp_path, content):
+    (tmp_path / source_digest_cache.FILE_NAME).write_bytes(content)
+    assert source_digest_cache.load(str(tmp_path)) == {}
