@@ -87,14 +87,11 @@ def _tensor_digest(t: torch.Tensor) -> str:
 # (path, size, mtime_ns, inode) -> content digest: each file is read once while unchanged;
 # kept beside the stored plans between processes (source_digest_cache.py).
 _FILE_DIGESTS: Dict[tuple, str] = {}
-# The store directory whose kept digests were merged into _FILE_DIGESTS (once per process),
-# and how many digests this process computed (a reason to keep them).
+# The store directory whose kept digests were merged into _FILE_DIGESTS (once per process).
 _DIGESTS_FROM: Optional[str] = None
-_computed = 0
 
 
 def _file_digest(path: str) -> str:
-    global _computed
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -108,7 +105,6 @@ def _file_digest(path: str) -> str:
         except OSError as exc:
             cached = f"unreadable:{exc.errno}"
         _FILE_DIGESTS[memo] = cached
-        _computed += 1
     return cached
 
 
@@ -341,15 +337,15 @@ def plan_key_and_parts(model: torch.nn.Module, knobs: LoadKnobs, headers: Mappin
     Two starts that should share a plan but do not log different parts: the part that
     differs names the ingredient that changed between them.
     """
-    global _DIGESTS_FROM, _computed
+    global _DIGESTS_FROM
     directory = store_dir()
     if directory is not None and _DIGESTS_FROM != directory:
         for memo, value in source_digest_cache.load(directory).items():
             _FILE_DIGESTS.setdefault(memo, value)
         _DIGESTS_FROM = directory
-    _computed = 0
+    known = len(_FILE_DIGESTS)
     ingredients = key_ingredients(model, knobs, headers)
-    if directory is not None and _computed:
+    if directory is not None and len(_FILE_DIGESTS) > known:  # some files were hashed
         source_digest_cache.save(directory, _FILE_DIGESTS)
     parts = " ".join(f"{name}={digest({name: value})[:8]}" for name, value in sorted(ingredients.items()))
     return digest(ingredients), parts

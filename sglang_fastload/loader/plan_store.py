@@ -26,7 +26,6 @@ import operator
 import os
 import threading
 import time
-import uuid
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -36,7 +35,7 @@ from sglang_fastload.checkpoint.safetensors_header import torch_dtype_name
 from sglang_fastload.loader.collector_pause import collector_paused
 from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan, is_contiguous, numel
 from sglang_fastload.loader.plan_key import PLAN_SCHEMA_VERSION
-from sglang_fastload.loader.plan_store_location import SUFFIX, store_dir
+from sglang_fastload.loader.plan_store_location import SUFFIX, replace_atomically, store_dir
 from sglang_fastload.loader.replay import RecordedZero
 
 logger = logging.getLogger(__name__)
@@ -338,21 +337,12 @@ def write_plan(key: str, plan: LoadPlan) -> Optional[str]:
     directory = store_dir()
     if directory is None:
         return None
-    path = path_for(directory, key)
-    tmp = os.path.join(directory, f".{key}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex}.tmp")
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
         payload = json.dumps(encode_plan(plan, key), separators=(",", ":")).encode()
-        with open(tmp, "wb") as raw:
-            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=GZIP_LEVEL, mtime=0) as f:
-                f.write(payload)
-        os.replace(tmp, path)
+        path = replace_atomically(directory, key + SUFFIX,
+                                  gzip.compress(payload, compresslevel=GZIP_LEVEL, mtime=0))
     except Exception as exc:
         logger.warning("sglang-fastload: could not store the load plan in %s (%s: %s)", directory, type(exc).__name__, exc)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         return None
     try:
         prune(directory, constants.PLAN_STORE_MAX_FILES)

@@ -1,8 +1,11 @@
-"""Where the load plan store lives (stdlib only: the CLI's ``status`` reads it without torch)."""
+"""Where the load plan store lives, and how a file gets into it (stdlib only: the CLI's
+``status`` reads it without torch)."""
 
 from __future__ import annotations
 
 import os
+import threading
+import uuid
 from typing import Optional
 
 from sglang_fastload import constants
@@ -20,6 +23,33 @@ def store_dir() -> Optional[str]:
         return os.path.abspath(os.path.expanduser(explicit))
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, *constants.PLAN_STORE_SUBDIR)
+
+
+def replace_atomically(directory: str, name: str, data: bytes) -> str:
+    """Write ``data`` as ``directory/name`` under a unique temporary name, then rename it into
+    place: concurrent writers (ranks, servers sharing the directory) each leave a whole file
+    and a reader sees a whole file or none. The directory is created private (0700).
+
+    Returns:
+        The file's path.
+
+    Raises:
+        OSError: the directory or the file could not be written (the temporary is removed).
+    """
+    path = os.path.join(directory, name)
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex}.tmp")
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
 
 
 def describe() -> str:

@@ -5,7 +5,7 @@ hashing them costs every server start ~10-20 ms (342 files on the CI machine, 9.
 17.8 ms key). Here each digest is kept with the file's size, modification time (in ns) and
 inode, and is reused only while all three are unchanged: a stricter test than Python's own
 for reusing a module's cached bytecode (size and whole seconds). The file is data (JSON, no
-code), written under a unique name and renamed into place, and ignored when unreadable.
+code), written as the plans are (``replace_atomically``), and ignored when unreadable.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
-import uuid
 from typing import Dict, Tuple
+
+from sglang_fastload.loader.plan_store_location import replace_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +47,7 @@ def load(directory: str) -> Dict[StatKey, str]:
 def save(directory: str, digests: Dict[StatKey, str]) -> None:
     """Store ``digests`` (the newest ``MAX_ENTRIES``) in ``directory``; problems are logged, never raised."""
     rows = [[*key, value] for key, value in list(digests.items())[-MAX_ENTRIES:] if not value.startswith("unreadable:")]
-    tmp = os.path.join(directory, f".{FILE_NAME}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex}.tmp")
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(rows, f, separators=(",", ":"))
-        os.replace(tmp, os.path.join(directory, FILE_NAME))
+        replace_atomically(directory, FILE_NAME, json.dumps(rows, separators=(",", ":")).encode())
     except OSError as exc:
         logger.info("sglang-fastload: source digests not kept in %s (%s)", directory, exc)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
