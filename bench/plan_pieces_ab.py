@@ -10,8 +10,13 @@ directory), then times, for the modules of this tree and the same modules as the
 
 - ``build_plan`` on the copies the load's replay recorded (what a first start pays after
   the replay),
-- ``decode_plan`` of the stored plan (what a restart pays to read it back),
+- reading the stored plan back: decompression, JSON parse and ``decode_plan`` of the plan as
+  each version encodes it (``encode_plan``, gzip level 1), i.e. what a restart pays,
+- ``parse_header`` of every checkpoint file's header and the key's ``checkpoint_layout``,
 - ``parse_index`` of the checkpoint's index, repeated to ``--index-entries`` entries.
+
+``--model moe-small`` is the CPU benchmarks' Qwen3-MoE shape (128 experts, small hidden
+size): as many tensors per layer as the real model (6,291 at 16 layers) in little disk.
 
 Pieces whose module is unchanged at ``--ref`` time the same code twice (a noise check).
 Only this process's interpreter work is measured: no read, no copy.
@@ -58,6 +63,14 @@ def module_from_source(source: str, name: str):
     return module
 
 
+def raw_header(path: str):
+    """``(the file's first bytes through its header, the file's size)``: ``parse_header``'s input."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        f.seek(0)
+        return f.read(8 + length), os.fstat(f.fileno()).st_size
+
+
 def alternate(pieces, repeats: int):
     """``{label: [seconds, ...]}`` for ``pieces`` = ``[(label, callable), ...]``, run in turn."""
     times = {label: [] for label, _ in pieces}
@@ -71,7 +84,7 @@ def alternate(pieces, repeats: int):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=("dense", "moe"), default="dense")
+    p.add_argument("--model", choices=("dense", "moe", "moe-small"), default="dense")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--ref", required=True, help="git ref to compare with (e.g. a commit before a change)")
     p.add_argument("--repeats", type=int, default=15)
@@ -87,14 +100,21 @@ def main(argv=None) -> int:
     if args.model == "dense":
         spec = sc.dense_spec("full")
         spec.cfg["num_hidden_layers"] = args.layers
-    else:
+    elif args.model == "moe":
         spec = sc.moe_spec("full", layers=args.layers)
+    else:
+        spec = sc.moe_spec("cpu", layers=args.layers)
+        spec.cfg["num_experts"] = 128
+        from bench import import_standins_for_bench
+
+        import_standins_for_bench.activate()  # a GPU machine's image lacks sgl_kernel (real installs win)
     info = sc.write_checkpoint(os.path.join(args.workdir, f"{args.model}-{args.layers}"), spec,
                                shard_bytes=int(1.5e9), log=gb.log)
 
-    from sglang_fastload.checkpoint import checkpoint_files
+    from sglang_fastload.checkpoint import checkpoint_files, safetensors_header
     from sglang_fastload.checkpoint.safetensors_header import read_header
-    from sglang_fastload.loader import fast_model_loader, plan, plan_store
+    from sglang_fastload.loader import fast_model_loader, plan, plan_key, plan_store
+    from sglang_fastload.loader.collector_pause import collector_paused
 
     recorded = {}
     build_plan = fast_model_loader.build_plan
@@ -110,12 +130,13 @@ def main(argv=None) -> int:
     fast_model_loader.build_plan = build_plan
     plan_store.wait_for_writes()
 
-    headers = {f: read_header(f) for f in sorted(glob.glob(os.path.join(info.directory, "*.safetensors")))}
+    files = sorted(glob.glob(os.path.join(info.directory, "*.safetensors")))
+    headers = {f: read_header(f) for f in files}
+    header_bytes = [(f, *raw_header(f)) for f in files]
     params = dict(model.named_parameters(remove_duplicate=False))
     stored = [os.path.join(store, n) for n in os.listdir(store) if n.endswith(plan_store.SUFFIX)]
     with gzip.open(stored[0], "rb") as f:
-        data = json.loads(f.read())
-    key = data["key"]
+        key = json.loads(f.read())["key"]
     (index_path,) = glob.glob(os.path.join(info.directory, "*.index.json"))
     with open(index_path) as f:
         weight_map = json.load(f)["weight_map"]
@@ -126,21 +147,40 @@ def main(argv=None) -> int:
     old_plan = module_at(args.ref, "sglang_fastload/loader/plan.py", "plan_at_ref")
     old_store = module_at(args.ref, "sglang_fastload/loader/plan_store.py", "plan_store_at_ref")
     old_files = module_at(args.ref, "sglang_fastload/checkpoint/checkpoint_files.py", "checkpoint_files_at_ref")
+    old_header = module_at(args.ref, "sglang_fastload/checkpoint/safetensors_header.py", "safetensors_header_at_ref")
+    old_key = module_at(args.ref, "sglang_fastload/loader/plan_key.py", "plan_key_at_ref")
     a, kw = recorded["args"]
     built = {"tree": plan.build_plan(*a, **kw), args.ref: old_plan.build_plan(*a, **kw)}
+    # Each version's own file for the same plan (the tree's build), as its write_plan makes it.
+    files_of = {label: gzip.compress(json.dumps(m.encode_plan(built["tree"], key), separators=(",", ":")).encode(),
+                                     compresslevel=1, mtime=0)
+                for label, m in (("tree", plan_store), (args.ref, old_store))}
+
+    def read_back(module, blob):
+        with collector_paused():  # as read_plan parses and decodes
+            return module.decode_plan(json.loads(gzip.decompress(blob)), key, headers, params)
+
     times = alternate([
         (f"build_plan {args.ref}", lambda: old_plan.build_plan(*a, **kw)),
         ("build_plan tree", lambda: plan.build_plan(*a, **kw)),
-        (f"decode_plan {args.ref}", lambda: old_store.decode_plan(data, key, headers, params)),
-        ("decode_plan tree", lambda: plan_store.decode_plan(data, key, headers, params)),
+        (f"read stored plan {args.ref}", lambda: read_back(old_store, files_of[args.ref])),
+        ("read stored plan tree", lambda: read_back(plan_store, files_of["tree"])),
+        (f"parse_header {args.ref}", lambda: [old_header.parse_header(*h) for h in header_bytes]),
+        ("parse_header tree", lambda: [safetensors_header.parse_header(*h) for h in header_bytes]),
+        (f"checkpoint_layout {args.ref}", lambda: old_key.checkpoint_layout(headers)),
+        ("checkpoint_layout tree", lambda: plan_key.checkpoint_layout(headers)),
         (f"parse_index {args.ref}", lambda: old_files.parse_index(index_path, index)),
         ("parse_index tree", lambda: checkpoint_files.parse_index(index_path, index)),
     ], args.repeats)
+    for label, blob in files_of.items():
+        got = read_back(plan_store if label == "tree" else old_store, blob)
+        assert [fp.steps for fp in got.files] == [fp.steps for fp in built["tree"].files], label
 
     steps = {label: sum(len(fp.steps) for fp in p.files) for label, p in built.items()}
-    decoded = sum(len(fp.steps) for fp in plan_store.decode_plan(data, key, headers, params).files)
+    decoded = sum(len(fp.steps) for fp in built["tree"].files)
     print(f"\n{spec.label}: {info.tensors} tensors, {info.nbytes / 1e9:.2f} GB; plan steps built by the tree "
-          f"{steps['tree']}, at {args.ref} {steps[args.ref]}; stored plan (the tree's) {decoded} steps; "
+          f"{steps['tree']}, at {args.ref} {steps[args.ref]}; stored plan {decoded} steps, file "
+          f"{len(files_of['tree'])} bytes (at {args.ref} {len(files_of[args.ref])}); "
           f"index {len(weight_map) * copies} entries; {args.repeats} alternated repeats, {os.cpu_count()} CPUs")
     for label, ts in times.items():
         print(f"  {label:32s} median {statistics.median(ts) * 1e3:8.2f} ms   best {min(ts) * 1e3:8.2f} ms")

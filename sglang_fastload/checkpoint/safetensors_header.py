@@ -475,16 +475,19 @@ def parse_header(path: str, prefix: bytes, file_size: int) -> SafetensorsHeader:
     if not isinstance(root, _Pairs):
         raise HeaderError(path, f"header JSON must be an object, got {_json_type(root)}")
 
-    # Names first, so a duplicate is reported as such whatever its entries hold.
-    seen = set()
-    for name, _ in root:
-        if not _is_unicode(name):
-            raise HeaderError(path, "tensor name is not valid Unicode (lone surrogate escape)", name)
-        if name in seen:
-            if name == _METADATA_KEY:
-                raise HeaderError(path, "'__metadata__' appears more than once in the header")
-            raise HeaderError(path, "tensor name appears more than once in the header", name)
-        seen.add(name)
+    # Names first, so a duplicate is reported as such whatever its entries hold. Checked
+    # all at once; one by one only to name the first bad one.
+    names = [name for name, _ in root]
+    if len(set(names)) != len(names) or not _is_unicode("".join(names)):
+        seen = set()
+        for name in names:
+            if not _is_unicode(name):
+                raise HeaderError(path, "tensor name is not valid Unicode (lone surrogate escape)", name)
+            if name in seen:
+                if name == _METADATA_KEY:
+                    raise HeaderError(path, "'__metadata__' appears more than once in the header")
+                raise HeaderError(path, "tensor name appears more than once in the header", name)
+            seen.add(name)
 
     metadata: Optional[Dict[str, str]] = None
     raw = []
@@ -497,8 +500,9 @@ def parse_header(path: str, prefix: bytes, file_size: int) -> SafetensorsHeader:
 
     # The data section must be tiled exactly: sorted by offsets, each tensor begins where
     # the previous one ended, the first at 0, the last ends at the end of the file.
-    raw.sort(key=lambda r: (r[0], r[1], r[2]))
+    raw.sort()  # by (begin, end, name): names are unique, so later fields never decide
     tensors: Dict[str, TensorEntry] = {}
+    new_entry = object.__new__
     position = 0
     previous = None
     for begin, end, name, dtype, shape in raw:
@@ -517,7 +521,8 @@ def parse_header(path: str, prefix: bytes, file_size: int) -> SafetensorsHeader:
                 f"{what} (bytes {position}..{begin} belong to no tensor)",
                 name,
             )
-        tensors[name] = TensorEntry(name, dtype, shape, data_start + begin, data_start + end)
+        entry = tensors[name] = new_entry(TensorEntry)  # the frozen __init__ sets fields one call at a time
+        entry.__dict__.update(name=name, dtype=dtype, shape=shape, start=data_start + begin, end=data_start + end)
         position = end
         previous = name
     if position != data_len:

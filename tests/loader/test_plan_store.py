@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from sglang_fastload import constants
 from sglang_fastload.checkpoint.safetensors_header import read_header
-from sglang_fastload.loader import plan_key, plan_store, source_digest_cache
+from sglang_fastload.loader import plan_codec, plan_key, plan_store, source_digest_cache
 from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, LoadPlan, fill_chunks, make_step
 from tests.rig.inprocess import CaseSpec, compare_params, load_cases
 
@@ -274,8 +274,28 @@ def _rewrite(path, edit):
         f.write(json.dumps(data).encode())
 
 
-def _bump_read_offset(data):
-    data["plan"]["files"][0][2][-2] += 2  # the step's only read starts one element late
+def _edit_steps(edit):
+    """A ``_rewrite`` edit of the first file's steps, as the list of integers they encode.
+    The tiny plan's one step: tensor, param, itemsize, src dtype, gather, geometry, dst
+    offset, read count, read offset, read bytes."""
+
+    def apply(data):
+        record = data["plan"]["files"][0]
+        steps = plan_codec.unpack_ints(record[2], "steps")
+        edit(steps)
+        record[2] = plan_codec.pack_ints(steps)
+
+    return apply
+
+
+def _edit_geometry(edit):
+    """A ``_rewrite`` edit of the first geometry: ndim, dst sizes, dst strides, view
+    offset, view strides (the tiny plan's: 2, 3, 4, 4, 1, 0, 4, 1)."""
+    return lambda data: edit(data["plan"]["geometries"][0])
+
+
+def _set(index, value):
+    return lambda values: values.__setitem__(index, value)
 
 
 @pytest.mark.parametrize(
@@ -285,17 +305,28 @@ def _bump_read_offset(data):
         (lambda p: open(p, "wb").write(b"\x1f\x8b" + os.urandom(64)), ""),
         (lambda p: _rewrite(p, lambda d: d.update(schema=99)), "schema 99"),
         (lambda p: _rewrite(p, lambda d: d.update(key="other")), "another key"),
-        (lambda p: _rewrite(p, _bump_read_offset), "reads outside the tensor"),
-        (lambda p: _rewrite(p, lambda d: d["plan"]["files"][0][2].__setitem__(2, 4)), "another dtype"),
-        (lambda p: _rewrite(p, lambda d: d["plan"]["files"][0][2].__setitem__(7, 4)), "writes outside parameter"),
-        (lambda p: _rewrite(p, lambda d: d["plan"]["files"][0][2].__setitem__(6, 1.5)), "integers"),
-        (lambda p: _rewrite(p, lambda d: d["plan"]["files"][0][2].__setitem__(11, 100)), "views outside the bytes"),
-        (lambda p: _rewrite(p, lambda d: d["plan"]["files"][0][2].__delitem__(slice(9, None))), "cut short"),
+        (lambda p: _rewrite(p, _edit_steps(lambda s: s.__setitem__(-2, s[-2] + 2))), "reads outside the tensor"),
+        (lambda p: _rewrite(p, _edit_steps(_set(2, 4))), "another dtype"),
+        (lambda p: _rewrite(p, _edit_steps(_set(3, 2))), "another dtype"),  # a dtype the tensor does not have
+        (lambda p: _rewrite(p, _edit_steps(_set(4, 2))), "unknown tensor or parameter"),  # gather neither 0 nor 1
+        (lambda p: _rewrite(p, _edit_steps(_set(6, 1))), "writes outside parameter"),  # dst offset
+        (lambda p: _rewrite(p, _edit_steps(_set(9, 26))), "reads outside the tensor"),  # two bytes too many
+        (lambda p: _rewrite(p, _edit_steps(_set(9, 22))), "views outside the bytes"),  # one element too few
+        (lambda p: _rewrite(p, _edit_steps(lambda s: s.__delitem__(slice(9, None)))), "cut short"),
+        (lambda p: _rewrite(p, _edit_steps(lambda s: s.append(0))), "left over"),
+        (lambda p: _rewrite(p, _edit_steps(_set(5, 1))), "IndexError"),  # no such geometry
+        (lambda p: _rewrite(p, lambda d: d["plan"]["files"][0].__setitem__(2, "AAAA")), "not whole 64-bit"),
+        (lambda p: _rewrite(p, lambda d: d["plan"]["files"][0].__setitem__(2, "not base64!")), "not base64"),
+        (lambda p: _rewrite(p, _edit_geometry(_set(1, 4))), "writes outside parameter"),  # 4 rows of 3
+        (lambda p: _rewrite(p, _edit_geometry(_set(2, 1.5))), "integers"),
+        (lambda p: _rewrite(p, _edit_geometry(_set(5, 1))), "views outside the bytes"),  # view offset
+        (lambda p: _rewrite(p, _edit_geometry(lambda g: g.pop())), "geometry is cut short"),
         (lambda p: _rewrite(p, lambda d: d["plan"]["param_meta"][0].__setitem__(1, [4, 3])), "is not [4, 3]"),
         (lambda p: (os.unlink(p), os.mkdir(p)), "IsADirectoryError"),
     ],
-    ids=["truncated", "garbage", "schema", "key", "read-offset", "itemsize", "dst-size", "float", "view-offset",
-         "cut-short", "shape", "directory"],
+    ids=["truncated", "garbage", "schema", "key", "read-offset", "itemsize", "dtype-index", "gather", "dst-offset",
+         "read-bytes", "read-short", "cut-short", "left-over", "geometry-index", "odd-bytes", "not-base64",
+         "dst-size", "float", "view-offset", "geometry-short", "shape", "directory"],
 )
 def test_damaged_store_file_is_ignored_with_one_warning(tiny, caplog, damage, reason):
     plan, headers, params = tiny
@@ -367,6 +398,54 @@ def test_package_source_digest_follows_content_not_location(tmp_path):
     engine = b / "loader" / "executor.py"
     engine.write_text(engine.read_text() + "\n# changed\n")
     assert plan_key.package_source_digest(str(a)) != plan_key.package_source_digest(str(b))
+
+
+def _write_safetensors(path, tensors, metadata=None):
+    """A safetensors file written from its header: ``tensors`` = [(name, dtype, shape, nbytes)]
+    in data order (any name, even one a library would refuse); the data bytes are zero."""
+    header, offset = {}, 0
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    for name, dtype, shape, nbytes in tensors:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + bytes(offset))
+    return read_header(str(path))
+
+
+def test_checkpoint_layout_digest_changes_exactly_when_the_layout_does(tmp_path):
+    # The key's checkpoint part must tell apart any two headers whose layouts differ (a wrong
+    # reuse loads wrong weights) and match headers that differ only in their metadata's text.
+    base = [("a", "BF16", (3, 4), 24), ("b", "F32", (5,), 20)]
+    variants = {
+        "same": (base, {"step": "1"}),
+        "metadata of the same length": (base, {"step": "2"}),
+        "longer metadata": (base, {"step": "10"}),  # moves every offset
+        "renamed": ([("c", "BF16", (3, 4), 24), base[1]], {"step": "1"}),
+        "other dtype of the same size": ([("a", "F16", (3, 4), 24), base[1]], {"step": "1"}),
+        "other shape of the same size": ([("a", "BF16", (4, 3), 24), base[1]], {"step": "1"}),
+        "other order": ([base[1], base[0]], {"step": "1"}),
+        "names split elsewhere": ([("ab", "BF16", (3, 4), 24), ("c", "F32", (5,), 20)], {"step": "1"}),
+        "names split elsewhere 2": ([("a", "BF16", (3, 4), 24), ("bc", "F32", (5,), 20)], {"step": "1"}),
+        "non-ASCII name": ([("\u00e9", "BF16", (3, 4), 24), base[1]], {"step": "1"}),
+        "a dimension of 1 moved": ([("a", "BF16", (3, 4, 1), 24), ("b", "F32", (5,), 20)], {"step": "1"}),
+        "a dimension of 1 moved 2": ([("a", "BF16", (3, 4), 24), ("b", "F32", (1, 5), 20)], {"step": "1"}),
+    }
+    headers = {}
+    for i, (label, (tensors, metadata)) in enumerate(variants.items()):
+        headers[label] = _write_safetensors(tmp_path / f"{i}.safetensors", tensors, metadata)
+    reference = headers["same"]
+    copy = tmp_path / "elsewhere.safetensors"
+    shutil.copyfile(tmp_path / "0.safetensors", copy)
+    assert plan_key.layout_digest(read_header(str(copy))) == plan_key.layout_digest(reference)
+    for label, header in headers.items():
+        for other_label, other in headers.items():
+            same_layout = header.layout_key() == other.layout_key()
+            assert (plan_key.layout_digest(header) == plan_key.layout_digest(other)) == same_layout, (label, other_label)
+    assert plan_key.layout_digest(headers["metadata of the same length"]) == plan_key.layout_digest(reference)
+    assert len({plan_key.layout_digest(h) for h in headers.values()}) == len(headers) - 1
 
 
 def test_server_args_deny_list_names_real_fields():
