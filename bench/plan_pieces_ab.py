@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/plan_pieces_ab.py --model dense --layers 8 --ref 287d920
     .venv/bin/python bench/plan_pieces_ab.py --model moe --layers 4 --ref 287d920
+    python3 bench/plan_pieces_ab.py --model moe-small --layers 16 --ref-dir DIR   # DIR: the modules at the ref
 
 Writes (once) a checkpoint of real Qwen3-8B or Qwen3-30B-A3B shapes with fewer layers,
 loads it with ``fast`` into SGLang's real model on the CPU (plan store on, in a temporary
@@ -51,6 +52,15 @@ def module_at(ref: str, relpath: str, name: str):
     return module_from_source(source, name)
 
 
+def ref_module(args, relpath: str, name: str):
+    """The module ``relpath`` at the reference: ``args.ref`` from git, or from the file under
+    ``args.ref_dir`` (a machine without the repository)."""
+    if getattr(args, "ref_dir", None):
+        with open(os.path.join(args.ref_dir, relpath)) as f:
+            return module_from_source(f.read(), name)
+    return module_at(args.ref, relpath, name)
+
+
 def module_from_source(source: str, name: str):
     """A module made from ``source`` under ``name`` (its imports resolve to this tree)."""
     path = os.path.join(tempfile.mkdtemp(prefix="plan-pieces-"), f"{name}.py")
@@ -86,7 +96,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("dense", "moe", "moe-small"), default="dense")
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--ref", required=True, help="git ref to compare with (e.g. a commit before a change)")
+    ref = p.add_mutually_exclusive_group(required=True)
+    ref.add_argument("--ref", help="git ref to compare with (e.g. a commit before a change)")
+    ref.add_argument("--ref-dir", help="directory holding the compared modules as in the repository")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--index-entries", type=int, default=6300)
     p.add_argument("--workdir", default="/var/tmp/sglang-fastload-bench-pieces")
@@ -144,11 +156,12 @@ def main(argv=None) -> int:
     index = json.dumps({"metadata": {}, "weight_map": {
         f"{name}.{i}" if i else name: shard for i in range(copies) for name, shard in weight_map.items()}}).encode()
 
-    old_plan = module_at(args.ref, "sglang_fastload/loader/plan.py", "plan_at_ref")
-    old_store = module_at(args.ref, "sglang_fastload/loader/plan_store.py", "plan_store_at_ref")
-    old_files = module_at(args.ref, "sglang_fastload/checkpoint/checkpoint_files.py", "checkpoint_files_at_ref")
-    old_header = module_at(args.ref, "sglang_fastload/checkpoint/safetensors_header.py", "safetensors_header_at_ref")
-    old_key = module_at(args.ref, "sglang_fastload/loader/plan_key.py", "plan_key_at_ref")
+    old_plan = ref_module(args, "sglang_fastload/loader/plan.py", "plan_at_ref")
+    old_store = ref_module(args, "sglang_fastload/loader/plan_store.py", "plan_store_at_ref")
+    old_files = ref_module(args, "sglang_fastload/checkpoint/checkpoint_files.py", "checkpoint_files_at_ref")
+    old_header = ref_module(args, "sglang_fastload/checkpoint/safetensors_header.py", "safetensors_header_at_ref")
+    old_key = ref_module(args, "sglang_fastload/loader/plan_key.py", "plan_key_at_ref")
+    args.ref = args.ref or os.path.basename(os.path.normpath(args.ref_dir))  # the reference's label
     a, kw = recorded["args"]
     built = {"tree": plan.build_plan(*a, **kw), args.ref: old_plan.build_plan(*a, **kw)}
     # Each version's own file for the same plan (the tree's build), as its write_plan makes it.

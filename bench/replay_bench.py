@@ -25,7 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import gpu_bench as gb  # noqa: E402
-from bench.plan_pieces_ab import module_at, module_from_source  # noqa: E402
+from bench.plan_pieces_ab import ref_module  # noqa: E402
 from bench.plan_store_bench import cpu_moe_checkpoint, moe_arguments  # noqa: E402
 
 REPLAY = "sglang_fastload/loader/replay.py"
@@ -34,14 +34,8 @@ EXPERT_MAPPING = "sglang_fastload/expert_mapping.py"
 
 def reference_modules(args: argparse.Namespace):
     """``(replay module, ExpertMappingIndex class)`` as at the reference."""
-    if args.ref_dir:
-        def load(relpath, name):
-            with open(os.path.join(args.ref_dir, relpath)) as f:
-                return module_from_source(f.read(), name)
-    else:
-        def load(relpath, name):
-            return module_at(args.ref, relpath, name)
-    return load(REPLAY, "replay_at_ref"), load(EXPERT_MAPPING, "expert_mapping_at_ref").ExpertMappingIndex
+    return (ref_module(args, REPLAY, "replay_at_ref"),
+            ref_module(args, EXPERT_MAPPING, "expert_mapping_at_ref").ExpertMappingIndex)
 
 
 def recorded(result):
