@@ -116,8 +116,6 @@ CONTENDERS: Dict[str, Contender] = {
             "fastsafetensors", "fastsafetensors", requires="fastsafetensors", description="SGLang's fastsafetensors format"
         ),
         Contender("fast", "fast", upstream_scan=False, description="sglang-fastload (default: 8-16 threads by CPU count, 6 MiB buffers, no zero-copy lane)"),
-        Contender("fast-bind-ahead", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_BIND_AHEAD": "1"},
-                  description="sglang-fastload, every chunk bound before the readers start (before 2026-12-03)"),
         Contender("fast1", "fast", {"num_threads": 1}, upstream_scan=False, description="sglang-fastload, 1 thread"),
         Contender("fast16", "fast", {"num_threads": 16}, upstream_scan=False, description="sglang-fastload, 16 threads"),
         Contender("fast8", "fast", {"num_threads": 8}, upstream_scan=False, description="sglang-fastload, 8 threads"),

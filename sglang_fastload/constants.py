@@ -59,10 +59,6 @@ ENV_DIRECT_CUDA_CALLS = "SGLANG_FASTLOAD_DIRECT_CUDA_CALLS"
 # longer takes the last unstarted chunk of the reader with the most bytes left (executor.py).
 ENV_STEAL_CHUNKS = "SGLANG_FASTLOAD_STEAL_CHUNKS"
 
-# "1" binds every chunk of a load before its readers start (binding.py), as before
-# 2026-12-03, instead of each reader binding its own chunks as it comes to them: to compare.
-ENV_BIND_AHEAD = "SGLANG_FASTLOAD_BIND_AHEAD"
-
 # How a load's chunks are dealt to the reader threads (binding.py): "runs" (default), each
 # reader a contiguous run of the files' chunks, so every reader reads one region front to
 # back; "round-robin", reader k the chunks k, k + T, k + 2T, ... (the dealing before

@@ -410,11 +410,10 @@ def bind(
     sizes[:threads] = [(max(h for h, _ in readers), max(d for _, d in readers))] * threads
     reserve(workers, sizes)
     per_worker: List[List[Optional[BoundChunk]]] = []
-    ahead = os.environ.get(constants.ENV_BIND_AHEAD, "0") == "1"
     for k, (w, mine) in enumerate(zip(workers, dealt)):
         w.runtime = runtime  # bind_chunk binds addresses (runtime) or tensors (torch)
-        if k == lane or ahead:  # the lane's registrar goes through them all first
-            per_worker.append([bind_chunk(c, file_index[c.path], params, w, i % 2, k == lane) for i, c in enumerate(mine)])
+        if k == lane:  # its registrar goes through them all first
+            per_worker.append([bind_chunk(c, file_index[c.path], params, w, i % 2, True) for i, c in enumerate(mine)])
         else:
             per_worker.append([None] * len(mine))  # bound by their reader (Binding.own)
     bound = Binding(

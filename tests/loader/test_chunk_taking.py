@@ -144,19 +144,3 @@ def test_each_reader_binds_its_own_chunks_during_the_load_and_the_next_load_reus
     assert len(calls) == TENSORS  # the second load bound nothing
     (bound,) = cache.values()
     assert all(c is not None for run in bound.per_worker for c in run)
-
-
-def test_binding_ahead_binds_every_chunk_before_the_readers_start(tmp_path, monkeypatch):
-    from sglang_fastload.loader import binding
-
-    monkeypatch.setenv(constants.ENV_BIND_AHEAD, "1")
-    plan, data, nbytes = _plan_and_data(tmp_path)
-    params = {name: torch.full(shape, -1.0) for name, (shape, _) in plan.param_meta.items()}
-    calls = []
-    bind_chunk = binding.bind_chunk
-    monkeypatch.setattr(binding, "bind_chunk", lambda *a, **kw: calls.append(threading.get_ident()) or bind_chunk(*a, **kw))
-    monkeypatch.setenv(constants.ENV_STEAL_CHUNKS, "0")
-    execute_plan(plan, params, device=torch.device("cpu"), num_threads=2, chunk_bytes=nbytes, cache={})
-    for i in range(TENSORS):
-        assert torch.equal(params[f"p{i}"], _expected(data, i)), f"p{i}"
-    assert calls == [threading.get_ident()] * TENSORS
