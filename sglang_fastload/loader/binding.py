@@ -92,19 +92,13 @@ class BoundChunk:
 
 @dataclasses.dataclass
 class Binding:
-    """A plan bound to one set of parameters and workers: chunks per worker, in order.
-
-    A reader's own chunks are bound by that reader when it first comes to them (``own``),
-    not all before the load: binding is interpreter work (~15 us a chunk on an H200 host,
-    0.03-0.06 s for a 16-21 GB checkpoint) that a reader then does while the others read
-    and copy. Bound chunks are kept for the next load; the zero-copy lane's are bound here.
-    """
+    """A plan bound to one set of parameters and workers: chunks per worker, in order."""
 
     steps_lists: Tuple[List[CopyStep], ...]  # kept alive so their ids stay unique
     param_ptrs: Tuple[int, ...]
     workers: List[Worker]
     buffers: List[Tuple[Optional[torch.Tensor], ...]]
-    per_worker: List[List[Optional[BoundChunk]]]  # None: not bound yet
+    per_worker: List[List[BoundChunk]]
     zeros: List[torch.Tensor]
     lane: int = -1  # index of the zero-copy lane in ``workers`` (-1: none)
     runtime: Optional[cuda_runtime.CudaRuntime] = None  # what ``copies`` were bound for
@@ -113,26 +107,6 @@ class Binding:
     # kept in the cache must not keep replaced parameters alive).
     dealt: List[List[Chunk]] = dataclasses.field(default_factory=list)
     file_index: Dict[str, int] = dataclasses.field(default_factory=dict)
-
-    def own(self, reader: int, index: int, params: Dict[str, torch.Tensor]) -> BoundChunk:
-        """Chunk ``index`` dealt to ``reader``, bound for its buffer ``index % 2`` (once: kept).
-
-        Only ``reader`` asks for its own chunks (``executor._DealtChunks`` hands each out once
-        per load), so no two threads bind the same one.
-
-        Args:
-            reader, index: the chunk, as dealt.
-            params: the parameters of this load (``{name: parameter data}``).
-
-        Returns:
-            The bound chunk.
-        """
-        chunk = self.per_worker[reader][index]
-        if chunk is None:
-            dealt = self.dealt[reader][index]
-            chunk = bind_chunk(dealt, self.file_index[dealt.path], params, self.workers[reader], index % 2)
-            self.per_worker[reader][index] = chunk
-        return chunk
 
     def bind_taken(self, owner: int, index: int, reader: int, turn: int, params: Dict[str, torch.Tensor]) -> BoundChunk:
         """Bind chunk ``index`` of reader ``owner`` for reader ``reader``'s buffer ``turn``
@@ -409,13 +383,10 @@ def bind(
     readers = sizes[:threads]
     sizes[:threads] = [(max(h for h, _ in readers), max(d for _, d in readers))] * threads
     reserve(workers, sizes)
-    per_worker: List[List[Optional[BoundChunk]]] = []
+    per_worker = []
     for k, (w, mine) in enumerate(zip(workers, dealt)):
         w.runtime = runtime  # bind_chunk binds addresses (runtime) or tensors (torch)
-        if k == lane:  # its registrar goes through them all first
-            per_worker.append([bind_chunk(c, file_index[c.path], params, w, i % 2, True) for i, c in enumerate(mine)])
-        else:
-            per_worker.append([None] * len(mine))  # bound by their reader (Binding.own)
+        per_worker.append([bind_chunk(c, file_index[c.path], params, w, i % 2, k == lane) for i, c in enumerate(mine)])
     bound = Binding(
         steps_lists=steps_lists,
         param_ptrs=ptrs,

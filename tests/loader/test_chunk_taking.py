@@ -114,33 +114,3 @@ def test_any_reader_count_loads_every_element(tmp_path, monkeypatch, threads, de
     for i in range(TENSORS):
         assert torch.equal(params[f"p{i}"], _expected(data, i)), f"p{i}"
     assert stats.bytes_read == TENSORS * nbytes
-
-
-def test_each_reader_binds_its_own_chunks_during_the_load_and_the_next_load_reuses_them(tmp_path, monkeypatch):
-    # Binding a chunk is interpreter work; done by its reader while the other readers read,
-    # it is off the load's set-up. What was bound is kept for the next load of the same plan.
-    from sglang_fastload.loader import binding
-
-    monkeypatch.setenv(constants.ENV_STEAL_CHUNKS, "0")  # every chunk run (and bound) by its owner
-    plan, data, nbytes = _plan_and_data(tmp_path)
-    params = {name: torch.full(shape, -1.0) for name, (shape, _) in plan.param_meta.items()}
-    calls = []
-    bind_chunk = binding.bind_chunk
-
-    def recording_bind_chunk(*args, **kwargs):
-        calls.append(threading.get_ident())
-        return bind_chunk(*args, **kwargs)
-
-    monkeypatch.setattr(binding, "bind_chunk", recording_bind_chunk)
-    cache = {}
-    for load in range(2):
-        for p in params.values():
-            p.fill_(-1.0)
-        execute_plan(plan, params, device=torch.device("cpu"), num_threads=2, chunk_bytes=nbytes, cache=cache)
-        for i in range(TENSORS):
-            assert torch.equal(params[f"p{i}"], _expected(data, i)), (load, f"p{i}")
-        if load == 0:
-            assert len(calls) == TENSORS and threading.get_ident() not in calls  # one per chunk, by the readers
-    assert len(calls) == TENSORS  # the second load bound nothing
-    (bound,) = cache.values()
-    assert all(c is not None for run in bound.per_worker for c in run)
