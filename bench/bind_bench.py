@@ -1,12 +1,14 @@
 """Time binding a plan as a CUDA reader does (the set-up part of a start-up load), on CPU.
 
-    .venv/bin/python bench/bind_bench.py [--layers 16 --experts 128 --repeats 5 --profile]
+    .venv/bin/python bench/bind_bench.py [--layers 16 --experts 128 --repeats 5 --profile] [--ref REF | --ref-dir DIR]
 
 Loads the CPU Qwen3-MoE checkpoint of ``bench/cpu_bench.py`` once with ``fast`` (16 layers x
 128 experts: 6,291 tensors, like the 16-layer GPU benchmark), takes its plan, then binds it
 ``--repeats`` times with readers set up as on CUDA: staged steps, copies planned as device
 addresses. The device copy is never called, so this is only the Python work of binding,
-which a start-up (and a restart with a stored plan) pays once per model.
+which a start-up (and a restart with a stored plan) pays once per model. With ``--ref`` (a
+git ref) or ``--ref-dir`` (that version's files), ``loader/binding.py`` as it was there is
+timed too, alternated with this tree's in one process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import gpu_bench as gb  # noqa: E402
+from bench.plan_pieces_ab import ref_module  # noqa: E402
 from bench.plan_store_bench import cpu_moe_checkpoint, moe_arguments  # noqa: E402
 
 
@@ -51,6 +54,9 @@ def main(argv=None) -> int:
     # The CPU checkpoint's tensors are ~50 x smaller than the GPU one's: 0.2 MiB chunks give
     # about as many steps per chunk as 6 MiB chunks on the 16-layer GPU checkpoint.
     p.add_argument("--chunk-mib", type=float, default=0.2)
+    ref = p.add_mutually_exclusive_group()
+    ref.add_argument("--ref", help="git ref of a binding.py to compare with")
+    ref.add_argument("--ref-dir", help="directory holding that version's files, as in the repository")
     args = p.parse_args(argv)
     os.environ["SGLANG_FASTLOAD_PLAN_STORE"] = "0"
     info = cpu_moe_checkpoint(args)
@@ -78,23 +84,34 @@ def main(argv=None) -> int:
         workers.append(w)
     staging.reserve(workers, [(chunk, chunk)] * len(workers))
 
-    def bind_all():
+    def bind_all(module=binding):
         t0 = time.perf_counter()
-        n = binding.chunks_of(plan, chunk)
+        n = module.chunks_of(plan, chunk)
         t1 = time.perf_counter()
         for c in n:  # the buffer sizes ``bind`` reserves before binding
-            binding.staged_size(c, True, params)
+            module.staged_size(c, True, params)
         t2 = time.perf_counter()
         for i, c in enumerate(n):
-            binding.bind_chunk(c, 0, params, workers[i % 16], (i // 16) % 2)
+            module.bind_chunk(c, 0, params, workers[i % 16], (i // 16) % 2)
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
-    times = [bind_all() for _ in range(args.repeats)]
-    print(f"{plan_tensors(plan)} steps, {len(chunks)} chunks of {args.chunk_mib:g} MiB")
-    bind_ms = statistics.median(b for _, _, b in times) * 1e3
-    print(f"chunks: median {statistics.median(t for t, _, _ in times) * 1e3:.1f} ms; "
-          f"sizes: median {statistics.median(z for _, z, _ in times) * 1e3:.1f} ms; "
-          f"bind: median {bind_ms:.1f} ms ({bind_ms / len(chunks) * 1e3:.1f} us per chunk)")
+    versions = {"tree": binding}
+    if args.ref or args.ref_dir:
+        versions[args.ref or os.path.basename(os.path.normpath(args.ref_dir))] = ref_module(
+            args, "sglang_fastload/loader/binding.py", "binding_at_ref")
+    times = {label: [] for label in versions}
+    for _ in range(args.repeats):
+        for label, module in versions.items():
+            times[label].append(bind_all(module))
+    print(f"{plan_tensors(plan)} steps, {len(chunks)} chunks of {args.chunk_mib:g} MiB; {args.repeats} repeats"
+          + (", alternated" if len(versions) > 1 else ""))
+    for label, ts in times.items():
+        bind_ms = statistics.median(b for _, _, b in ts) * 1e3
+        total_ms = statistics.median(sum(t) for t in ts) * 1e3
+        print(f"{label:12s} chunks: median {statistics.median(t for t, _, _ in ts) * 1e3:.1f} ms; "
+              f"sizes: median {statistics.median(z for _, z, _ in ts) * 1e3:.1f} ms; "
+              f"bind: median {bind_ms:.1f} ms ({bind_ms / len(chunks) * 1e3:.1f} us per chunk); "
+              f"all three: median {total_ms:.1f} ms")
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()

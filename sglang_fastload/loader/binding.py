@@ -16,7 +16,7 @@ import torch
 
 from sglang_fastload import constants
 from sglang_fastload.loader import cuda_runtime
-from sglang_fastload.loader.plan import CopyStep, LoadPlan, aligned_nbytes, fill_chunks, staging_aligned
+from sglang_fastload.loader.plan import STAGING_ALIGN, CopyStep, LoadPlan, sized_chunks
 from sglang_fastload.loader.staging import Worker, reserve, wait_prepared, workers_for
 
 
@@ -31,11 +31,7 @@ class Chunk:
 
 def chunks_of(plan: LoadPlan, chunk_bytes: int) -> List[Chunk]:
     """Each file's steps, in file order, in full chunks of at most ``chunk_bytes`` (``fill_chunks``)."""
-    return [
-        Chunk(fp.path, steps, sum(aligned_nbytes(st) for st in steps))
-        for fp in plan.files
-        for steps in fill_chunks(fp.steps, chunk_bytes)
-    ]
+    return [Chunk(fp.path, steps, nbytes) for fp in plan.files for steps, nbytes in sized_chunks(fp.steps, chunk_bytes)]
 
 
 def _writable_view(address: int, nbytes: int) -> memoryview:
@@ -198,62 +194,64 @@ def bind_chunk(
     )
     if not staged:
         return bound
-    # Lay out staged steps in one buffer; file-contiguous neighbours share one read.
-    layout: List[Tuple[CopyStep, int]] = []
-    pos = 0
-    prev_end = None
-    for step in staged:
-        if not step.gather and prev_end == step.reads[0][0] and pos % step.itemsize == 0:
-            start = pos
-        else:
-            start = staging_aligned(pos)
-        layout.append((step, start))
-        pos = start + step.nbytes
-        prev_end = None if step.gather else step.reads[-1][0] + step.reads[-1][1]
+    # One pass over the staged steps, in order: where each lies in the buffer (file-contiguous
+    # neighbours share one read), the reads into the buffer, and the copies out of it.
     buf = worker.buffers[turn]
-    segments: List[List[int]] = []  # [file offset, nbytes, buffer position]
-    for step, start in layout:
-        if step.gather:
-            dtype = step.src_dtype or params[step.param].dtype
-            gathers.append((buf.narrow(0, start, step.nbytes).view(dtype).view(step.view[1]), step))
-            continue
-        p = start
-        for off, n in step.reads:
-            if segments and segments[-1][0] + segments[-1][1] == off and segments[-1][2] + segments[-1][1] == p:
-                segments[-1][1] += n
-            else:
-                segments.append([off, n, p])
-            p += n
     base = buf.data_ptr()
-    bound.buffer = turn
-    bound.segments = [(_writable_view(base + p, n), off) for off, n, p in segments]
-    bound.places = [tuple(x) for x in segments]
-    bound.staged_bytes = pos
+    segments: List[List[int]] = []  # [file offset, nbytes, buffer position]
     # CUDA copies of the staged bytes: [target (parameter name or "" for the scratch),
     # byte offset in the target, buffer position, nbytes], merged where both sides continue.
     spans: List[List] = []
-    for step, start in layout:
-        if _goes_straight(step, params, cuda, via_scratch):
-            param = params[step.param]
+    pos = 0
+    prev_end = None
+    for step in staged:
+        gather = step.gather
+        if not gather and prev_end == step.reads[0][0] and pos % step.itemsize == 0:
+            start = pos
+        else:
+            start = (pos + STAGING_ALIGN - 1) // STAGING_ALIGN * STAGING_ALIGN  # staging_aligned
+        nbytes = step.nbytes
+        pos = start + nbytes
+        param = params[step.param]
+        same_dtype = step.src_dtype is None or step.src_dtype == param.dtype  # _same_dtype
+        if gather:
+            prev_end = None
+            gathers.append((buf.narrow(0, start, nbytes).view(step.src_dtype or param.dtype).view(step.view[1]), step))
+        else:
+            p = start
+            for off, n in step.reads:
+                if segments and segments[-1][0] + segments[-1][1] == off and segments[-1][2] + segments[-1][1] == p:
+                    segments[-1][1] += n
+                else:
+                    segments.append([off, n, p])
+                p += n
+            last = step.reads[-1]
+            prev_end = last[0] + last[1]
+        # _goes_straight, inline (this loop runs for every step of a start-up's binding)
+        if cuda and not via_scratch and step.dst_is_contiguous and (gather or step.view_is_dense) and same_dtype:
             target, at = step.param, step.dst[0] * param.element_size()
         elif cuda:
             target, at = "", start
         else:
             target = None
         if target is not None:
-            last = spans[-1] if spans else None
-            if last and last[0] == target and last[1] + last[3] == at and last[2] + last[3] == start:
-                last[3] += step.nbytes
+            last_span = spans[-1] if spans else None
+            if last_span and last_span[0] == target and last_span[1] + last_span[3] == at and last_span[2] + last_span[3] == start:
+                last_span[3] += nbytes
             else:
-                spans.append([target, at, start, step.nbytes])
+                spans.append([target, at, start, nbytes])
             if target:
                 continue
         source = worker.scratch if cuda else buf
-        dst = _param_view(params[step.param], step.dst)
-        src = source.narrow(0, start, step.nbytes).view(step.src_dtype or dst.dtype)
-        off, sizes, strides = step.dense_view if step.gather else step.view
+        dst = _param_view(param, step.dst)
+        src = source.narrow(0, start, nbytes).view(step.src_dtype or dst.dtype)
+        off, sizes, strides = step.dense_view if gather else step.view
         bound.dsts.append(dst)
         bound.srcs.append(src.as_strided(sizes, strides, src.storage_offset() + off))
+    bound.buffer = turn
+    bound.segments = [(_writable_view(base + p, n), off) for off, n, p in segments]
+    bound.places = [tuple(x) for x in segments]
+    bound.staged_bytes = pos
     for target, at, p, n in spans:
         device_tensor = params[target] if target else worker.scratch
         if worker.runtime is not None:
@@ -271,7 +269,7 @@ def staged_size(chunk: Chunk, cuda: bool, params: Dict[str, torch.Tensor], via_s
     scratch = False
     for step in chunk.steps:
         if cuda or not (step.gather or _reads_into_parameter(step, params)):
-            total = staging_aligned(total) + step.nbytes
+            total = (total + STAGING_ALIGN - 1) // STAGING_ALIGN * STAGING_ALIGN + step.nbytes  # staging_aligned
             scratch = scratch or (cuda and not _goes_straight(step, params, cuda, via_scratch))
     return total, (total if scratch else 0)
 

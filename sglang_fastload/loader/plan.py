@@ -398,16 +398,22 @@ def fill_chunks(steps: Sequence[CopyStep], chunk_bytes: int) -> List[List[CopySt
     otherwise take one chunk each. Grouping steps that were already cut this way finds
     nothing more to cut. A step larger than a chunk that cannot be cut gets one of its own.
     """
-    out: List[List[CopyStep]] = []
+    return [chunk for chunk, _ in sized_chunks(steps, chunk_bytes)]
+
+
+def sized_chunks(steps: Sequence[CopyStep], chunk_bytes: int) -> List[Tuple[List[CopyStep], int]]:
+    """``fill_chunks``'s chunks, each with its staged bytes (the sum of its steps'
+    ``aligned_nbytes``), worked out in the same pass (binding asks for both at every start)."""
+    out: List[Tuple[List[CopyStep], int]] = []
     cur: List[CopyStep] = []
     size = 0
     for step in steps:
-        need = aligned_nbytes(step)
+        need = (step.nbytes + STAGING_ALIGN - 1) // STAGING_ALIGN * STAGING_ALIGN  # aligned_nbytes
         if size + need > chunk_bytes:
             rows = cuttable_rows(step)
             if not rows:
                 if cur:
-                    out.append(cur)
+                    out.append((cur, size))
                     cur, size = [], 0
             else:
                 counts = _piece_rows(rows, step.nbytes // rows, chunk_bytes - size, chunk_bytes)
@@ -417,17 +423,18 @@ def fill_chunks(steps: Sequence[CopyStep], chunk_bytes: int) -> List[List[CopySt
                     if n:
                         piece = next(pieces)
                         cur.append(piece)
-                    out.append(cur)
+                        size += aligned_nbytes(piece)
+                    out.append((cur, size))
                     cur, size = [], 0
                 step = next(pieces)
                 need = aligned_nbytes(step)
         cur.append(step)
         size += need
         if size >= chunk_bytes:
-            out.append(cur)
+            out.append((cur, size))
             cur, size = [], 0
     if cur:
-        out.append(cur)
+        out.append((cur, size))
     return out
 
 
