@@ -1,7 +1,7 @@
 """Load plans kept on disk between server starts, as data only.
 
-One gzip-compressed JSON file per key (``plan_key.py``; its content: ``plan_codec.py``) in ``SGLANG_FASTLOAD_PLAN_DIR``
-(default ``$XDG_CACHE_HOME/sglang_fastload/plans``, else ``~/.cache/...``).
+One gzip-compressed JSON file per key (``plan_key.py``; what it holds: ``plan_codec.py``) in
+``SGLANG_FASTLOAD_PLAN_DIR`` (default ``$XDG_CACHE_HOME/sglang_fastload/plans``, else ``~/.cache/...``).
 ``SGLANG_FASTLOAD_PLAN_STORE=0`` switches the store off. JSON, never pickle: whoever can
 write the directory cannot make a load run code, and every stored plan is checked against
 the checkpoint's headers and the live parameters before it is used (each read within its
