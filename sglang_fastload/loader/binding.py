@@ -16,7 +16,7 @@ import torch
 
 from sglang_fastload import constants
 from sglang_fastload.loader import cuda_runtime
-from sglang_fastload.loader.plan import STAGING_ALIGN, CopyStep, LoadPlan, sized_chunks
+from sglang_fastload.loader.plan import CopyStep, LoadPlan, sized_chunks, staging_aligned
 from sglang_fastload.loader.staging import Worker, reserve, wait_prepared, workers_for
 
 
@@ -209,11 +209,10 @@ def bind_chunk(
         if not gather and prev_end == step.reads[0][0] and pos % step.itemsize == 0:
             start = pos
         else:
-            start = (pos + STAGING_ALIGN - 1) // STAGING_ALIGN * STAGING_ALIGN  # staging_aligned
+            start = staging_aligned(pos)
         nbytes = step.nbytes
         pos = start + nbytes
         param = params[step.param]
-        same_dtype = step.src_dtype is None or step.src_dtype == param.dtype  # _same_dtype
         if gather:
             prev_end = None
             gathers.append((buf.narrow(0, start, nbytes).view(step.src_dtype or param.dtype).view(step.view[1]), step))
@@ -227,8 +226,7 @@ def bind_chunk(
                 p += n
             last = step.reads[-1]
             prev_end = last[0] + last[1]
-        # _goes_straight, inline (this loop runs for every step of a start-up's binding)
-        if cuda and not via_scratch and step.dst_is_contiguous and (gather or step.view_is_dense) and same_dtype:
+        if _goes_straight(step, params, cuda, via_scratch):
             target, at = step.param, step.dst[0] * param.element_size()
         elif cuda:
             target, at = "", start
@@ -269,7 +267,7 @@ def staged_size(chunk: Chunk, cuda: bool, params: Dict[str, torch.Tensor], via_s
     scratch = False
     for step in chunk.steps:
         if cuda or not (step.gather or _reads_into_parameter(step, params)):
-            total = (total + STAGING_ALIGN - 1) // STAGING_ALIGN * STAGING_ALIGN + step.nbytes  # staging_aligned
+            total = staging_aligned(total) + step.nbytes
             scratch = scratch or (cuda and not _goes_straight(step, params, cuda, via_scratch))
     return total, (total if scratch else 0)
 

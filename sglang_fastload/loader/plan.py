@@ -408,7 +408,7 @@ def sized_chunks(steps: Sequence[CopyStep], chunk_bytes: int) -> List[Tuple[List
     cur: List[CopyStep] = []
     size = 0
     for step in steps:
-        need = (step.nbytes + STAGING_ALIGN - 1) // STAGING_ALIGN * STAGING_ALIGN  # aligned_nbytes
+        need = aligned_nbytes(step)
         if size + need > chunk_bytes:
             rows = cuttable_rows(step)
             if not rows:
