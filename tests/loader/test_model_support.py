@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from sglang_fastload.model_support import SUPPORT_TABLE
+from tests.rig import module_walk_probe
 from tests.rig.inprocess import CaseSpec, compare_params, load_cases
 from tests.rig.model_zoo import ZOO, write_zoo_checkpoint
 
@@ -69,7 +70,8 @@ def group_results(zoo_pairs):
                         for fmt in ("fast", "auto"):
                             cases.append(CaseSpec(a, fmt, b, keep_initial=True))
                             keys.append((name, e.zoo, fmt))
-            results = load_cases(cases, tp_size=tp, timeout=900)
+            # Every model is also probed for the overlay's module walks (test below).
+            results = load_cases(cases, tp_size=tp, timeout=900, env={module_walk_probe.ENV: "1"})
             for (name, key, fmt), res in zip(keys, results):
                 cache.setdefault(name, {})[(key, fmt)] = res
             for name in {k[0] for k in keys}:
@@ -144,6 +146,23 @@ def test_fallback_architectures_load_upstream_with_one_line(group_results, archi
     assert len(lines) == 2, fast[0].log[-3000:]  # one per load: start-up and update
     assert all(architecture in l and entry.reason[:40] in l for l in lines), lines
     assert not SUMMARY.search(fast[0].log)
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2-ep2"])
+def test_module_walks_answer_as_upstream_on_every_model(group_results, layout):
+    # sglang_fastload/module_walks.py against the functions the forks wrap, on every real
+    # model class of this layout, every rank, after its update (tests/rig/module_walk_probe.py).
+    results = group_results(layout)
+    probed = 0
+    for (key, fmt), res in sorted(results.items()):
+        if isinstance(res, str):
+            continue  # a crashed case: its own test reports it
+        for r in res:
+            assert r.module_walks is not None, (key, fmt)
+            assert not r.module_walks["mismatches"], (key, fmt, r.rank, r.module_walks)
+            assert r.module_walks["modules"] > 5 and r.module_walks["quant_methods"] > 0, (key, fmt, r.module_walks)
+            probed += 1
+    assert probed >= len(results)
 
 
 def test_table_names_each_class_once_with_its_proof():

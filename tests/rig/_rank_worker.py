@@ -246,6 +246,10 @@ def _run_case(spec: dict, rank: int, world: int, result: dict, log, *, init_dist
         model = runner.model
 
     result["params"] = _snapshot(model)
+    import module_walk_probe  # beside this script
+
+    if os.environ.get(module_walk_probe.ENV) == "1":
+        result["module_walks"] = module_walk_probe.probe(model)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ class RankResult:
     params_before: Optional[Dict[str, torch.Tensor]] = None  # after the initial load (keep_initial=True)
     params_history: Optional[List[Dict[str, torch.Tensor]]] = None  # after each update (keep_history=True)
     timings: dict = field(default_factory=dict)  # imports_s, distributed_s, load_s, update_s[], total_s
+    module_walks: Optional[dict] = None  # module_walk_probe.probe's answer (when its variable is set)
 
 
 class RankResults(list):
@@ -318,6 +319,7 @@ def _run_ranks(spec: dict, environ: Dict[str, str], *, timeout: float) -> "RankR
                     params_before=data["params_before"],
                     params_history=data.get("params_history"),
                     timings=data["timings"],
+                    module_walks=data.get("module_walks"),
                 )
             )
         return results
@@ -445,6 +447,7 @@ def _case_results(work: Path, logs: List[str], count: int) -> list:
                     update_results=[tuple(x) for x in c["update_results"]],
                     params_before=c["params_before"],
                     timings=c["timings"],
+                    module_walks=c.get("module_walks"),
                 )
             )
         out.append(results)

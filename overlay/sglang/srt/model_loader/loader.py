@@ -4307,3 +4307,9 @@ from sglang_fastload.post_load_staging import skip_staging_when_resident
 
 device_loading_context = skip_staging_when_resident(device_loading_context)
 # OVERLAY: end
+
+# OVERLAY: begin sglang-fastload: the post-load hooks' module walk without a raised AttributeError per module (sglang_fastload/module_walks.py)
+from sglang_fastload.module_walks import faster_modules_with_quant_method
+
+_modules_with_quant_method = faster_modules_with_quant_method(_modules_with_quant_method)
+# OVERLAY: end

@@ -465,3 +465,11 @@ WeightUpdater.update_weights_from_disk = guard_update_weights_from_disk(
     WeightUpdater.update_weights_from_disk
 )
 # OVERLAY: end
+
+# OVERLAY: begin sglang-fastload: the derived-weight-cache check answered from one walk whose missing attributes do not raise (sglang_fastload/module_walks.py)
+from sglang_fastload.module_walks import faster_derived_weight_cache_check
+
+_unsupported_derived_weight_cache_error = faster_derived_weight_cache_check(
+    _unsupported_derived_weight_cache_error
+)
+# OVERLAY: end
