@@ -1,6 +1,7 @@
 """Time binding a plan as a CUDA reader does (the set-up part of a start-up load), on CPU.
 
     .venv/bin/python bench/bind_bench.py [--layers 16 --experts 128 --repeats 5 --profile] [--ref REF | --ref-dir DIR]
+    .venv/bin/python bench/bind_bench.py --model dense [--repeats 11 --ref REF]
 
 Loads the CPU Qwen3-MoE checkpoint of ``bench/cpu_bench.py`` once with ``fast`` (16 layers x
 128 experts: 6,291 tensors, like the 16-layer GPU benchmark), takes its plan, then binds it
@@ -8,7 +9,9 @@ Loads the CPU Qwen3-MoE checkpoint of ``bench/cpu_bench.py`` once with ``fast`` 
 addresses. The device copy is never called, so this is only the Python work of binding,
 which a start-up (and a restart with a stored plan) pays once per model. With ``--ref`` (a
 git ref) or ``--ref-dir`` (that version's files), ``loader/binding.py`` as it was there is
-timed too, alternated with this tree's in one process.
+timed too, alternated with this tree's in one process. ``--model dense``: the CPU benchmarks'
+Qwen3 instead (0.49 GB, 12 layers: ~2,400 chunks of 0.2 MiB of one or two steps each, as
+Qwen3-8B's 16.4 GB in 6 MiB chunks on the GPU).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import gpu_bench as gb  # noqa: E402
+from bench import synthetic_checkpoints as sc  # noqa: E402
 from bench.plan_pieces_ab import ref_module  # noqa: E402
 from bench.plan_store_bench import cpu_moe_checkpoint, moe_arguments  # noqa: E402
 
@@ -51,6 +55,7 @@ def main(argv=None) -> int:
     p = moe_arguments(__doc__)
     p.set_defaults(layers=16, repeats=5)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--model", choices=("moe", "dense"), default="moe")
     # The CPU checkpoint's tensors are ~50 x smaller than the GPU one's: 0.2 MiB chunks give
     # about as many steps per chunk as 6 MiB chunks on the 16-layer GPU checkpoint.
     p.add_argument("--chunk-mib", type=float, default=0.2)
@@ -59,7 +64,10 @@ def main(argv=None) -> int:
     ref.add_argument("--ref-dir", help="directory holding that version's files, as in the repository")
     args = p.parse_args(argv)
     os.environ["SGLANG_FASTLOAD_PLAN_STORE"] = "0"
-    info = cpu_moe_checkpoint(args)
+    info = cpu_moe_checkpoint(args)  # also sets up logging and SGLang
+    if args.model == "dense":
+        info = sc.write_checkpoint(os.path.join(args.workdir, "dense-cpu"), sc.dense_spec("cpu"),
+                                   shard_bytes=int(0.5 * gb.GB), log=gb.log)
     session = gb.Session("cpu")
     chunk = int(args.chunk_mib * (1 << 20))
     # The plan is built for the chunk size it is bound with, as the loader does.

@@ -43,7 +43,7 @@ def _param_view(param: torch.Tensor, geometry) -> torch.Tensor:
     return param.as_strided(sizes, strides, param.storage_offset() + off)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class BoundChunk:
     """One chunk with every view it needs made in advance (parameters don't move between
     updates, nor do the worker's buffers), so an update runs no per-step Python beyond a
@@ -169,11 +169,9 @@ def bind_chunk(
     cuda = worker.cuda
     direct: List[Tuple[int, int, int]] = []  # (address, file offset, nbytes), merged
     gathers: List[Tuple[torch.Tensor, CopyStep]] = []
-    staged: List[CopyStep] = []
-    for step in chunk.steps:
-        if cuda:
-            staged.append(step)
-        elif step.gather:
+    staged: List[CopyStep] = chunk.steps if cuda else []  # CUDA stages every step
+    for step in () if cuda else chunk.steps:
+        if step.gather:
             gathers.append((_param_view(params[step.param], step.dst), step))
         elif _reads_into_parameter(step, params):
             address = params[step.param].data_ptr() + step.dst[0] * step.itemsize
@@ -247,7 +245,8 @@ def bind_chunk(
         bound.dsts.append(dst)
         bound.srcs.append(src.as_strided(sizes, strides, src.storage_offset() + off))
     bound.buffer = turn
-    bound.segments = [(_writable_view(base + p, n), off) for off, n, p in segments]
+    whole = worker.buffer_bytes(turn)
+    bound.segments = [(whole[p:p + n], off) for off, n, p in segments]
     bound.places = [tuple(x) for x in segments]
     bound.staged_bytes = pos
     for target, at, p, n in spans:

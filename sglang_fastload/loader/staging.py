@@ -34,6 +34,7 @@ class Worker:
         self.device = device
         self.cuda = device.type == "cuda"
         self.buffers: List[Optional[torch.Tensor]] = [None, None]
+        self._buffer_bytes: List[Optional[tuple]] = [None, None]  # (buffer, its bytes)
         self.events: List[Optional[object]] = [None, None]
         self.stream = torch.cuda.Stream(device=device) if self.cuda else None
         self.stream_handle = self.stream.cuda_stream if self.cuda else 0
@@ -44,6 +45,15 @@ class Worker:
         self.event_handles: Optional[List[int]] = None  # the runtime's events, made on first use
         self.recorded = [False, False]
         self.stats = ExecutionStats()
+
+    def buffer_bytes(self, i: int) -> memoryview:
+        """Host buffer ``i`` as writable bytes (made once per buffer; slices of it are the
+        read targets of the chunks it stages)."""
+        buffer = self.buffers[i]
+        made = self._buffer_bytes[i]
+        if made is None or made[0] is not buffer:
+            made = self._buffer_bytes[i] = (buffer, memoryview(buffer.numpy()))
+        return made[1]
 
     def needs_host(self, nbytes: int) -> bool:
         """True when a host buffer holds fewer than ``nbytes``."""
