@@ -35,6 +35,7 @@ Standard library only; needs ``git`` on PATH for ``git merge-file``.
 """
 
 import argparse
+import ast
 import dataclasses
 import difflib
 import glob
@@ -586,6 +587,69 @@ def check_tree(root, manifest=None, fork_versions=None):
     return problems
 
 
+# The package's record of upstream functions answered by faster twins
+# (sglang_fastload/module_walks.py): name -> sha256 of the source each twin was written from.
+CONSTANTS = "sglang_fastload/constants.py"
+TWIN_SOURCES = "UPSTREAM_WALK_SOURCES"
+
+
+def recorded_twin_sources(root):
+    """Return ``{function name: sha256}`` from the package's constants (empty without them)."""
+    data = read_bytes(rel_file(root, CONSTANTS))
+    if data is None:
+        return {}
+    for node in ast.parse(data).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == TWIN_SOURCES for t in node.targets):
+            return ast.literal_eval(node.value)
+    return {}
+
+
+def function_digests(data):
+    """Return ``{name: sha256 of its source text}`` for each top-level function of a module's
+    bytes, the text being the lines ``inspect.getsource`` reads (decorators to body end)."""
+    lines = data.decode("utf-8").splitlines(keepends=True)
+    out = {}
+    for node in ast.parse(data).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            out[node.name] = sha256_bytes("".join(lines[start - 1:node.end_lineno]).encode("utf-8"))
+    return out
+
+
+def changed_twins(root, manifest):
+    """Return one line per upstream function whose twin no longer matches the fork's source."""
+    recorded = recorded_twin_sources(root)
+    if not recorded:
+        return []
+    found = {}
+    unreadable = False  # a fork with conflict markers: its functions cannot be told apart
+    for entry in manifest["modules"].values():
+        data = read_bytes(rel_file(root, OVERLAY_DIR, entry.get("path", "")))
+        if forked(entry) and data is not None:
+            try:
+                digests = function_digests(data)
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                unreadable = True
+                continue
+            for name, digest in digests.items():
+                if name in recorded:
+                    found[name] = (entry["path"], digest)
+    lines = []
+    for name, digest in sorted(recorded.items()):
+        if name not in found:
+            if unreadable:
+                continue
+            lines.append(f"{name} is in no fork any more: remove its twin from "
+                         f"sglang_fastload/module_walks.py and its entry from {CONSTANTS}")
+        elif found[name][1] != digest:
+            lines.append(
+                f"upstream's {name} (overlay/{found[name][0]}) changed: bring its twin in "
+                f"sglang_fastload/module_walks.py up to date, then record sha256 {found[name][1]} "
+                f"in {CONSTANTS} ({TWIN_SOURCES}); until then servers keep upstream's function"
+            )
+    return lines
+
+
 # --- planning a sync --------------------------------------------------------------------------
 
 
@@ -807,7 +871,7 @@ def move_steps(root, results):
 
 def finished_steps(root, old_version, new_version, results):
     """Return the next steps after the manifest advanced to ``new_version``."""
-    steps = move_steps(root, results) + removal_steps(results)
+    steps = move_steps(root, results) + removal_steps(results) + changed_twins(root, load_manifest(root))
     if old_version == new_version:
         return steps or [f"Nothing to do: the overlay is already based on sglang {new_version}."]
     steps.append("Review the result: git diff -- overlay upstream_base")
@@ -1036,7 +1100,7 @@ def advance(root, manifest, version, new_files, dropped=()):
 
 
 def cmd_check(args):
-    """``--check``: verify manifest, base copies and provenance lines."""
+    """``--check``: verify manifest, base copies, provenance lines and the twins' sources."""
     root = args.root
     manifest = load_manifest(root)
     state = load_state(root)
@@ -1044,7 +1108,7 @@ def cmd_check(args):
     if state is not None:
         # Forks merged by the unfinished sync already name its target.
         versions = (manifest["base_version"], state["to_version"])
-    problems = check_tree(root, manifest, versions)
+    problems = check_tree(root, manifest, versions) + changed_twins(root, manifest)
     if state is not None:
         problems.insert(
             0,

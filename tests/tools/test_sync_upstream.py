@@ -614,6 +614,40 @@ def test_check_passes_on_the_real_repository(capsys):
     assert status == 0, out
 
 
+# --- synthetic: twins of upstream functions ---------------------------------------------------
+
+
+def record_twins(root, sources):
+    """Record ``{function: sha256}`` as the package's constants do (UPSTREAM_WALK_SOURCES)."""
+    write(root / "sglang_fastload" / "constants.py", f"UPSTREAM_WALK_SOURCES = {sources!r}\n")
+
+
+def digest_of(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def test_check_names_a_twin_whose_upstream_source_changed_and_the_digest_to_record(tree, capsys):
+    size = "def size(path):\n    return os.path.getsize(path)\n"
+    record_twins(tree, {"size": digest_of(size), "helper": digest_of("def helper():\n    return 2\n"), "gone": "0" * 64})
+    status, out, _ = run_tool(capsys, "--check", "--root", tree)
+    assert status == 1 and "2 problem(s)" in out, out
+    assert f"upstream's helper (overlay/{ALPHA}) changed" in out
+    assert digest_of("def helper():\n    return 1\n") in out  # what to record once reviewed
+    assert "gone is in no fork any more" in out
+    assert "upstream's size" not in out
+    record_twins(tree, {"size": digest_of(size)})
+    assert run_tool(capsys, "--check", "--root", tree)[0] == 0
+
+
+def test_a_sync_that_changes_a_twins_upstream_function_says_so(tree, tmp_path, capsys):
+    record_twins(tree, {"tail": digest_of('def tail():\n    return "tail"\n')})
+    source = build_source(tmp_path / "new", {ALPHA: ALPHA_NEW_CLEAN, BETA: BETA_BASE})
+    status, out, _ = run_tool(capsys, *sync_args(tree, source))
+    assert status == 0, out
+    assert f"upstream's tail (overlay/{ALPHA}) changed" in out
+    assert digest_of('def tail():\n    return "TAIL"\n') in out
+
+
 # --- real releases ----------------------------------------------------------------------------
 
 
