@@ -17,8 +17,7 @@ that is not CUDA) goes through upstream's context unchanged.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -27,19 +26,35 @@ __all__ = ["registered_tensors", "resident_on", "settle_on", "skip_staging_when_
 META_TENSOR_ERROR = "Post-load processing produced a meta tensor"  # upstream's own message
 
 
-def registered_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+_MODULES = torch.nn.Module.modules
+_NAMED_MODULES = torch.nn.Module.named_modules
+
+
+def registered_tensors(module: torch.nn.Module) -> List[torch.Tensor]:
     """Every parameter and buffer slot of ``module`` and its submodules (aliases included:
     the registries themselves, as upstream's staging walks them)."""
-    for owner in module.modules():
-        for registry in (owner._parameters, owner._buffers):
-            for tensor in registry.values():
-                if tensor is not None:
-                    yield tensor
+    cls = type(module)
+    if not module._modules and cls.modules is _MODULES and cls.named_modules is _NAMED_MODULES:
+        owners = (module,)  # a leaf (most hooked layers): no walk to set up
+    else:
+        owners = module.modules()
+    return [t for owner in owners for registry in (owner._parameters, owner._buffers)
+            for t in registry.values() if t is not None]
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> bool:
+    """``tensor.device == device``; for an indexed CUDA device without making a device object."""
+    if device.type == "cuda" and device.index is not None:
+        return tensor.is_cuda and tensor.get_device() == device.index
+    return tensor.device == device
 
 
 def resident_on(module: torch.nn.Module, device: torch.device) -> bool:
     """True when every registered tensor of ``module`` lives on ``device`` (none on meta)."""
-    return all(t.device == device for t in registered_tensors(module))
+    for tensor in registered_tensors(module):
+        if not _on(tensor, device):
+            return False
+    return True
 
 
 def settle_on(module: torch.nn.Module, device: torch.device) -> None:
@@ -52,8 +67,26 @@ def settle_on(module: torch.nn.Module, device: torch.device) -> None:
     for tensor in registered_tensors(module):
         if tensor.is_meta:
             raise RuntimeError(META_TENSOR_ERROR)
-        if tensor.device != device:
+        if not _on(tensor, device):
             tensor.data = tensor.data.to(device)
+
+
+class _HookInPlace:
+    """The shortcut's context: the hook runs on the module as it is, then every tensor is
+    settled on ``device`` (also when the hook raised, as upstream's staging restores)."""
+
+    __slots__ = ("module", "device")
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.module = module
+        self.device = device
+
+    def __enter__(self) -> torch.nn.Module:
+        return self.module
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        settle_on(self.module, self.device)
+        return False
 
 
 def _resolved_cuda(target_device: torch.device) -> Optional[torch.device]:
@@ -74,17 +107,12 @@ def skip_staging_when_resident(upstream_context: Callable) -> Callable:
         A factory with the same arguments and effect.
     """
 
-    @contextlib.contextmanager
     def device_loading_context(module: torch.nn.Module, target_device: torch.device):
+        # A plain context object: this runs twice per hooked layer and update.
         device = _resolved_cuda(target_device)
         if device is None or not resident_on(module, device):
-            with upstream_context(module, target_device):
-                yield module
-            return
-        try:
-            yield module
-        finally:
-            settle_on(module, device)
+            return upstream_context(module, target_device)
+        return _HookInPlace(module, device)
 
     device_loading_context.__wrapped__ = upstream_context
     return device_loading_context

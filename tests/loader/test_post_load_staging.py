@@ -93,3 +93,69 @@ def test_on_cuda_tensors_end_where_upstreams_staging_puts_them(target):
     for name in reference:
         assert reference[name][0] == ours[name][0] == torch.device("cuda", 0), name
         assert torch.equal(reference[name][1], ours[name][1]), name
+
+
+class _Leaf(torch.nn.Module):
+    """A layer without submodules, as most hooked layers are (one weight, one bias slot)."""
+
+    def __init__(self, device="cpu"):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.arange(6.0, device=device).view(2, 3), requires_grad=False)
+        self.register_parameter("bias", None)
+        self.register_buffer("scale", torch.ones(2, device=device))
+
+
+class _LeafWithOwnWalk(_Leaf):
+    """A leaf whose walk names another module: the generic walk must be used."""
+
+    def __init__(self):
+        super().__init__()
+        object.__setattr__(self, "extra", _Leaf())
+
+    def named_modules(self, memo=None, prefix="", remove_duplicate=True):
+        yield prefix, self
+        yield prefix + "extra", self.extra
+
+
+def _walked(module):
+    return [t for owner in module.modules() for registry in (owner._parameters, owner._buffers)
+            for t in registry.values() if t is not None]
+
+
+@pytest.mark.parametrize("make", [_Leaf, _Layer, _LeafWithOwnWalk], ids=["leaf", "layer", "leaf-own-walk"])
+def test_registered_tensors_are_the_walks_tensors_leaf_or_not(make):
+    module = make()
+    assert [id(t) for t in pls.registered_tensors(module)] == [id(t) for t in _walked(module)]
+    assert len(_walked(module)) == {"_Leaf": 2, "_Layer": 4, "_LeafWithOwnWalk": 4}[type(module).__name__]
+
+
+def test_device_test_matches_tensor_device_equality():
+    cpu, meta = torch.ones(1), torch.ones(1, device="meta")
+    for tensor in (cpu, meta):
+        for device in (torch.device("cpu"), torch.device("meta"), torch.device("cuda", 0), torch.device("cuda", 1)):
+            assert pls._on(tensor, device) == (tensor.device == device), (tensor.device, device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU host)")
+@pytest.mark.parametrize("hook", ["none", "to-host", "raises"])
+def test_on_cuda_a_leaf_ends_where_upstreams_staging_puts_it(hook):
+    upstream = _upstream_staging()
+    results = []
+    for context in (upstream, pls.skip_staging_when_resident(upstream)):
+        layer = _Leaf(device="cuda")
+        try:
+            with context(layer, torch.device("cuda")) as entered:
+                assert entered is layer
+                if hook == "to-host":
+                    layer.weight = torch.nn.Parameter(layer.weight.data.cpu() * 3, requires_grad=False)
+                if hook == "raises":
+                    layer.scale = layer.scale.cpu()
+                    raise ValueError("hook failed")
+        except ValueError:
+            assert hook == "raises"
+        results.append({n: (t.device, t.detach().cpu()) for n, t in layer.state_dict(keep_vars=True).items()})
+    reference, ours = results
+    assert reference.keys() == ours.keys()
+    for name in reference:
+        assert reference[name][0] == ours[name][0] == torch.device("cuda", 0), name
+        assert torch.equal(reference[name][1], ours[name][1]), name
