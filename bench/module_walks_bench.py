@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/module_walks_bench.py [--layers 36 --repeats 21]
     python3 bench/module_walks_bench.py --device cuda --site-dir /tmp/site   # on the GPU host
+    ... --ref REF | --ref-dir DIR   # also the post-load staging shortcut as at REF, alternated
 
 Builds SGLang's real ``Qwen3ForCausalLM`` (``--layers`` layers: Qwen3-8B has 36, i.e. as many
 modules, with small matrices) and the CPU benchmarks' Qwen3-MoE (``--moe-layers``), loads each
@@ -10,7 +11,10 @@ and copies (``sglang_fastload/module_walks.py``): the derived-weight-cache check
 post-load hooks' module walk, as upstream's functions (the forks keep them as ``__wrapped__``)
 and as the twins the forks bind; then ``restore_weights_before_loading`` and
 ``postprocess_weights`` whole (with the twins) for scale. Both versions must give the same
-answers. Only interpreter work: no read, no copy.
+answers. With ``--ref``/``--ref-dir``, the two hook passes are also timed with
+``post_load_staging.py`` as it was there (the shortcut the loader fork wraps SGLang's
+``device_loading_context`` in; on CUDA only, elsewhere both go through SGLang's own context).
+Only interpreter work: no read, no copy.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import gpu_bench as gb  # noqa: E402
 from bench import synthetic_checkpoints as sc  # noqa: E402
+from bench.plan_pieces_ab import ref_module  # noqa: E402
 from bench.plan_store_bench import cpu_moe_checkpoint  # noqa: E402
 
 
@@ -62,6 +67,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--site-dir", default=None, help="the device bundle's site directory (GPU host)")
     p.add_argument("--workdir", default="/var/tmp/sglang-fastload-bench-cpu")
+    ref = p.add_mutually_exclusive_group()
+    ref.add_argument("--ref", help="git ref of a post_load_staging.py to compare with")
+    ref.add_argument("--ref-dir", help="directory holding that version's files, as in the repository")
     args = p.parse_args(argv)
     os.environ["SGLANG_FASTLOAD_PLAN_STORE"] = "0"
     if args.site_dir:
@@ -78,6 +86,21 @@ def main(argv=None) -> int:
     if getattr(check, "__wrapped__", None) is None or getattr(walk, "__wrapped__", None) is None:
         raise SystemExit("the forks did not bind the twins (upstream's functions changed?)")
     target = torch.device(args.device)
+    shortcut = loader.device_loading_context
+    ref_shortcut = None
+    if args.ref or args.ref_dir:
+        old = ref_module(args, "sglang_fastload/post_load_staging.py", "post_load_staging_at_ref")
+        ref_shortcut = old.skip_staging_when_resident(shortcut.__wrapped__)
+
+    def with_shortcut(context, hooks):
+        def run():
+            loader.device_loading_context = context
+            try:
+                hooks(model, target)
+            finally:
+                loader.device_loading_context = shortcut
+        return run
+
     print(f"{os.cpu_count()} CPUs, device {args.device}, {args.repeats} rounds alternated, medians in ms")
     print("| model | modules | derived check: upstream / twin | hooks' walk: upstream / twin | restore | postprocess |")
     print("|---|---|---|---|---|---|")
@@ -89,18 +112,24 @@ def main(argv=None) -> int:
         if [(id(m), id(q)) for m, q in walk(model)] != [(id(m), id(q)) for m, q in walk.__wrapped__(model)]:
             raise SystemExit("the hooks' walks differ")
         gc.disable()  # as in a load (the loader pauses the collector)
-        seconds = time_pairs({
+        timed = {
             "check upstream": lambda: check.__wrapped__(model),
             "check twin": lambda: check(model),
             "walk upstream": lambda: list(walk.__wrapped__(model)),
             "walk twin": lambda: list(walk(model)),
             "restore": lambda: loader.DefaultModelLoader.restore_weights_before_loading(model, target),
             "postprocess": lambda: loader.DefaultModelLoader.postprocess_weights(model, target),
-        }, args.repeats)
+        }
+        if ref_shortcut is not None:
+            timed["restore ref"] = with_shortcut(ref_shortcut, loader.DefaultModelLoader.restore_weights_before_loading)
+            timed["postprocess ref"] = with_shortcut(ref_shortcut, loader.DefaultModelLoader.postprocess_weights)
+        seconds = time_pairs(timed, args.repeats)
         gc.enable()
         ms = {k: median_ms(v) for k, v in seconds.items()}
+        ref_ms = (lambda k: f" (ref {ms[k + ' ref']:.2f})") if ref_shortcut is not None else (lambda k: "")
         print(f"| {label} | {sum(1 for _ in model.modules())} | {ms['check upstream']:.2f} / {ms['check twin']:.2f} "
-              f"| {ms['walk upstream']:.2f} / {ms['walk twin']:.2f} | {ms['restore']:.2f} | {ms['postprocess']:.2f} |")
+              f"| {ms['walk upstream']:.2f} / {ms['walk twin']:.2f} | {ms['restore']:.2f}{ref_ms('restore')} "
+              f"| {ms['postprocess']:.2f}{ref_ms('postprocess')} |")
         del model
         gc.collect()
     return 0
