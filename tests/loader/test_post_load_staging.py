@@ -75,6 +75,19 @@ def _upstream_staging():
     return device_loading_context
 
 
+def _placement(layer):
+    """``{name: (device, values on the host)}`` of every state tensor of ``layer``."""
+    return {n: (t.device, t.detach().cpu()) for n, t in layer.state_dict(keep_vars=True).items()}
+
+
+def _assert_same_placement(reference, ours):
+    """Both on the first CUDA device with the same values, tensor by tensor."""
+    assert reference.keys() == ours.keys()
+    for name in reference:
+        assert reference[name][0] == ours[name][0] == torch.device("cuda", 0), name
+        assert torch.equal(reference[name][1], ours[name][1]), name
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU host)")
 @pytest.mark.parametrize("target", ["cuda", "cuda:0"])
 def test_on_cuda_tensors_end_where_upstreams_staging_puts_them(target):
@@ -87,12 +100,8 @@ def test_on_cuda_tensors_end_where_upstreams_staging_puts_them(target):
             # A hook that repacks one weight and leaves its replacement on the host.
             layer.weight = torch.nn.Parameter(layer.weight.data.t().contiguous().cpu(), requires_grad=False)
             layer.scale.mul_(2)
-        results.append({n: (t.device, t.detach().cpu()) for n, t in layer.state_dict(keep_vars=True).items()})
-    reference, ours = results
-    assert reference.keys() == ours.keys()
-    for name in reference:
-        assert reference[name][0] == ours[name][0] == torch.device("cuda", 0), name
-        assert torch.equal(reference[name][1], ours[name][1]), name
+        results.append(_placement(layer))
+    _assert_same_placement(*results)
 
 
 class _Leaf(torch.nn.Module):
@@ -153,9 +162,5 @@ def test_on_cuda_a_leaf_ends_where_upstreams_staging_puts_it(hook):
                     raise ValueError("hook failed")
         except ValueError:
             assert hook == "raises"
-        results.append({n: (t.device, t.detach().cpu()) for n, t in layer.state_dict(keep_vars=True).items()})
-    reference, ours = results
-    assert reference.keys() == ours.keys()
-    for name in reference:
-        assert reference[name][0] == ours[name][0] == torch.device("cuda", 0), name
-        assert torch.equal(reference[name][1], ours[name][1]), name
+        results.append(_placement(layer))
+    _assert_same_placement(*results)
