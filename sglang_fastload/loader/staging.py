@@ -166,6 +166,7 @@ def reserve(workers: List[Worker], sizes: List[Tuple[int, int]]) -> None:
     for w, _ in short:
         w.finish()  # nothing queued may still use a buffer about to be replaced
         w.buffers = [None, None]  # drop old registrations before making the next
+        w._buffer_bytes = [None, None]  # and the views of them (``buffer_bytes``)
     if short:
         cuda = short[0][0].cuda
         total = sum(2 * size for _, size in short)
