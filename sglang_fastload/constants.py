@@ -84,10 +84,13 @@ PLAN_STORE_EXIT_WAIT_S = 10.0
 # gathering its shards from its own mapping of the file. Opt-in: see docs/benchmarks.md.
 ENV_SHARED_SPANS = "SGLANG_FASTLOAD_SHARED_SPANS"
 
-# Upstream functions that module_walks.py answers faster, with the SHA-256 of each one's source
-# text as it was written from (sglang 0.5.23). A fork binds the faster twin only while
-# upstream's source still has this digest; tests/loader/test_module_walks.py checks both.
+# Upstream functions that module_walks.py (and idle_restores.py) answer faster, by qualified
+# name, with the SHA-256 of each one's source text as it was written from (sglang 0.5.23). A
+# fork binds the faster twin only while upstream's source still has this digest;
+# tests/loader/test_module_walks.py checks both.
 UPSTREAM_WALK_SOURCES = {
     "_unsupported_derived_weight_cache_error": "b4a2d89508b2355ef6354cf47ecf6014ac0ed31ac1f7260b419d5305104467c1",
     "_modules_with_quant_method": "ab0a5441cc705d6166cb71728d948264c9aa1b924be8fb8df1dd8750fcbe92e4",
+    # idle_restores.py: skipped when every hook in it would do nothing.
+    "DefaultModelLoader.restore_weights_before_loading": "0802a5551be6af3dc9ff45d6d16a78cee63d5cc728d280564fcbd40eca8d581b",
 }

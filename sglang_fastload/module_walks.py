@@ -69,9 +69,18 @@ def attribute_or_none(module: torch.nn.Module, name: str) -> object:
         The attribute, or None where ``getattr`` would raise ``AttributeError``.
     """
     state = module.__dict__
-    if name in state or not _plain_lookup(type(module), (name,)) or _named_anywhere(state, frozenset((name,))):
+    if name in state or not _plain_lookup(type(module), (name,)) or _registered(state, name):
         return getattr(module, name, None)  # a hit, or the exact way
     return None
+
+
+def _registered(state: dict, name: str) -> bool:
+    """Whether ``name`` is in one of a module's registries (``state``: its ``__dict__``)."""
+    for registry in _REGISTRIES:
+        entries = state.get(registry)
+        if entries and name in entries:
+            return True
+    return False
 
 
 def possible_holders(modules: List[torch.nn.Module], names: Tuple[str, ...]) -> List[torch.nn.Module]:
@@ -133,11 +142,12 @@ def source_digest(function: Callable) -> Optional[str]:
 def unchanged_upstream(upstream: Callable) -> bool:
     """Whether ``upstream``'s source is the one its faster twin here was written from
     (``constants.UPSTREAM_WALK_SOURCES``); warns once per function when it is not."""
-    expected = constants.UPSTREAM_WALK_SOURCES.get(upstream.__name__)
+    name = upstream.__qualname__  # "Class.method" for a method
+    expected = constants.UPSTREAM_WALK_SOURCES.get(name)
     if expected is not None and source_digest(upstream) == expected:
         return True
     logger.warning("sglang-fastload: upstream's %s differs from the one its faster twin was written from; "
-                   "upstream's is kept", upstream.__name__)
+                   "upstream's is kept", name)
     return False
 
 

@@ -21,7 +21,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-__all__ = ["registered_tensors", "resident_on", "settle_on", "skip_staging_when_resident"]
+__all__ = ["registered_tensors", "resident_on", "resolved_cuda", "settle_on", "skip_staging_when_resident"]
 
 META_TENSOR_ERROR = "Post-load processing produced a meta tensor"  # upstream's own message
 
@@ -89,12 +89,13 @@ class _HookInPlace:
         return False
 
 
-def _resolved_cuda(target_device: torch.device) -> Optional[torch.device]:
+def resolved_cuda(target_device: torch.device) -> Optional[torch.device]:
     """The CUDA device ``target_device`` names (its index filled in), or None off CUDA."""
     if target_device.type != "cuda":
         return None
-    index = target_device.index if target_device.index is not None else torch.cuda.current_device()
-    return torch.device("cuda", index)
+    if target_device.index is not None:
+        return target_device
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def skip_staging_when_resident(upstream_context: Callable) -> Callable:
@@ -109,7 +110,7 @@ def skip_staging_when_resident(upstream_context: Callable) -> Callable:
 
     def device_loading_context(module: torch.nn.Module, target_device: torch.device):
         # A plain context object: this runs twice per hooked layer and update.
-        device = _resolved_cuda(target_device)
+        device = resolved_cuda(target_device)
         if device is None or not resident_on(module, device):
             return upstream_context(module, target_device)
         return _HookInPlace(module, device)

@@ -587,8 +587,8 @@ def check_tree(root, manifest=None, fork_versions=None):
     return problems
 
 
-# The package's record of upstream functions answered by faster twins
-# (sglang_fastload/module_walks.py): name -> sha256 of the source each twin was written from.
+# The package's record of upstream functions answered by faster twins (sglang_fastload/
+# module_walks.py, idle_restores.py): qualified name -> sha256 of the source each was written from.
 CONSTANTS = "sglang_fastload/constants.py"
 TWIN_SOURCES = "UPSTREAM_WALK_SOURCES"
 
@@ -605,14 +605,21 @@ def recorded_twin_sources(root):
 
 
 def function_digests(data):
-    """Return ``{name: sha256 of its source text}`` for each top-level function of a module's
-    bytes, the text being the lines ``inspect.getsource`` reads (decorators to body end)."""
+    """Return ``{qualified name: sha256 of its source text}`` for each top-level function and
+    each method of a top-level class ("Class.method") of a module's bytes, the text being the
+    lines ``inspect.getsource`` reads (decorators to body end)."""
     lines = data.decode("utf-8").splitlines(keepends=True)
-    out = {}
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef)
+    found = []
     for node in ast.parse(data).body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            out[node.name] = sha256_bytes("".join(lines[start - 1:node.end_lineno]).encode("utf-8"))
+        if isinstance(node, functions):
+            found.append((node.name, node))
+        elif isinstance(node, ast.ClassDef):
+            found.extend((f"{node.name}.{item.name}", item) for item in node.body if isinstance(item, functions))
+    out = {}
+    for name, node in found:
+        start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        out[name] = sha256_bytes("".join(lines[start - 1:node.end_lineno]).encode("utf-8"))
     return out
 
 
@@ -640,11 +647,11 @@ def changed_twins(root, manifest):
             if unreadable:
                 continue
             lines.append(f"{name} is in no fork any more: remove its twin from "
-                         f"sglang_fastload/module_walks.py and its entry from {CONSTANTS}")
+                         f"sglang_fastload/ (module_walks.py, idle_restores.py) and its entry from {CONSTANTS}")
         elif found[name][1] != digest:
             lines.append(
                 f"upstream's {name} (overlay/{found[name][0]}) changed: bring its twin in "
-                f"sglang_fastload/module_walks.py up to date, then record sha256 {found[name][1]} "
+                f"sglang_fastload/ (module_walks.py, idle_restores.py) up to date, then record sha256 {found[name][1]} "
                 f"in {CONSTANTS} ({TWIN_SOURCES}); until then servers keep upstream's function"
             )
     return lines

@@ -639,6 +639,15 @@ def test_check_names_a_twin_whose_upstream_source_changed_and_the_digest_to_reco
     assert run_tool(capsys, "--check", "--root", tree)[0] == 0
 
 
+def test_a_method_is_recorded_by_its_qualified_name(tree, capsys):
+    forward = "    def forward(self, x):\n        return x * self.scale\n"  # as inspect.getsource reads it
+    record_twins(tree, {"Beta.forward": digest_of(forward)})
+    assert run_tool(capsys, "--check", "--root", tree)[0] == 0
+    record_twins(tree, {"Beta.forward": digest_of(forward.replace("x *", "x /"))})
+    status, out, _ = run_tool(capsys, "--check", "--root", tree)
+    assert status == 1 and f"upstream's Beta.forward (overlay/{BETA}) changed" in out, out
+
+
 def test_a_sync_that_changes_a_twins_upstream_function_says_so(tree, tmp_path, capsys):
     record_twins(tree, {"tail": digest_of('def tail():\n    return "tail"\n')})
     source = build_source(tmp_path / "new", {ALPHA: ALPHA_NEW_CLEAN, BETA: BETA_BASE})

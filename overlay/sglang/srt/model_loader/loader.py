@@ -4313,3 +4313,13 @@ from sglang_fastload.module_walks import faster_modules_with_quant_method
 
 _modules_with_quant_method = faster_modules_with_quant_method(_modules_with_quant_method)
 # OVERLAY: end
+
+# OVERLAY: begin sglang-fastload: the pre-load restore pass without staged hook calls that would do nothing (sglang_fastload/idle_restores.py)
+import sys as _sys
+
+from sglang_fastload.idle_restores import skip_idle_restores
+
+DefaultModelLoader.restore_weights_before_loading = staticmethod(
+    skip_idle_restores(DefaultModelLoader.restore_weights_before_loading, _sys.modules[__name__])
+)
+# OVERLAY: end
