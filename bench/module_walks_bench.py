@@ -9,9 +9,11 @@ modules, with small matrices) and the CPU benchmarks' Qwen3-MoE (``--moe-layers`
 with ``fast``, then times, alternated in one process, what every update runs outside its reads
 and copies (``sglang_fastload/module_walks.py``): the derived-weight-cache check and the
 post-load hooks' module walk, as upstream's functions (the forks keep them as ``__wrapped__``)
-and as the twins the forks bind; then ``restore_weights_before_loading`` and
-``postprocess_weights`` whole (with the twins) for scale. Both versions must give the same
-answers. With ``--ref``/``--ref-dir``, the two hook passes are also timed with
+and as the twins the forks bind; then ``restore_weights_before_loading`` whole, as upstream's
+(kept as ``__wrapped__``) and with the idle hooks skipped (``idle_restores.py``), and
+``postprocess_weights`` whole (with the twins), with its two pieces timed alone: the staging
+contexts (entered and left around nothing) and the hooks (called without a context). Both
+versions must give the same answers. With ``--ref``/``--ref-dir``, the two hook passes are also timed with
 ``post_load_staging.py`` as it was there (the shortcut the loader fork wraps SGLang's
 ``device_loading_context`` in; on CUDA only, elsewhere both go through SGLang's own context).
 Only interpreter work: no read, no copy.
@@ -92,6 +94,15 @@ def main(argv=None) -> int:
         old = ref_module(args, "sglang_fastload/post_load_staging.py", "post_load_staging_at_ref")
         ref_shortcut = old.skip_staging_when_resident(shortcut.__wrapped__)
 
+    restore_upstream = getattr(loader.DefaultModelLoader.restore_weights_before_loading, "__wrapped__", None)
+    if restore_upstream is None:
+        raise SystemExit("the loader fork did not bind the idle-restore skip (upstream's function changed?)")
+
+    def contexts_only(pairs):
+        for module, _ in pairs:
+            with loader.device_loading_context(module, target):
+                pass
+
     def with_shortcut(context, hooks):
         def run():
             loader.device_loading_context = context
@@ -102,7 +113,8 @@ def main(argv=None) -> int:
         return run
 
     print(f"{os.cpu_count()} CPUs, device {args.device}, {args.repeats} rounds alternated, medians in ms")
-    print("| model | modules | derived check: upstream / twin | hooks' walk: upstream / twin | restore | postprocess |")
+    print("| model | modules | derived check: upstream / twin | hooks' walk: upstream / twin "
+          "| restore: upstream / idle skipped | postprocess (its staging contexts alone, its hooks alone) |")
     print("|---|---|---|---|---|---|")
     for label, info in (("dense", dense), ("moe", moe)):
         _, model_config, load_config = session.configure(info.directory, gb.CONTENDERS["fast"])
@@ -118,8 +130,12 @@ def main(argv=None) -> int:
             "walk upstream": lambda: list(walk.__wrapped__(model)),
             "walk twin": lambda: list(walk(model)),
             "restore": lambda: loader.DefaultModelLoader.restore_weights_before_loading(model, target),
+            "restore upstream": lambda: restore_upstream(model, target),
             "postprocess": lambda: loader.DefaultModelLoader.postprocess_weights(model, target),
         }
+        pairs = list(walk(model))  # the post-load pass's pieces, over the same modules
+        timed["contexts"] = lambda: contexts_only(pairs)
+        timed["post hooks"] = lambda: [q.process_weights_after_loading(m) for m, q in pairs]
         if ref_shortcut is not None:
             timed["restore ref"] = with_shortcut(ref_shortcut, loader.DefaultModelLoader.restore_weights_before_loading)
             timed["postprocess ref"] = with_shortcut(ref_shortcut, loader.DefaultModelLoader.postprocess_weights)
@@ -128,8 +144,9 @@ def main(argv=None) -> int:
         ms = {k: median_ms(v) for k, v in seconds.items()}
         ref_ms = (lambda k: f" (ref {ms[k + ' ref']:.2f})") if ref_shortcut is not None else (lambda k: "")
         print(f"| {label} | {sum(1 for _ in model.modules())} | {ms['check upstream']:.2f} / {ms['check twin']:.2f} "
-              f"| {ms['walk upstream']:.2f} / {ms['walk twin']:.2f} | {ms['restore']:.2f}{ref_ms('restore')} "
-              f"| {ms['postprocess']:.2f}{ref_ms('postprocess')} |")
+              f"| {ms['walk upstream']:.2f} / {ms['walk twin']:.2f} "
+              f"| {ms['restore upstream']:.2f} / {ms['restore']:.2f}{ref_ms('restore')} "
+              f"| {ms['postprocess']:.2f}{ref_ms('postprocess')} ({ms['contexts']:.2f}, {ms['post hooks']:.2f}) |")
         del model
         gc.collect()
     return 0

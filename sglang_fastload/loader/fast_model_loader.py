@@ -491,7 +491,7 @@ class FastModelLoader(DefaultModelLoader):
         named = dict(model.named_parameters(remove_duplicate=False))
         for name, (shape, dtype) in plan.param_meta.items():
             p = named.get(name)
-            if p is None or tuple(p.shape) != shape or p.dtype != dtype:
+            if p is None or p.shape != shape or p.dtype != dtype:  # torch.Size is a tuple
                 if node is not None:  # the other ranks wait for this one's vote
                     shared_spans.decline(node)
                 raise UnsupportedModelError(f"parameter {name} changed since the plan was made")
