@@ -21,7 +21,7 @@ import functools
 import hashlib
 import inspect
 import logging
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -129,6 +129,39 @@ def walk_modules(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             break
         else:
             stack.pop()
+
+
+def parameters_by_name(model: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:
+    """``dict(model.named_parameters(remove_duplicate=False))``, without a generator per level.
+
+    Same names, parameters and order: pre-order over every path to a module (a shared module
+    under each of its names), ``None`` entries skipped; a module whose class walks itself
+    differently is asked for its own walk with the prefix, as ``named_modules`` would; a model
+    whose class lists its parameters itself is asked directly.
+    """
+    cls = type(model)
+    own_walk = _MODULE.named_modules
+    if (cls.named_parameters is not _MODULE.named_parameters or cls._named_members is not _MODULE._named_members
+            or cls.named_modules is not own_walk):
+        return dict(model.named_parameters(remove_duplicate=False))
+    memo: set = set()  # passed on as named_modules does (never filled without duplicate removal)
+    out: Dict[str, torch.nn.Parameter] = {}
+    stack = [("", model)]
+    while stack:
+        prefix, module = stack.pop()
+        if type(module).named_modules is not own_walk:
+            walked = module.named_modules(memo, prefix, False)
+        else:
+            walked = ((prefix, module),)
+            children = [(name if not prefix else prefix + "." + name, child)
+                        for name, child in module._modules.items() if child is not None]
+            stack.extend(reversed(children))
+        for module_prefix, inner in walked:
+            dot = "." if module_prefix else ""
+            for name, parameter in inner._parameters.items():
+                if parameter is not None:
+                    out[module_prefix + dot + name] = parameter
+    return out
 
 
 def source_digest(function: Callable) -> Optional[str]:

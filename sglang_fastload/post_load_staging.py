@@ -17,7 +17,7 @@ that is not CUDA) goes through upstream's context unchanged.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -89,13 +89,21 @@ class _HookInPlace:
         return False
 
 
+_CUDA_DEVICES: Dict[int, torch.device] = {}  # index -> device: made once, not per layer
+
+
 def resolved_cuda(target_device: torch.device) -> Optional[torch.device]:
-    """The CUDA device ``target_device`` names (its index filled in), or None off CUDA."""
+    """The CUDA device ``target_device`` names (the current one when it has no index, as
+    upstream's staging moves tensors to), or None off CUDA."""
     if target_device.type != "cuda":
         return None
     if target_device.index is not None:
         return target_device
-    return torch.device("cuda", torch.cuda.current_device())
+    index = torch.cuda.current_device()
+    device = _CUDA_DEVICES.get(index)
+    if device is None:
+        device = _CUDA_DEVICES[index] = torch.device("cuda", index)
+    return device
 
 
 def skip_staging_when_resident(upstream_context: Callable) -> Callable:

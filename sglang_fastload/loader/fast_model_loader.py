@@ -40,6 +40,7 @@ from sglang_fastload.loader.plan_key import LoadKnobs, expert_location_digest, p
 from sglang_fastload.loader.progress import ChunkProgress
 from sglang_fastload.loader.summary import PLAN_BUILT, PLAN_CACHED, PLAN_STORED, LoadSummary
 from sglang_fastload.model_support import unsupported_architecture_reason
+from sglang_fastload.module_walks import parameters_by_name
 from sglang_fastload.served_checkpoint import record_served
 
 logger = logging.getLogger(__name__)
@@ -253,7 +254,7 @@ class PreparedLoad:
             # headers and parameters before use.
             store_key, parts = cls._store_key(ckpt.loader, model, headers, target_device)
             if store_key is not None:
-                params = dict(model.named_parameters(remove_duplicate=False))
+                params = parameters_by_name(model)
                 plan = plan_store.read_plan(store_key, headers, params, parts)
             if plan is not None:
                 source = PLAN_STORED
@@ -312,7 +313,7 @@ class PreparedLoad:
             if exc.tensor in tensors:
                 raise type(exc)(tensors[exc.tensor][0], exc.reason, tensor=exc.tensor) from exc
             raise type(exc)(directory, exc.reason, tensor=exc.tensor) from exc
-        params = dict(model.named_parameters(remove_duplicate=False))
+        params = parameters_by_name(model)
         written: Dict[str, int] = {}
         for c in result.copies:
             written[c.param] = written.get(c.param, 0) + numel(c.dst)
@@ -488,7 +489,7 @@ class FastModelLoader(DefaultModelLoader):
             files=[FilePlan(by_name[os.path.basename(f.path)], f.steps) for f in prepared.plan.files],
         )
         params = {}
-        named = dict(model.named_parameters(remove_duplicate=False))
+        named = parameters_by_name(model)
         for name, (shape, dtype) in plan.param_meta.items():
             p = named.get(name)
             if p is None or p.shape != shape or p.dtype != dtype:  # torch.Size is a tuple

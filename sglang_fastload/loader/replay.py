@@ -22,6 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sglang_fastload.errors import CheckpointMismatchError, UnsupportedModelError
+from sglang_fastload.module_walks import parameters_by_name
 
 aten = torch.ops.aten
 
@@ -193,7 +194,7 @@ def replay_load_weights(
         CheckpointMismatchError: a tensor's shape or dtype does not fit its parameter
             (the path is filled in by the caller).
     """
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = parameters_by_name(model)
     recorder = _CopyRecorder(params)
 
     # Made before the recorder is active: under it every factory call pays the mode's

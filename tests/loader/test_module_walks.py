@@ -117,6 +117,38 @@ def test_walk_matches_named_modules_order_duplicates_none_children_and_own_walks
     assert model.b["own"].second not in list(module_walks.walk_modules(model))
 
 
+def _parameters_equal(model):
+    ours = module_walks.parameters_by_name(model)
+    theirs = dict(model.named_parameters(remove_duplicate=False))
+    assert list(ours) == list(theirs) and all(ours[n] is theirs[n] for n in theirs)
+    return ours
+
+
+class _OwnParameters(torch.nn.Module):
+    """Lists one parameter only (a class that narrows ``named_parameters``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _Leaf()
+        self.bias = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+
+    def named_parameters(self, prefix="", recurse=True, remove_duplicate=True):
+        yield "only", self.bias
+
+
+def test_parameters_by_name_matches_named_parameters_with_every_path_and_own_walks():
+    model = _tree()
+    model.register_parameter("absent", None)
+    model.a[0].register_parameter("tied", model.a[0].weight)  # one tensor under two names
+    model.own_params = _OwnParameters()  # only its root's own listing counts for the root
+    names = _parameters_equal(model)
+    assert "c.weight" in names and "b.x.weight" in names  # the shared leaf under each name
+    assert "b.own.first.weight" in names and "b.own.second.weight" not in names
+    assert "own_params.inner.weight" in names and "absent" not in names
+    _parameters_equal(model.b["own"])  # a root that walks itself
+    assert list(module_walks.parameters_by_name(model.own_params)) == ["only"]
+
+
 def test_walk_is_lazy_as_upstreams():
     model = _tree()
     ours, theirs = module_walks.walk_modules(model), model.modules()

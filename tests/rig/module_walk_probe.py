@@ -10,17 +10,20 @@ ENV = "SGLANG_RIG_PROBE_MODULE_WALKS"
 
 def probe(model) -> Dict[str, object]:
     """``{"modules": n, "quant_methods": n, "mismatches": [...]}`` for ``model``: the module walk,
-    the post-load hooks' walk and the derived-weight-cache check (as is, then with a reason and
+    the parameters by name, the post-load hooks' walk and the derived-weight-cache check (as is, then with a reason and
     a weight split planted on a module, then both) against the functions the forks wrap."""
     from sglang.srt.model_executor.model_runner_components import weight_updater
     from sglang.srt.model_loader import loader
 
-    from sglang_fastload.module_walks import walk_modules
+    from sglang_fastload.module_walks import parameters_by_name, walk_modules
 
     mismatches: List[str] = []
     modules = list(model.modules())
     if [id(m) for m in walk_modules(model)] != [id(m) for m in modules]:
         mismatches.append("walk_modules differs from model.modules()")
+    named = list(model.named_parameters(remove_duplicate=False))
+    if [(n, id(p)) for n, p in parameters_by_name(model).items()] != [(n, id(p)) for n, p in named]:
+        mismatches.append("parameters_by_name differs from named_parameters(remove_duplicate=False)")
     quant = loader._modules_with_quant_method
     theirs = [(id(m), id(q)) for m, q in quant.__wrapped__(model)]
     if [(id(m), id(q)) for m, q in quant(model)] != theirs:
