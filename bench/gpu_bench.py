@@ -1356,12 +1356,21 @@ def run_contender(cont: Contender, info, steps, args, session: Session, summarie
                         log(f"{cont.name} {phase}/{cache}: {step['error']}")
                         continue
                     source, step["fresh_copy"] = fresh_copy(info.directory)
+                parts = None
+                if args.time_parts and cont.load_format == "fast":
+                    import update_parts
+
+                    parts = update_parts.install(updater)
+                if parts is not None:
+                    parts.reset()
                 t0 = time.perf_counter()
                 if profiler is not None:
                     profiler.enable()
                 ok, message = updater.update_weights_from_disk(source, cont.load_format)
                 sync(args.device)
                 seconds = time.perf_counter() - t0
+                if parts is not None:
+                    step["parts_ms"] = {k: round(v * 1e3, 3) for k, v in parts.split(seconds).items()}
                 if profiler is not None:
                     profiler.disable()
                     step["profile"] = top_functions(profiler)
@@ -1436,6 +1445,9 @@ def parse_args(argv=None):
     p.add_argument("--site-dir", default=None, help="add this site dir first (runs its .pth files: the overlay's hook)")
     p.add_argument("--out", default=None, help="JSON output (default $OUT/gpu_bench.json, else ./gpu_bench.json)")
     p.add_argument("--log-level", default="WARNING", help="SGLang's logging level")
+    p.add_argument("--time-parts", action="store_true",
+                   help="time each part of a fast update outside its reads and copies, without a profiler "
+                        "(bench/update_parts.py; the step's parts_ms)")
     p.add_argument("--profile-updates", type=csv, nargs="?", const=["all"], default=[],
                    help="profile each fast load's and update's calling thread (cProfile; slows Python-heavy parts): where "
                         "time outside reads and copies goes; optionally only these contenders (e.g. fast-c6: a profiled twin of fast)")

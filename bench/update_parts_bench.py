@@ -18,7 +18,6 @@ checkpoint of the real sizes: they depend on the module and tensor counts, not o
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import sys
@@ -27,25 +26,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import gpu_bench as gb  # noqa: E402
+from bench import update_parts  # noqa: E402
 from bench.module_walks_bench import dense_checkpoint  # noqa: E402
-
-
-class PartTimer:
-    """Seconds spent in wrapped callables during one update, by part name."""
-
-    def __init__(self):
-        self.seconds = {}
-
-    def wrap(self, name, function):
-        @functools.wraps(function)
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-
-        return timed
 
 
 def main(argv=None) -> int:
@@ -70,48 +52,17 @@ def main(argv=None) -> int:
     model, _ = session.load(model_config, load_config)
     updater, _ = session.updater(model, model_config, load_config)
 
-    from sglang.srt.model_executor.model_runner_components import weight_updater
-    from sglang.srt.model_loader.loader import DefaultModelLoader
-
-    from sglang_fastload.loader import fast_model_loader
-
-    timer = PartTimer()
-    # Parts of the update in the order they run; the load's own parts are nested in "load".
-    top = [
-        (weight_updater, "_unsupported_derived_weight_cache_error", "derived-weight-cache check"),
-        (weight_updater, "get_model_loader", "loader dispatch"),
-        (fast_model_loader.FastModelLoader, "_get_weights_iterator", "weights iterator (validates the checkpoint)"),
-        (DefaultModelLoader, "restore_weights_before_loading", "restore_weights_before_loading"),
-        (fast_model_loader.FastModelLoader, "load_weights_and_postprocess", "load (execute_plan + postprocess)"),
-    ]
-    nested = [
-        (fast_model_loader, "execute_plan", "  execute_plan (reads and copies)"),
-        (DefaultModelLoader, "postprocess_weights", "  postprocess_weights"),
-    ]
-    for owner, attribute, name in top + nested:
-        original = owner.__dict__[attribute] if isinstance(owner, type) else getattr(owner, attribute)
-        if isinstance(original, staticmethod):
-            setattr(owner, attribute, staticmethod(timer.wrap(name, original.__func__)))
-        else:
-            setattr(owner, attribute, timer.wrap(name, original))
-    object.__setattr__(updater, "update_model_fields", timer.wrap("model fields", updater.update_model_fields))
-    top_names = [name for _, _, name in top] + ["model fields"]
-
-    rows = {name: [] for name in top_names + [name for _, _, name in nested]}
-    rows["rest (guard, upstream's own lines)"], rows["whole update"], rows["outside execute_plan"] = [], [], []
+    timer = update_parts.install(updater)
+    rows = {}
     for _ in range(args.updates):
-        timer.seconds = {}
         t0 = time.perf_counter()
         ok, message = updater.update_weights_from_disk(info.directory, "fast")
         gb.sync(args.device)
         whole = time.perf_counter() - t0
         if not ok:
             raise SystemExit(f"update failed: {message}")
-        for name in top_names + [name for _, _, name in nested]:
-            rows[name].append(timer.seconds.get(name, 0.0))
-        rows["rest (guard, upstream's own lines)"].append(max(0.0, whole - sum(timer.seconds.get(n, 0.0) for n in top_names)))
-        rows["whole update"].append(whole)
-        rows["outside execute_plan"].append(whole - timer.seconds.get("  execute_plan (reads and copies)", 0.0))
+        for name, seconds in timer.split(whole).items():
+            rows.setdefault(name, []).append(seconds)
     print(f"{os.cpu_count()} CPUs, device {args.device}, {sum(1 for _ in model.modules())} modules, "
           f"{args.updates} updates, medians in ms")
     print("| part | ms |\n|---|---|")
