@@ -39,8 +39,10 @@ from bench.plan_store_bench import cpu_moe_checkpoint  # noqa: E402
 def dense_checkpoint(args):
     """A Qwen3 checkpoint with Qwen3-8B's module count and small matrices (written once)."""
     spec = sc.dense_spec("cpu")
-    spec.cfg.update(num_hidden_layers=args.layers, hidden_size=256, intermediate_size=512, vocab_size=4096)
-    return sc.write_checkpoint(os.path.join(args.workdir, f"dense-walks-{args.layers}"), spec,
+    hidden, intermediate = getattr(args, "hidden_size", 256), getattr(args, "intermediate_size", 512)
+    spec.cfg.update(num_hidden_layers=args.layers, hidden_size=hidden, intermediate_size=intermediate, vocab_size=4096)
+    size = "" if (hidden, intermediate) == (256, 512) else f"-{hidden}x{intermediate}"
+    return sc.write_checkpoint(os.path.join(args.workdir, f"dense-walks-{args.layers}{size}"), spec,
                                shard_bytes=int(0.5 * gb.GB), log=gb.log)
 
 

@@ -4,7 +4,9 @@
     python3 bench/update_parts_bench.py --device cuda --site-dir /tmp/site   # on the GPU host
 
 Builds SGLang's real ``Qwen3ForCausalLM`` with Qwen3-8B's module count and small matrices
-(``module_walks_bench.py``'s checkpoint, 0.08 GB), loads it with ``fast``, then updates it
+(``module_walks_bench.py``'s checkpoint, 0.08 GB; ``--hidden-size``/``--intermediate-size``
+make the matrices larger, so that each update reads more bytes through the same module
+tree), loads it with ``fast``, then updates it
 ``--updates`` times through SGLang's own ``update_weights_from_disk`` (the update guard and
 the forks included) with each part of the update wrapped in a timer, without a profiler: the
 derived-weight-cache check, the loader dispatch, the weights iterator, SGLang's
@@ -33,6 +35,8 @@ from bench.module_walks_bench import dense_checkpoint  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=36)
+    p.add_argument("--hidden-size", type=int, default=256, help="larger matrices: more bytes per update, same modules")
+    p.add_argument("--intermediate-size", type=int, default=512)
     p.add_argument("--updates", type=int, default=21)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--site-dir", default=None)
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
         for name, seconds in timer.split(whole).items():
             rows.setdefault(name, []).append(seconds)
     print(f"{os.cpu_count()} CPUs, device {args.device}, {sum(1 for _ in model.modules())} modules, "
-          f"{args.updates} updates, medians in ms")
+          f"{info.nbytes / gb.GB:.2f} GB, {args.updates} updates, medians in ms")
     print("| part | ms |\n|---|---|")
     for name, values in rows.items():
         print(f"| {name} | {statistics.median(values) * 1e3:.2f} |")
