@@ -1361,8 +1361,7 @@ def run_contender(cont: Contender, info, steps, args, session: Session, summarie
                     import update_parts
 
                     parts = update_parts.install(updater)
-                if parts is not None:
-                    parts.reset()
+                    parts.reset()  # drop what other contenders' updates left in the shared timer
                 t0 = time.perf_counter()
                 if profiler is not None:
                     profiler.enable()

@@ -50,7 +50,7 @@ class PartTimer:
         out[REST] = max(0.0, whole - sum(out[name] for name in self.top))
         out["whole update"] = whole
         out["outside execute_plan"] = whole - out[EXECUTE]
-        self.seconds = {}
+        self.reset()
         return out
 
 

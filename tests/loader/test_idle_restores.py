@@ -128,7 +128,7 @@ def _recording_methods(journal):
     return Repacking, DuckTyped
 
 
-def _model(loader, journal, device="cpu"):
+def _model(journal, device="cpu"):
     from sglang.srt.layers.quantization.unquant import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
 
     repacking, duck_typed = _recording_methods(journal)
@@ -160,7 +160,7 @@ def test_only_hooks_that_act_are_staged_and_run_as_upstream_runs_them(loader, mo
     runs = {}
     for name, restore in (("upstream", ours.__wrapped__), ("ours", ours)):
         journal = []
-        model = _model(loader, journal)
+        model = _model(journal)
         staged = _run_counting_stagings(loader, monkeypatch, restore, model, torch.device("cpu"))
         runs[name] = (journal, staged, [layer.weight.tolist() for layer in model[:-1]])
     assert runs["ours"][0] == runs["upstream"][0] == [("restore", 1), ("restore", 5)]
@@ -171,14 +171,14 @@ def test_only_hooks_that_act_are_staged_and_run_as_upstream_runs_them(loader, mo
 
 def test_a_reloading_model_is_left_alone(loader, monkeypatch):
     journal = []
-    model = _model(loader, journal)
+    model = _model(journal)
     model.original_weights_rebuild_keys, model.recorded_loader, model.flash_rl_initial_load_complete = {}, {}, True
     ours = loader.DefaultModelLoader.restore_weights_before_loading
     assert _run_counting_stagings(loader, monkeypatch, ours, model, torch.device("cpu")) == []
     assert journal == []
 
 
-def test_a_cuda_target_stages_idle_hooks_unless_every_tensor_is_already_there(loader):
+def test_a_cuda_target_stages_idle_hooks_unless_every_tensor_is_already_there():
     from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 
     layer = _Layer(UnquantizedLinearMethod())
@@ -194,7 +194,7 @@ def test_on_cuda_resident_idle_layers_are_not_staged(loader, monkeypatch):
     ours = loader.DefaultModelLoader.restore_weights_before_loading
     target = torch.device("cuda", torch.cuda.current_device())
     journal = []
-    model = _model(loader, journal, device=target)
+    model = _model(journal, device=target)
     model[2].weight = torch.nn.Parameter(torch.zeros(2), requires_grad=False)  # left on the host
     staged = _run_counting_stagings(loader, monkeypatch, ours, model, torch.device("cuda"))
     assert staged == [1, 2, 5] and journal == [("restore", 1), ("restore", 5)]
