@@ -64,8 +64,8 @@ def copy_plan_from_scratch(
         _param_view(params[z.param], z.dst).zero_()
     stream = torch.cuda.current_stream(scratch.device).cuda_stream if scratch.is_cuda else 0
     base = scratch.data_ptr()
-    # Plain byte copies, merged where both sides continue (through torch only within one
-    # parameter: its view cannot run past its own storage).
+    # Plain byte copies, merged where both sides continue within one parameter (a copy may
+    # not run from one allocation into the next, even where their addresses meet).
     runs: List[List] = []  # [destination address, scratch index, nbytes, parameter, byte offset]
     dsts: List[torch.Tensor] = []
     srcs: List[torch.Tensor] = []
@@ -78,8 +78,7 @@ def copy_plan_from_scratch(
                 address = param.data_ptr() + at
                 index = origin + step.reads[0][0]
                 last = runs[-1] if runs else None
-                if (last and last[0] + last[2] == address and last[1] + last[2] == index
-                        and (runtime is not None or last[3] == step.param)):
+                if last and last[3] == step.param and last[0] + last[2] == address and last[1] + last[2] == index:
                     last[2] += step.nbytes
                 else:
                     runs.append([address, index, step.nbytes, step.param, at])

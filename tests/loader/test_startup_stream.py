@@ -159,6 +159,27 @@ def test_plain_copies_go_through_the_runtime_merged_where_both_sides_continue(ch
     assert 128 in runtime.copies and 64 not in runtime.copies, runtime.copies
 
 
+def test_copies_never_run_from_one_parameter_into_the_next(checkpoint):
+    """Two parameters whose memory meets: "d1" fills the end of one and "d2" the start of the
+    other, side by side in the file too; on a device they are separate allocations, which
+    one copy may not span."""
+    t, headers = checkpoint
+    copies = [RecordedCopy("d1", "left", (0, (32,), (1,)), (8, (32,), (1,))),
+              RecordedCopy("d2", "right", (0, (32,), (1,)), (0, (32,), (1,)))]
+    locations = {name: (path, e.start, 2, torch.bfloat16) for path, h in headers.items()
+                 for name, e in h.tensors.items() if name in ("d1", "d2")}
+    meta = {"left": ((40,), torch.bfloat16), "right": ((32,), torch.bfloat16)}
+    plan = build_plan(copies, [], locations, meta, frozenset({"d1", "d2"}), 6, max_step_bytes=1 << 20)
+    memory = torch.full((72,), SENTINEL, dtype=torch.bfloat16)
+    params = {"left": memory[:40], "right": memory[40:]}
+    scratch, origins = _scratch_of(headers)
+    runtime = HostMemmoveRuntime()
+    copy_plan_from_scratch(plan, params, scratch, origins, runtime)
+    assert runtime.copies == [64, 64]
+    assert torch.equal(memory[8:40].view(torch.int16), t["d1"].view(torch.int16))
+    assert torch.equal(memory[40:].view(torch.int16), t["d2"].view(torch.int16))
+
+
 def test_a_file_cut_short_stops_the_stream_and_nothing_is_written(checkpoint):
     t, headers = checkpoint
     plan = _plan(headers, 64, DEFAULT_MIN_SEGMENT_BYTES)
