@@ -16,7 +16,8 @@ device buffer, times the stream alone, the loop alone, and both at once:
   for the whole piece).
 
 The loop is pure-Python dictionary work; its slowdown factor is (time beside the stream) /
-(time alone). ``--switch-interval`` sets the interpreter's (Python's default is 0.005 s).
+(time alone), the loop alone timed right before each pair (``--repeats`` pairs, medians).
+``--switch-interval`` sets the interpreter's (Python's default is 0.005 s).
 Needs CUDA and sglang-fastload (for the runtime binding). docs/benchmarks.md, fourteenth run.
 """
 
@@ -27,6 +28,7 @@ import itertools
 import json
 import mmap
 import os
+import statistics
 import sys
 import threading
 import time
@@ -63,11 +65,31 @@ def _pinned(k: int, piece: int):
     return _PINNED[key]
 
 
+def _taker(size: int, piece: int):
+    """A function handing out ``(offset, nbytes)`` pieces of the file, one per call, from any
+    thread (``next`` on a count holds the interpreter lock); None when none are left."""
+    counter = itertools.count()
+    pieces = [(off, min(piece, size - off)) for off in range(0, size, piece)]
+
+    def take():
+        k = next(counter)
+        return pieces[k] if k < len(pieces) else None
+
+    return take
+
+
+def _in_threads(reader, threads: int) -> None:
+    ts = [threading.Thread(target=reader, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+
+
 def stream_pinned(path: str, size: int, dst: torch.Tensor, threads: int, piece: int) -> None:
     rt = cuda_runtime.runtime()
     fd = os.open(path, os.O_RDONLY)
-    counter = itertools.count()
-    pieces = [(off, min(piece, size - off)) for off in range(0, size, piece)]
+    take = _taker(size, piece)
     kept = [_pinned(k, piece) for k in range(threads)]
 
     def reader(k: int) -> None:
@@ -75,11 +97,7 @@ def stream_pinned(path: str, size: int, dst: torch.Tensor, threads: int, piece: 
         used = [False, False]
         turn = 0
         with torch.cuda.stream(stream):
-            while True:
-                k = next(counter)
-                if k >= len(pieces):
-                    break
-                off, n = pieces[k]
+            for off, n in iter(take, None):
                 if used[turn] and not rt.done(events[turn]):
                     rt.wait(events[turn])
                 read_exact(fd, views[turn][:n], off, path)
@@ -89,39 +107,26 @@ def stream_pinned(path: str, size: int, dst: torch.Tensor, threads: int, piece: 
                 turn ^= 1
         stream.synchronize()
 
-    ts = [threading.Thread(target=reader, args=(k,)) for k in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    _in_threads(reader, threads)
     os.close(fd)
 
 
 def stream_pageable(path: str, size: int, dst: torch.Tensor, threads: int, piece: int) -> None:
     fd = os.open(path, os.O_RDONLY)
-    counter = itertools.count()
-    pieces = [(off, min(piece, size - off)) for off in range(0, size, piece)]
+    take = _taker(size, piece)
 
-    def reader() -> None:
+    def reader(k: int) -> None:
         mapping = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
         host = torch.frombuffer(mapping, dtype=torch.uint8)
         stream = torch.cuda.Stream()
         with torch.cuda.stream(stream):
-            while True:
-                k = next(counter)
-                if k >= len(pieces):
-                    break
-                off, n = pieces[k]
+            for off, n in iter(take, None):
                 dst.narrow(0, off, n).copy_(host.narrow(0, off, n))
         stream.synchronize()
         del host
         mapping.close()
 
-    ts = [threading.Thread(target=reader) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    _in_threads(reader, threads)
     os.close(fd)
 
 
@@ -132,6 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--loop", type=int, default=1_500_000, help="iterations of the Python loop")
     p.add_argument("--ways", default="pinned:16x6,pinned:4x6,pinned:2x6,pageable:4x64,pageable:8x64,pageable:2x256,pageable:4x256")
     p.add_argument("--switch-interval", type=float, default=0.0005)
+    p.add_argument("--repeats", type=int, default=3, help="pairs (loop alone, then beside the stream) per way; medians")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "stream-beside-python.json"))
     args = p.parse_args(argv)
     size = int(args.gb * 1e9) // MIB * MIB
@@ -147,31 +153,37 @@ def main(argv=None) -> int:
     torch.cuda.init()
     dst = torch.empty(size, dtype=torch.uint8, device="cuda")
     sys.setswitchinterval(args.switch_interval)
-    alone = min(python_loop(args.loop) for _ in range(3))
     rows = []
     for way in args.ways.split(","):
         kind, shape = way.split(":")
         threads, piece = (int(x) for x in shape.split("x"))
         run = stream_pinned if kind == "pinned" else stream_pageable
         run(args.file, size, dst, threads, piece * MIB)  # warm-up (buffers, mappings)
-        t0 = time.perf_counter()
-        run(args.file, size, dst, threads, piece * MIB)
-        torch.cuda.synchronize()
-        stream_alone = time.perf_counter() - t0
-        done = {}
-        t0 = time.perf_counter()
-        th = threading.Thread(target=lambda: done.update(loop=python_loop(args.loop)))
-        th.start()
-        run(args.file, size, dst, threads, piece * MIB)
-        torch.cuda.synchronize()
-        stream_beside = time.perf_counter() - t0
-        th.join()
-        row = dict(way=way, stream_alone_gbps=round(size / stream_alone / 1e9, 2),
-                   stream_beside_gbps=round(size / stream_beside / 1e9, 2),
-                   loop_alone_s=round(alone, 3), loop_beside_s=round(done["loop"], 3),
-                   loop_slowdown=round(done["loop"] / alone, 2))
+        samples = []
+        for _ in range(args.repeats):
+            # The loop alone right before each pair (the CPU's clock moves between ways).
+            alone = statistics.median(python_loop(args.loop) for _ in range(3))
+            t0 = time.perf_counter()
+            run(args.file, size, dst, threads, piece * MIB)
+            torch.cuda.synchronize()
+            stream_alone = time.perf_counter() - t0
+            done = {}
+            th = threading.Thread(target=lambda: done.update(loop=python_loop(args.loop)))
+            t0 = time.perf_counter()
+            th.start()
+            run(args.file, size, dst, threads, piece * MIB)
+            torch.cuda.synchronize()
+            stream_beside = time.perf_counter() - t0
+            th.join()
+            samples.append((alone, done["loop"], stream_alone, stream_beside))
+        alone, beside, s_alone, s_beside = (statistics.median(x[i] for x in samples) for i in range(4))
+        row = dict(way=way, repeats=args.repeats, stream_alone_gbps=round(size / s_alone / 1e9, 2),
+                   stream_beside_gbps=round(size / s_beside / 1e9, 2),
+                   loop_alone_s=round(alone, 3), loop_beside_s=round(beside, 3),
+                   loop_slowdown=round(statistics.median(x[1] / x[0] for x in samples), 2),
+                   samples=[[round(v, 4) for v in x] for x in samples])
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "samples"}), flush=True)
     with open(args.out, "w") as f:
         json.dump(dict(command=" ".join(sys.argv), gb=size / 1e9, switch_interval=args.switch_interval, rows=rows), f, indent=1)
     return 0
