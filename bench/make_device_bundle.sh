@@ -85,6 +85,7 @@ fi
 
 echo "==> building the sglang-fastload wheel" >&2
 rm -f .devbundle/sglang_fastload-*.whl
+rm -rf "$root/build"  # setuptools keeps files there: a module deleted since would ship again
 wdir=$(mktemp -d /tmp/devbundle-wheel.XXXXXX)
 "$py" -m build --wheel --no-isolation --outdir "$wdir" "$root" >/dev/null 2>"$wdir/build.log" || { cat "$wdir/build.log" >&2; exit 1; }
 cp "$wdir"/sglang_fastload-*.whl .devbundle/
