@@ -15,8 +15,11 @@ device buffer, times the stream alone, the loop alone, and both at once:
   (``copy_`` from pageable memory: the driver stages it; the interpreter lock is released
   for the whole piece).
 
-The loop is pure-Python dictionary work; its slowdown factor is (time beside the stream) /
-(time alone), the loop alone timed right before each pair (``--repeats`` pairs, medians).
+The loop (``--loops``) is pure-Python dictionary work (``dict``) or, as in a replay, views
+and copies of meta tensors under a recording dispatch mode (``torch``: every operator
+releases and retakes the interpreter lock, as the replay's do); its slowdown factor is
+(time beside the stream) / (time alone), the loop alone timed right before each pair
+(``--repeats`` pairs, medians).
 ``--switch-interval`` sets the interpreter's (Python's default is 0.005 s).
 Needs CUDA and sglang-fastload (for the runtime binding). docs/benchmarks.md, fourteenth run.
 """
@@ -34,12 +37,15 @@ import threading
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
-from sglang_fastload.loader import cuda_runtime, host_memory  # noqa: E402
-from sglang_fastload.loader.staging import read_exact  # noqa: E402
+from host_path_bench import make_files  # noqa: E402
+from sglang_fastload.loader import cuda_runtime  # noqa: E402
+from sglang_fastload.loader.staging import read_exact, reserve, workers_for  # noqa: E402
 
 MIB = 1 << 20
 
@@ -53,16 +59,30 @@ def python_loop(n: int) -> float:
     return time.perf_counter() - t0
 
 
-_PINNED = {}  # (thread, piece) -> (stream, buffers, views, events): made once, as the loader keeps them
+class _CountingMode(TorchDispatchMode):
+    """Runs every operator, counting copies (the replay's recorder, without its bookkeeping)."""
+
+    copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.copy_.default:
+            self.copies += 1
+            return args[0]
+        return func(*args, **(kwargs or {}))
 
 
-def _pinned(k: int, piece: int):
-    key = (k, piece)
-    if key not in _PINNED:
-        rt = cuda_runtime.runtime()
-        bufs = [host_memory.pinned_empty(piece) for _ in range(2)]
-        _PINNED[key] = (torch.cuda.Stream(), bufs, [memoryview(b.numpy()) for b in bufs], [rt.new_event(), rt.new_event()])
-    return _PINNED[key]
+def torch_loop(n: int) -> float:
+    """Replay-like work: ``n`` narrow + copy pairs of meta tensors under a dispatch mode."""
+    src = torch.empty(64, 256, device="meta")
+    dst = torch.empty(128, 256, device="meta")
+    t0 = time.perf_counter()
+    with _CountingMode():
+        for i in range(n):
+            dst.narrow(0, i & 63, 64).copy_(src)
+    return time.perf_counter() - t0
+
+
+LOOPS = {"dict": (python_loop, 1_500_000), "torch": (torch_loop, 10_000)}
 
 
 def _taker(size: int, piece: int):
@@ -87,25 +107,26 @@ def _in_threads(reader, threads: int) -> None:
 
 
 def stream_pinned(path: str, size: int, dst: torch.Tensor, threads: int, piece: int) -> None:
+    """The loader's own readers (``staging.Worker``: two pinned buffers each, their events, a
+    stream; kept between calls), queueing copies through the CUDA runtime."""
     rt = cuda_runtime.runtime()
     fd = os.open(path, os.O_RDONLY)
     take = _taker(size, piece)
-    kept = [_pinned(k, piece) for k in range(threads)]
+    workers = workers_for(dst.device, threads, piece)
+    reserve(workers, [(piece, 0)] * threads)
 
     def reader(k: int) -> None:
-        stream, bufs, views, events = kept[k]
-        used = [False, False]
+        worker = workers[k]
+        worker.runtime = rt
         turn = 0
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(worker.stream):
             for off, n in iter(take, None):
-                if used[turn] and not rt.done(events[turn]):
-                    rt.wait(events[turn])
-                read_exact(fd, views[turn][:n], off, path)
-                rt.copy_to_device(dst.data_ptr() + off, bufs[turn].data_ptr(), n, stream.cuda_stream)
-                rt.record(events[turn], stream.cuda_stream)
-                used[turn] = True
+                worker.wait(turn)
+                read_exact(fd, worker.buffer_bytes(turn)[:n], off, path)
+                rt.copy_to_device(dst.data_ptr() + off, worker.buffers[turn].data_ptr(), n, worker.stream_handle)
+                worker.mark_in_use(turn)
                 turn ^= 1
-        stream.synchronize()
+        worker.finish()
 
     _in_threads(reader, threads)
     os.close(fd)
@@ -133,51 +154,49 @@ def stream_pageable(path: str, size: int, dst: torch.Tensor, threads: int, piece
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gb", type=float, default=16.0)
-    p.add_argument("--file", default="/var/tmp/stream-beside-python.bin")
-    p.add_argument("--loop", type=int, default=1_500_000, help="iterations of the Python loop")
+    p.add_argument("--dir", default="/var/tmp/stream-beside-python", help="where the file is written (once)")
+    p.add_argument("--loops", default="dict", help="comma-separated of " + ",".join(LOOPS))
+    p.add_argument("--loop-scale", type=float, default=1.0, help="times each loop's default iterations")
     p.add_argument("--ways", default="pinned:16x6,pinned:4x6,pinned:2x6,pageable:4x64,pageable:8x64,pageable:2x256,pageable:4x256")
     p.add_argument("--switch-interval", type=float, default=0.0005)
     p.add_argument("--repeats", type=int, default=3, help="pairs (loop alone, then beside the stream) per way; medians")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "stream-beside-python.json"))
     args = p.parse_args(argv)
-    size = int(args.gb * 1e9) // MIB * MIB
-    if not os.path.exists(args.file) or os.path.getsize(args.file) != size:
-        block = os.urandom(64 * MIB)
-        with open(args.file, "wb") as f:
-            for _ in range(size // (64 * MIB)):
-                f.write(block)
-            f.write(block[: size % (64 * MIB)])
-    with open(args.file, "rb") as f:  # warm the page cache
+    (path,) = make_files(args.dir, int(args.gb * 1e9), 1)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:  # warm the page cache (a piece at a time: the file may be large)
         while f.read(256 * MIB):
             pass
     torch.cuda.init()
     dst = torch.empty(size, dtype=torch.uint8, device="cuda")
     sys.setswitchinterval(args.switch_interval)
     rows = []
-    for way in args.ways.split(","):
+    for loop_kind, way in itertools.product(args.loops.split(","), args.ways.split(",")):
+        loop, iterations = LOOPS[loop_kind]
+        iterations = int(iterations * args.loop_scale)
         kind, shape = way.split(":")
         threads, piece = (int(x) for x in shape.split("x"))
         run = stream_pinned if kind == "pinned" else stream_pageable
-        run(args.file, size, dst, threads, piece * MIB)  # warm-up (buffers, mappings)
+        run(path, size, dst, threads, piece * MIB)  # warm-up (buffers, mappings)
         samples = []
         for _ in range(args.repeats):
             # The loop alone right before each pair (the CPU's clock moves between ways).
-            alone = statistics.median(python_loop(args.loop) for _ in range(3))
+            alone = statistics.median(loop(iterations) for _ in range(3))
             t0 = time.perf_counter()
-            run(args.file, size, dst, threads, piece * MIB)
+            run(path, size, dst, threads, piece * MIB)
             torch.cuda.synchronize()
             stream_alone = time.perf_counter() - t0
             done = {}
-            th = threading.Thread(target=lambda: done.update(loop=python_loop(args.loop)))
+            th = threading.Thread(target=lambda: done.update(loop=loop(iterations)))
             t0 = time.perf_counter()
             th.start()
-            run(args.file, size, dst, threads, piece * MIB)
+            run(path, size, dst, threads, piece * MIB)
             torch.cuda.synchronize()
             stream_beside = time.perf_counter() - t0
             th.join()
             samples.append((alone, done["loop"], stream_alone, stream_beside))
         alone, beside, s_alone, s_beside = (statistics.median(x[i] for x in samples) for i in range(4))
-        row = dict(way=way, repeats=args.repeats, stream_alone_gbps=round(size / s_alone / 1e9, 2),
+        row = dict(loop=loop_kind, way=way, repeats=args.repeats, stream_alone_gbps=round(size / s_alone / 1e9, 2),
                    stream_beside_gbps=round(size / s_beside / 1e9, 2),
                    loop_alone_s=round(alone, 3), loop_beside_s=round(beside, 3),
                    loop_slowdown=round(statistics.median(x[1] / x[0] for x in samples), 2),
