@@ -151,6 +151,14 @@ CONTENDERS: Dict[str, Contender] = {
             description="sglang-fastload, Python's cyclic garbage collector left running during loads",
         ),
         Contender(
+            "fast-nostream", "fast", {"startup_stream": "off"}, upstream_scan=False,
+            description="sglang-fastload, a first start reads only after its plan is built (no start-up stream)",
+        ),
+        Contender(
+            "fast-stream5ms", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_STARTUP_SWITCH_INTERVAL": "0"},
+            description="sglang-fastload, start-up stream with the interpreter's own 5 ms switch interval",
+        ),
+        Contender(
             "fast-torchcopy", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_DIRECT_CUDA_CALLS": "0"},
             description="sglang-fastload, host-to-device copies queued through torch (not the CUDA runtime directly)",
         ),

@@ -84,6 +84,21 @@ PLAN_STORE_EXIT_WAIT_S = 10.0
 # gathering its shards from its own mapping of the file. Opt-in: see docs/benchmarks.md.
 ENV_SHARED_SPANS = "SGLANG_FASTLOAD_SHARED_SPANS"
 
+# A start-up load that builds its plan streams the checkpoint into a device scratch while it
+# does (sglang_fastload/loader/startup_stream.py); the loader's extra config key
+# "startup_stream" says where: "auto" (default: CUDA, one rank, room on the device), "on"
+# (also into host memory: parameters on the CPU) or "off".
+STARTUP_STREAM_KEY = "startup_stream"
+STARTUP_STREAM_SETTINGS = ("auto", "on", "off")
+# Device bytes left free beside the scratch (the plan's own allocations, fragmentation).
+STARTUP_STREAM_HEADROOM_BYTES = 2 << 30
+# While the stream's readers and the plan's replay share the interpreter, the lock is handed
+# over at least this often (seconds; Python's default is 0.005, which leaves a reader that
+# finished a read waiting behind the replay for up to that long). Restored afterwards.
+# SGLANG_FASTLOAD_STARTUP_SWITCH_INTERVAL overrides it ("0": keep the interpreter's own).
+STARTUP_STREAM_SWITCH_INTERVAL_S = 0.0005
+ENV_STARTUP_SWITCH_INTERVAL = "SGLANG_FASTLOAD_STARTUP_SWITCH_INTERVAL"
+
 # Upstream functions that module_walks.py (and idle_restores.py) answer faster, by qualified
 # name, with the SHA-256 of each one's source text as it was written from (sglang 0.5.23). A
 # fork binds the faster twin only while upstream's source still has this digest;

@@ -21,6 +21,7 @@ from typing import Optional
 from sglang_fastload.errors import CudaCallError
 
 _MEMCPY_HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
+_MEMCPY_DEVICE_TO_DEVICE = 3  # cudaMemcpyDeviceToDevice
 _EVENT_DISABLE_TIMING = 2  # cudaEventDisableTiming
 _EVENT_BLOCKING_SYNC = 1  # cudaEventBlockingSync
 _NOT_READY = 600  # cudaErrorNotReady
@@ -54,6 +55,14 @@ class CudaRuntime:
             CudaCallError: the runtime refused the copy.
         """
         self._check(self.held.cudaMemcpyAsync(dst, src, nbytes, _MEMCPY_HOST_TO_DEVICE, stream), "cudaMemcpyAsync")
+
+    def copy_within_device(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        """Queue a copy of ``nbytes`` from device address ``src`` to device address ``dst``.
+
+        Raises:
+            CudaCallError: the runtime refused the copy.
+        """
+        self._check(self.held.cudaMemcpyAsync(dst, src, nbytes, _MEMCPY_DEVICE_TO_DEVICE, stream), "cudaMemcpyAsync")
 
     def copy_2d_to_device(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, stream: int) -> None:
         """Queue a copy of ``height`` rows of ``width`` bytes, ``spitch`` bytes apart at host

@@ -25,6 +25,7 @@ class ExecutionStats:
         threads_seconds: from the first read until every thread had queued its last copy.
         tail_seconds: from the first reader running out of chunks to the last one.
         drain_seconds: after that, until the device had finished every copy.
+        scratch_seconds: a start-up stream's copies out of its scratch (startup_stream.py).
         taken_chunks: chunks a reader ran that were dealt to another.
     """
 
@@ -43,9 +44,11 @@ class ExecutionStats:
     threads_seconds: float = 0.0
     tail_seconds: float = 0.0
     drain_seconds: float = 0.0
+    scratch_seconds: float = 0.0
     taken_chunks: int = 0
 
     def phases(self) -> Dict[str, float]:
         """Where the time of the execution went, in seconds (summed ones may exceed it)."""
-        names = ("setup", "threads", "tail", "drain", "read", "gather", "wait", "issue", "register", "lane_wait", "shared")
+        names = ("setup", "threads", "tail", "drain", "read", "gather", "wait", "issue", "register", "lane_wait", "shared",
+                 "scratch")
         return {name: round(getattr(self, name + "_seconds"), 4) for name in names}

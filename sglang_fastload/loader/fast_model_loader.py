@@ -29,7 +29,7 @@ from sglang_fastload.checkpoint.checkpoint_files import (
 from sglang_fastload.checkpoint.file_stamps import check_unchanged, stamp_files
 from sglang_fastload.checkpoint.safetensors_header import read_header, torch_dtype_name
 from sglang_fastload.errors import CheckpointError, UnsupportedModelError
-from sglang_fastload.loader import collector_pause, shared_spans, validate
+from sglang_fastload.loader import collector_pause, shared_spans, startup_stream, validate
 from sglang_fastload.loader.checkpoint_state import state_of
 from sglang_fastload.loader.executor import DEFAULT_CHUNK_BYTES, DEFAULT_ZERO_COPY_SHARE, execute_plan, prepare_in_background
 from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, build_plan, numel
@@ -45,7 +45,8 @@ from sglang_fastload.served_checkpoint import record_served
 
 logger = logging.getLogger(__name__)
 
-EXTRA_CONFIG_KEYS = {"enable_multithread_load", "num_threads", "chunk_mb", "min_segment_bytes", "zero_copy_share"}
+EXTRA_CONFIG_KEYS = {"enable_multithread_load", "num_threads", "chunk_mb", "min_segment_bytes", "zero_copy_share",
+                     constants.STARTUP_STREAM_KEY}
 # Page-cache reads scale to ~16 threads on a large host; 8 stays useful where cores are few
 # (reads release the GIL and mostly wait on memory).
 DEFAULT_NUM_THREADS = max(8, min(16, os.cpu_count() or 8))
@@ -115,6 +116,16 @@ def node_group() -> Optional[shared_spans.NodeGroup]:
         return shared_spans.NodeGroup(rank=group.rank_in_group, size=group.world_size, cpu_group=group.cpu_group)
     except Exception:
         return None
+
+
+def _single_rank() -> bool:
+    """True when this rank keeps every byte of the checkpoint (no tensor or expert parallelism)."""
+    try:
+        from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_world_size
+
+        return get_tensor_model_parallel_world_size() == 1
+    except Exception:
+        return False
 
 
 def _is_first_rank() -> bool:
@@ -226,6 +237,10 @@ def memory_plan_key(loader, headers, target_device) -> tuple:
 class PreparedLoad:
     """A validated plan for one checkpoint and one model, ready to execute."""
 
+    # A first start's stream of the checkpoint (startup_stream.py), consumed by the load.
+    stream: Optional[startup_stream.StartupStream] = None
+    stream_overlap = 0.0
+
     def __init__(self, **kw):
         self.__dict__.update(kw)
 
@@ -248,6 +263,8 @@ class PreparedLoad:
         tensors: Dict[str, Tuple[str, Tuple[int, ...], str]] = {}
         t1 = time.perf_counter()
         store_key = None
+        stream = None
+        stamps = None
         if source is None:
             # A plan stored by an earlier start is as good as one built here: its key covers
             # everything the plan depends on (plan_key.py), and it is checked against these
@@ -267,7 +284,17 @@ class PreparedLoad:
             for path, header in headers.items():
                 for name, entry in header.tensors.items():
                     tensors[name] = (path, entry.shape, entry.dtype)
-            plan = cls._make_plan(ckpt, model, headers, tensors, directory)
+            # A first start reads the whole checkpoint while the plan is built (startup_stream.py).
+            stamps = stamp_files(headers)  # before any byte is read
+            stream = startup_stream.maybe_start(
+                ckpt.loader, headers, not state.loaded, _single_rank(), torch.device(target_device)
+            )
+            try:
+                plan = cls._make_plan(ckpt, model, headers, tensors, directory)
+            except BaseException:
+                if stream is not None:
+                    stream.abandon()
+                raise
             source = PLAN_BUILT
             state.remember_plan(key, plan)
         t2 = time.perf_counter()
@@ -282,7 +309,10 @@ class PreparedLoad:
             store_key=store_key if source == PLAN_BUILT else None,
             validate_seconds=t1 - t0,
             plan_seconds=t2 - t1,
-            stats=stamp_files(headers),
+            stats=stamps if stamps is not None else stamp_files(headers),
+            stream=stream,
+            # The part of the stream's time that passed while the plan was built.
+            stream_overlap=t2 - stream.started if stream is not None else 0.0,
         )
 
     @staticmethod
@@ -374,6 +404,12 @@ class FastModelLoader(DefaultModelLoader):
         self.zero_copy_share = float(extra.get("zero_copy_share", DEFAULT_ZERO_COPY_SHARE))
         if not 0.0 <= self.zero_copy_share <= 1.0:
             raise ValueError("zero_copy_share in --model-loader-extra-config must be between 0 and 1")
+        self.startup_stream = str(extra.get(constants.STARTUP_STREAM_KEY, "auto")).lower()
+        if self.startup_stream not in constants.STARTUP_STREAM_SETTINGS:
+            raise ValueError(
+                f"{constants.STARTUP_STREAM_KEY} in --model-loader-extra-config must be one of "
+                f"{list(constants.STARTUP_STREAM_SETTINGS)}"
+            )
         self.last_summary: Optional[LoadSummary] = None
 
     def load_model(self, *, model_config, device_config):
@@ -488,6 +524,7 @@ class FastModelLoader(DefaultModelLoader):
             prepared.plan,
             files=[FilePlan(by_name[os.path.basename(f.path)], f.steps) for f in prepared.plan.files],
         )
+        stream, prepared.stream = prepared.stream, None  # a start-up stream is used once
         params = {}
         named = parameters_by_name(model)
         for name, (shape, dtype) in plan.param_meta.items():
@@ -495,6 +532,8 @@ class FastModelLoader(DefaultModelLoader):
             if p is None or p.shape != shape or p.dtype != dtype:  # torch.Size is a tuple
                 if node is not None:  # the other ranks wait for this one's vote
                     shared_spans.decline(node)
+                if stream is not None:
+                    stream.abandon()
                 raise UnsupportedModelError(f"parameter {name} changed since the plan was made")
             params[name] = p.data
         device = torch.device(target_device)
@@ -509,17 +548,21 @@ class FastModelLoader(DefaultModelLoader):
             counted = ChunkProgress(progress.update, plan.nbytes)
         update_guard.note_writing()
         try:
-            stats = execute_plan(
-                plan,
-                params,
-                device=device,
-                num_threads=self.num_threads,
-                chunk_bytes=self.chunk_bytes,
-                on_bytes=counted,
-                cache=state_of(model).executor_cache,
-                zero_copy_share=self.zero_copy_share,
-                node=node,
-            )
+            stats = stream.finish(plan, params) if stream is not None else None
+            if stats is not None and counted is not None:
+                counted(stats.bytes_read)
+            if stats is None:
+                stats = execute_plan(
+                    plan,
+                    params,
+                    device=device,
+                    num_threads=self.num_threads,
+                    chunk_bytes=self.chunk_bytes,
+                    on_bytes=counted,
+                    cache=state_of(model).executor_cache,
+                    zero_copy_share=self.zero_copy_share,
+                    node=node,
+                )
         finally:
             if progress is not None:
                 counted.flush()
@@ -548,6 +591,7 @@ class FastModelLoader(DefaultModelLoader):
             copy_setup_seconds=stats.setup_seconds,
             copy_phases=stats.phases(),
             shared_bytes=stats.shared_bytes,
+            copy_overlap_seconds=prepared.stream_overlap if stats.scratch_seconds else 0.0,
         )
         self.last_summary = summary
         logger.info(summary.line())

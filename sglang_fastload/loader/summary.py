@@ -35,12 +35,14 @@ class LoadSummary:
     copy_setup_seconds: float = 0.0  # part of copy_seconds spent before the first read
     # Bytes this rank took out of spans its node's ranks read together (shared_spans.py).
     shared_bytes: int = 0
+    # Part of copy_seconds that ran while the plan was built (a start-up stream).
+    copy_overlap_seconds: float = 0.0
     # Where read/copy time went (``ExecutionStats.phases``): logged at debug level.
     copy_phases: Dict[str, float] = dataclasses.field(default_factory=dict)
 
     def line(self) -> str:
         source = self.plan_source or (PLAN_CACHED if self.plan_cached else PLAN_BUILT)
-        total = self.plan_seconds + self.validate_seconds + self.copy_seconds
+        total = self.plan_seconds + self.validate_seconds + self.copy_seconds - self.copy_overlap_seconds
         gbps = self.bytes_read / self.copy_seconds / 1e9 if self.copy_seconds > 0 else 0.0
         return (
             f"sglang-fastload: loaded {self.directory}{self.rank}: {self.files} files, "
@@ -48,7 +50,9 @@ class LoadSummary:
             f"read {self.bytes_read} of {self.checkpoint_bytes} bytes "
             f"({self.bytes_read / 1e9:.3f} GB) with {self.threads} threads; "
             f"plan {self.plan_seconds:.3f} s ({source}), "
-            f"validate {self.validate_seconds:.3f} s, read/copy {self.copy_seconds:.3f} s, "
+            f"validate {self.validate_seconds:.3f} s, read/copy {self.copy_seconds:.3f} s"
+            + (f" ({self.copy_overlap_seconds:.3f} s of it while the plan was built)" if self.copy_overlap_seconds else "")
+            + ", "
             f"total {total:.3f} s, {gbps:.2f} GB/s; format {self.load_format}; "
             f"read/copy set-up {self.copy_setup_seconds:.3f} s"
             + (f"; {self.shared_bytes} bytes out of spans shared with the node's ranks" if self.shared_bytes else "")

@@ -63,10 +63,15 @@ CASES = [
 # so they are cut into row blocks): every block, row shards read run by run included, must
 # land where the whole tensor would.
 FAST_EXTRA = {
-    ("qwen3", "shuffled_tensors", 1, 1): {"chunk_mb": 0.01},
+    ("qwen3", "shuffled_tensors", 1, 1): {"chunk_mb": 0.01, "startup_stream": "on"},
     ("qwen3_moe", "sharded", 1, 1): {"chunk_mb": 0.01},
     ("qwen3", "sharded", 2, 1): {"chunk_mb": 0.01, "min_segment_bytes": 0},
+    # Start-ups that read the checkpoint into a scratch while the plan is built, then copy the
+    # plan out of it (startup_stream.py: on CUDA by default, on the host when asked).
+    ("qwen3_tied", "sharded", 1, 1): {"startup_stream": "on"},
+    ("qwen3_moe", "single", 1, 1): {"startup_stream": "on"},
 }
+STREAMED = "of it while the plan was built"
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +112,9 @@ def test_startup_and_update_bit_identical_to_upstream(case_results, kind, layout
         got = summaries(rank.log)
         assert len(got) == 2, rank.log[-3000:]
         assert "no fast-load plan" not in rank.log
+        # The start-up streamed exactly where asked; updates never do.
+        streamed = (FAST_EXTRA.get((kind, layout, tp, ep)) or {}).get("startup_stream") == "on"
+        assert rank.log.count(STREAMED) == (1 if streamed else 0), rank.log[-3000:]
     # The ranks of a node share its CPUs: together they start no more reader threads than
     # the CPUs, or 2 per rank where CPUs are fewer (one rank keeps the single-rank default).
     if tp > 1:

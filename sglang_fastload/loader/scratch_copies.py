@@ -1,0 +1,96 @@
+"""A load plan's copies out of a scratch that holds the checkpoint files' bytes.
+
+``startup_stream.py`` fills one scratch (device memory on CUDA, host memory on the CPU) with
+every file's tensor bytes while the plan is built; this runs the plan out of it. Each step
+does what the executor does with the same step's staged bytes: a step whose bytes are its
+destination's elements (same dtype, both contiguous) is a plain byte copy, merged with the
+next one where both sides continue (on CUDA one ``cudaMemcpyAsync`` each); every other step
+(strided, gathered, converted) views the bytes as the checkpoint's dtype and geometry and
+lets torch copy them into the parameter, as the executor's device scratch does.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+from sglang_fastload.loader import cuda_runtime
+from sglang_fastload.loader.binding import _device_bytes, _param_view, _reads_into_parameter
+from sglang_fastload.loader.plan import CopyStep, LoadPlan
+
+
+def step_source(step: CopyStep, scratch: torch.Tensor, origin: int, dtype: torch.dtype) -> torch.Tensor:
+    """The elements ``step`` copies, viewed in ``scratch``.
+
+    Args:
+        step: a plan step.
+        scratch: uint8 tensor holding the step's file, its byte 0 at index ``origin``
+            (which may be negative: only the tensor bytes are held).
+        origin: see ``scratch``.
+        dtype: the checkpoint tensor's dtype.
+
+    Returns:
+        A view (or, for a step of several reads or bytes not aligned to ``dtype``, a
+        contiguous copy) with the geometry of the step's ``view``.
+    """
+    pieces = [scratch.narrow(0, origin + off, n) for off, n in step.reads]
+    raw = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    if raw.storage_offset() % dtype.itemsize:
+        raw = raw.clone()  # a file whose tensors are not aligned to their element size
+    off, sizes, strides = step.view
+    elements = raw.view(dtype)
+    return elements.as_strided(sizes, strides, elements.storage_offset() + off)
+
+
+def copy_plan_from_scratch(
+    plan: LoadPlan,
+    params: Dict[str, torch.Tensor],
+    scratch: torch.Tensor,
+    origins: Dict[str, int],
+    runtime: Optional[cuda_runtime.CudaRuntime] = None,
+) -> None:
+    """Write every parameter region of ``plan`` from ``scratch`` (zero-fills first).
+
+    Args:
+        plan: the plan (its files' paths are keys of ``origins``).
+        params: ``{name: parameter data}``, checked against the plan by the caller.
+        scratch: uint8 tensor on the parameters' device holding the files' tensor bytes.
+        origins: ``{path: index in scratch of the file's byte 0}``.
+        runtime: on CUDA, the runtime that queues plain byte copies (None: torch copies).
+            Copies are queued on the current stream; the caller synchronizes.
+    """
+    for z in plan.zeros:
+        _param_view(params[z.param], z.dst).zero_()
+    stream = torch.cuda.current_stream(scratch.device).cuda_stream if scratch.is_cuda else 0
+    base = scratch.data_ptr()
+    # Plain byte copies, merged where both sides continue within one parameter (a copy may
+    # not run from one allocation into the next, even where their addresses meet).
+    runs: List[List] = []  # [destination address, scratch index, nbytes, parameter, byte offset]
+    dsts: List[torch.Tensor] = []
+    srcs: List[torch.Tensor] = []
+    for fp in plan.files:
+        origin = origins[fp.path]
+        for step in fp.steps:
+            param = params[step.param]
+            if not step.gather and len(step.reads) == 1 and _reads_into_parameter(step, {step.param: param}):
+                at = step.dst[0] * param.element_size()
+                address = param.data_ptr() + at
+                index = origin + step.reads[0][0]
+                last = runs[-1] if runs else None
+                if last and last[3] == step.param and last[0] + last[2] == address and last[1] + last[2] == index:
+                    last[2] += step.nbytes
+                else:
+                    runs.append([address, index, step.nbytes, step.param, at])
+                continue
+            dsts.append(_param_view(param, step.dst))
+            srcs.append(step_source(step, scratch, origin, step.src_dtype or param.dtype))
+    if runtime is not None:
+        for address, index, n, _, _ in runs:
+            runtime.copy_within_device(address, base + index, n, stream)
+    else:
+        for _, index, n, name, at in runs:
+            dsts.append(_device_bytes(params[name], at, n))
+            srcs.append(scratch.narrow(0, index, n))
+    if dsts:
+        torch._foreach_copy_(dsts, srcs)

@@ -1,0 +1,317 @@
+"""A first start's checkpoint read while its plan is built, into a scratch the plan copies from.
+
+A start-up load without a plan in memory or in the plan store builds one before it reads
+(the replay of the model's own loaders: ~0.06 s for Qwen3-8B, ~0.4 s for 16 layers of
+Qwen3-30B-A3B on an H200 host), and its reader threads wait meanwhile. A rank that keeps
+every byte of the checkpoint (one rank: no tensor or expert parallelism) reads all of it
+whatever the plan says, and before the KV cache is made the device has room for it. So
+there the readers copy every file's tensor bytes, file by file, into one scratch while the
+plan is built; the plan then runs out of the scratch (``scratch_copies.py``: device-to-device
+copies, conversions by torch as the executor's device scratch does them), which is freed.
+The bytes read are the same; what changes is that reading no longer waits for the plan.
+
+Updates never stream (the KV cache holds the device memory then, and a cached plan is ready).
+Where the stream cannot run (another reader failed, a file changed while it was read) the
+load reads the files as any other load does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from sglang_fastload import constants
+from sglang_fastload.loader.binding import direct_runtime
+from sglang_fastload.loader.execution_stats import ExecutionStats
+from sglang_fastload.loader.plan import LoadPlan
+from sglang_fastload.loader.scratch_copies import copy_plan_from_scratch
+from sglang_fastload.loader.staging import Worker, read_exact, reserve, wait_prepared, workers_for
+
+logger = logging.getLogger(__name__)
+
+# Where each file's bytes start in the scratch (any element type is aligned there).
+SCRATCH_ALIGN = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class FileRegion:
+    """One file's tensor bytes in the scratch.
+
+    Attributes:
+        path: the file.
+        data_start: file offset of its first tensor byte.
+        nbytes: its tensor bytes (to the end of the file).
+        at: where they start in the scratch.
+    """
+
+    path: str
+    data_start: int
+    nbytes: int
+    at: int
+
+    @property
+    def origin(self) -> int:
+        """The scratch index the file's byte 0 would have (its offsets add to it)."""
+        return self.at - self.data_start
+
+
+def scratch_layout(headers: Dict[str, object]) -> Tuple[List[FileRegion], int]:
+    """Each file's region in one scratch, files in name order, and the scratch's size.
+
+    Args:
+        headers: ``{path: SafetensorsHeader}`` of the checkpoint.
+    """
+    regions, at = [], 0
+    for path in sorted(headers):
+        header = headers[path]
+        nbytes = header.file_size - header.data_start
+        regions.append(FileRegion(path, header.data_start, nbytes, at))
+        at += (nbytes + SCRATCH_ALIGN - 1) // SCRATCH_ALIGN * SCRATCH_ALIGN
+    return regions, at
+
+
+def streams_here(setting: str, device: torch.device, startup: bool, single_rank: bool) -> bool:
+    """Whether a load that builds its plan streams the checkpoint meanwhile (device room aside).
+
+    Args:
+        setting: the extra config's ``startup_stream`` (``constants.STARTUP_STREAM_SETTINGS``).
+        device: where the parameters live.
+        startup: the model was never loaded (a start-up load, not an update).
+        single_rank: this rank keeps every byte of the checkpoint (no model parallelism).
+    """
+    if setting == "off" or not startup or not single_rank:
+        return False
+    return device.type == "cuda" or setting == "on"
+
+
+def device_has_room(device: torch.device, nbytes: int) -> bool:
+    """True off CUDA, or when the device has ``nbytes`` free beside the headroom."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return free >= nbytes + constants.STARTUP_STREAM_HEADROOM_BYTES
+
+
+def _switch_interval() -> float:
+    value = os.environ.get(constants.ENV_STARTUP_SWITCH_INTERVAL, "").strip()
+    try:
+        return float(value) if value else constants.STARTUP_STREAM_SWITCH_INTERVAL_S
+    except ValueError:
+        return constants.STARTUP_STREAM_SWITCH_INTERVAL_S
+
+
+class StartupStream:
+    """The readers copying the checkpoint into the scratch, started by ``start``."""
+
+    def __init__(self, regions: List[FileRegion], total: int, device: torch.device, threads: int, chunk_bytes: int):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.regions = regions
+        self.scratch = torch.empty(total, dtype=torch.uint8, device=device)
+        self.pieces = [
+            (r.path, off, min(chunk_bytes, r.data_start + r.nbytes - off), r.origin + off)
+            for r in regions
+            for off in range(r.data_start, r.data_start + r.nbytes, chunk_bytes)
+        ]
+        self.threads = max(1, min(threads, len(self.pieces)))
+        self.chunk_bytes = chunk_bytes
+        self.next_piece = itertools.count()  # taken by every reader (``next`` holds the interpreter lock)
+        self.failed = threading.Event()
+        self.error: Optional[BaseException] = None
+        self.fds: Dict[str, int] = {}
+        self.workers: List[Worker] = []
+        self.runtime = None
+        self.futures: list = []
+        self.pool: Optional[ThreadPoolExecutor] = None
+        self.saved_interval: Optional[float] = None
+        self.started = self.setup_seconds = 0.0
+
+    @classmethod
+    def start(cls, regions: List[FileRegion], total: int, device: torch.device, threads: int,
+              chunk_bytes: int) -> "StartupStream":
+        """Allocate the scratch and start the readers (the call returns at once).
+
+        Args:
+            regions, total: ``scratch_layout``'s answer.
+            device: the parameters' device (with its index on CUDA).
+            threads, chunk_bytes: the loader's reader threads and chunk size.
+
+        Raises:
+            OSError: a file could not be opened. torch's errors: no memory for the scratch.
+        """
+        stream = cls(regions, total, device, threads, chunk_bytes)
+        stream.started = time.perf_counter()
+        try:
+            stream.fds = {r.path: os.open(r.path, os.O_RDONLY) for r in regions}
+            if stream.cuda:
+                wait_prepared(device, chunk_bytes)
+                stream.workers = workers_for(device, stream.threads, chunk_bytes)
+                reserve(stream.workers, [(chunk_bytes, 0)] * stream.threads)
+                stream.runtime = direct_runtime()
+                for w in stream.workers:
+                    w.runtime = stream.runtime
+            interval = _switch_interval()
+            if interval > 0:
+                stream.saved_interval = sys.getswitchinterval()
+                sys.setswitchinterval(min(interval, stream.saved_interval))
+            stream.pool = ThreadPoolExecutor(max_workers=stream.threads, thread_name_prefix="fastload-stream")
+            stream.setup_seconds = time.perf_counter() - stream.started
+            stream.futures = [stream.pool.submit(stream._read, k) for k in range(stream.threads)]
+        except BaseException:
+            stream.abandon()
+            raise
+        return stream
+
+    def _read(self, k: int) -> ExecutionStats:
+        stats = ExecutionStats()
+        try:
+            if not self.cuda:
+                whole = memoryview(self.scratch.numpy())
+                for path, off, n, index in iter(self._take, None):
+                    t0 = time.perf_counter()
+                    stats.read_calls += read_exact(self.fds[path], whole[index:index + n], off, path)
+                    stats.read_seconds += time.perf_counter() - t0
+                    stats.bytes_read += n
+                return stats
+            worker = self.workers[k]
+            base = self.scratch.data_ptr()
+            turn = 0
+            with torch.cuda.stream(worker.stream):
+                for path, off, n, index in iter(self._take, None):
+                    t0 = time.perf_counter()
+                    worker.wait(turn)
+                    t1 = time.perf_counter()
+                    stats.read_calls += read_exact(self.fds[path], worker.buffer_bytes(turn)[:n], off, path)
+                    t2 = time.perf_counter()
+                    if self.runtime is not None:
+                        self.runtime.copy_to_device(base + index, worker.buffers[turn].data_ptr(), n, worker.stream_handle)
+                    else:
+                        self.scratch.narrow(0, index, n).copy_(worker.buffers[turn].narrow(0, 0, n), non_blocking=True)
+                    worker.mark_in_use(turn)
+                    turn ^= 1
+                    stats.wait_seconds += t1 - t0
+                    stats.read_seconds += t2 - t1
+                    stats.issue_seconds += time.perf_counter() - t2
+                    stats.bytes_read += n
+            return stats
+        except BaseException:
+            self.failed.set()
+            raise
+
+    def _take(self) -> Optional[Tuple[str, int, int, int]]:
+        if self.failed.is_set():
+            return None
+        k = next(self.next_piece)
+        return self.pieces[k] if k < len(self.pieces) else None
+
+    def _join(self) -> List[ExecutionStats]:
+        """Wait for every reader and for the device's copies; keep the first failure."""
+        done = []
+        for f in self.futures:
+            try:
+                done.append(f.result())
+            except BaseException as exc:  # noqa: BLE001 - kept, reported by ``finish``
+                if self.error is None:
+                    self.error = exc
+        self.futures = []
+        for w in self.workers:
+            try:
+                w.finish()
+            except BaseException as exc:  # noqa: BLE001
+                if self.error is None:
+                    self.error = exc
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
+            self.pool = None
+        if self.saved_interval is not None:
+            sys.setswitchinterval(self.saved_interval)
+            self.saved_interval = None
+        return done
+
+    def finish(self, plan: LoadPlan, params: Dict[str, torch.Tensor]) -> Optional[ExecutionStats]:
+        """Wait for the stream, then write ``plan``'s parameters out of the scratch.
+
+        Args:
+            plan: the plan built while the stream ran (for these files).
+            params: ``{name: parameter data}``, checked against the plan.
+
+        Returns:
+            What the load did (the stream's reads and the copies out of the scratch), or
+            None when the stream failed: nothing was written then, and the caller reads the
+            files as any load does (which reports what is wrong with them, if anything is).
+        """
+        try:
+            per_reader = self._join()
+            if self.error is not None:
+                logger.info("sglang-fastload: the start-up stream stopped (%s: %s); reading the files instead",
+                            type(self.error).__name__, self.error)
+                return None
+            streamed = time.perf_counter()
+            runtime = self.runtime if self.cuda else None
+            copy_plan_from_scratch(plan, params, self.scratch, {r.path: r.origin for r in self.regions}, runtime)
+            if self.cuda:
+                torch.cuda.current_stream(self.device).synchronize()
+            end = time.perf_counter()
+        finally:
+            self.abandon()
+        summed = {name: sum(getattr(s, name) for s in per_reader)
+                  for name in ("bytes_read", "read_calls", "read_seconds", "wait_seconds", "issue_seconds")}
+        return ExecutionStats(
+            seconds=end - self.started,
+            setup_seconds=self.setup_seconds,
+            threads_seconds=streamed - self.started - self.setup_seconds,
+            scratch_seconds=end - streamed,
+            **summed,
+        )
+
+    def abandon(self) -> None:
+        """Stop the readers, wait for them and free the scratch (idempotent)."""
+        self.failed.set()
+        self._join()
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+        if self.scratch is not None:
+            self.scratch = None
+            if self.cuda:
+                torch.cuda.empty_cache()  # the KV cache is sized from the device's free memory next
+
+
+def maybe_start(loader, headers: Dict[str, object], startup: bool, single_rank: bool,
+                device: torch.device) -> Optional[StartupStream]:
+    """Start streaming the checkpoint where this load should (``streams_here``) and can.
+
+    Args:
+        loader: the fast loader (its ``startup_stream`` setting, threads and chunk size).
+        headers: ``{path: SafetensorsHeader}`` of the checkpoint.
+        startup, single_rank: see ``streams_here``.
+        device: the parameters' device.
+
+    Returns:
+        The running stream, or None (not wanted, no room on the device, or it could not
+        start: the load then reads the files after the plan as usual).
+    """
+    if not streams_here(loader.startup_stream, device, startup, single_rank):
+        return None
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    regions, total = scratch_layout(headers)
+    try:
+        if not device_has_room(device, total):
+            logger.info("sglang-fastload: %.2f GB free on %s is too little to stream the checkpoint "
+                        "(%.2f GB) while the plan is built", torch.cuda.mem_get_info(device)[0] / 1e9,
+                        device, total / 1e9)
+            return None
+        return StartupStream.start(regions, total, device, loader.num_threads, loader.chunk_bytes)
+    except Exception as exc:  # the load reads the files after the plan instead
+        logger.info("sglang-fastload: the start-up stream did not start (%s: %s)", type(exc).__name__, exc)
+        return None
