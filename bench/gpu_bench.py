@@ -159,6 +159,14 @@ CONTENDERS: Dict[str, Contender] = {
             description="sglang-fastload, start-up stream with the interpreter's own 5 ms switch interval",
         ),
         Contender(
+            "fast-stream16", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_STARTUP_STREAM_READERS": "16"},
+            description="sglang-fastload, start-up stream with 16 readers while the plan is built (not half the CPUs)",
+        ),
+        Contender(
+            "fast-stream4", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_STARTUP_STREAM_READERS": "4/16"},
+            description="sglang-fastload, start-up stream with 4 readers while the plan is built, 16 after",
+        ),
+        Contender(
             "fast-torchcopy", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_DIRECT_CUDA_CALLS": "0"},
             description="sglang-fastload, host-to-device copies queued through torch (not the CUDA runtime directly)",
         ),

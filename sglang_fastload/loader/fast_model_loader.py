@@ -423,6 +423,8 @@ class FastModelLoader(DefaultModelLoader):
             if device.index is None:
                 device = torch.device("cuda", torch.cuda.current_device())
             prepare_in_background(device, self.num_threads, self.chunk_bytes, self.zero_copy_share)
+            if startup_stream.streams_here(self.startup_stream, device, True, _single_rank()):
+                startup_stream.prepare_buffers(device, self.num_threads)
         return DefaultModelLoader.load_model(self, model_config=model_config, device_config=device_config)
 
     def _get_weights_iterator(self, source, **kwargs):

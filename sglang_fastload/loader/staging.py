@@ -202,6 +202,17 @@ def workers_for(device: torch.device, count: int, chunk_bytes: int) -> List[Work
         return pool[:count]
 
 
+def release_workers(device: torch.device, chunk_bytes: int) -> None:
+    """Forget the readers of ``device`` and ``chunk_bytes``; their pinned buffers are freed
+    with them (after their queued copies are done). The next ``workers_for`` makes new ones.
+    """
+    wait_prepared(device, chunk_bytes)  # a background preparation would otherwise refill the pool
+    with _POOL_LOCK:
+        workers = _WORKER_POOL.pop((str(device), chunk_bytes), [])
+    for w in workers:
+        w.finish()
+
+
 _PREPARING: Dict[Tuple[str, int], threading.Thread] = {}
 
 

@@ -34,7 +34,15 @@ from sglang_fastload.loader.binding import direct_runtime
 from sglang_fastload.loader.execution_stats import ExecutionStats
 from sglang_fastload.loader.plan import LoadPlan
 from sglang_fastload.loader.scratch_copies import copy_plan_from_scratch
-from sglang_fastload.loader.staging import Worker, read_exact, reserve, wait_prepared, workers_for
+from sglang_fastload.loader.staging import (
+    Worker,
+    prepare_in_background,
+    read_exact,
+    release_workers,
+    reserve,
+    wait_prepared,
+    workers_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +109,40 @@ def device_has_room(device: torch.device, nbytes: int) -> bool:
     return free >= nbytes + constants.STARTUP_STREAM_HEADROOM_BYTES
 
 
+def stream_readers(loader_threads: int) -> Tuple[int, int]:
+    """How many readers stream while the plan is built, and how many once it is.
+
+    Half the CPUs, then the loader's own thread count (``constants``); the environment's
+    ``SGLANG_FASTLOAD_STARTUP_STREAM_READERS`` ("N" or "N/M") overrides them.
+
+    Args:
+        loader_threads: the loader's reader threads.
+
+    Returns:
+        ``(during, after)``, with ``1 <= during <= after``.
+    """
+    during, after = max(1, (os.cpu_count() or 2) // 2), max(1, loader_threads)
+    value = os.environ.get(constants.ENV_STARTUP_STREAM_READERS, "").strip()
+    if value:
+        try:
+            counts = [int(x) for x in value.split("/")]
+            during, after = counts[0], counts[-1]
+        except ValueError:
+            logger.info("sglang-fastload: %s=%r is not N or N/M; ignored", constants.ENV_STARTUP_STREAM_READERS, value)
+    during = max(1, during)
+    return during, max(during, after)
+
+
+def prepare_buffers(device: torch.device, loader_threads: int) -> None:
+    """Pin the stream's host buffers in the background (while the model is built).
+
+    Args:
+        device: the CUDA device the parameters live on (with its index).
+        loader_threads: the loader's reader threads.
+    """
+    prepare_in_background(device, stream_readers(loader_threads)[1], constants.STARTUP_STREAM_PIECE_BYTES, 0.0)
+
+
 def _switch_interval() -> float:
     value = os.environ.get(constants.ENV_STARTUP_SWITCH_INTERVAL, "").strip()
     try:
@@ -112,7 +154,8 @@ def _switch_interval() -> float:
 class StartupStream:
     """The readers copying the checkpoint into the scratch, started by ``start``."""
 
-    def __init__(self, regions: List[FileRegion], total: int, device: torch.device, threads: int, chunk_bytes: int):
+    def __init__(self, regions: List[FileRegion], total: int, device: torch.device, threads: int, chunk_bytes: int,
+                 threads_during_plan: Optional[int] = None):
         self.device = device
         self.cuda = device.type == "cuda"
         self.regions = regions
@@ -123,6 +166,8 @@ class StartupStream:
             for off in range(r.data_start, r.data_start + r.nbytes, chunk_bytes)
         ]
         self.threads = max(1, min(threads, len(self.pieces)))
+        self.threads_during_plan = max(1, min(threads_during_plan or self.threads, self.threads))
+        self.release_buffers = False  # the buffers are the stream's own, not the loader's
         self.chunk_bytes = chunk_bytes
         self.next_piece = itertools.count()  # taken by every reader (``next`` holds the interpreter lock)
         self.failed = threading.Event()
@@ -131,45 +176,63 @@ class StartupStream:
         self.workers: List[Worker] = []
         self.runtime = None
         self.futures: list = []
+        self.begun = None  # ``_begin``'s future
         self.pool: Optional[ThreadPoolExecutor] = None
         self.saved_interval: Optional[float] = None
         self.started = self.setup_seconds = 0.0
 
     @classmethod
     def start(cls, regions: List[FileRegion], total: int, device: torch.device, threads: int,
-              chunk_bytes: int) -> "StartupStream":
+              chunk_bytes: int, threads_during_plan: Optional[int] = None,
+              own_buffers: bool = False) -> "StartupStream":
         """Allocate the scratch and start the readers (the call returns at once).
 
         Args:
             regions, total: ``scratch_layout``'s answer.
             device: the parameters' device (with its index on CUDA).
-            threads, chunk_bytes: the loader's reader threads and chunk size.
+            threads, chunk_bytes: the readers once the plan is built, and their piece size.
+            threads_during_plan: the readers started now (default: ``threads``); the
+                others join in ``finish``.
+            own_buffers: the readers' pinned buffers serve only the stream (their piece
+                size is not the loader's): they are freed with it.
 
         Raises:
             OSError: a file could not be opened. torch's errors: no memory for the scratch.
         """
-        stream = cls(regions, total, device, threads, chunk_bytes)
+        stream = cls(regions, total, device, threads, chunk_bytes, threads_during_plan)
+        stream.release_buffers = own_buffers
         stream.started = time.perf_counter()
         try:
             stream.fds = {r.path: os.open(r.path, os.O_RDONLY) for r in regions}
-            if stream.cuda:
-                wait_prepared(device, chunk_bytes)
-                stream.workers = workers_for(device, stream.threads, chunk_bytes)
-                reserve(stream.workers, [(chunk_bytes, 0)] * stream.threads)
-                stream.runtime = direct_runtime()
-                for w in stream.workers:
-                    w.runtime = stream.runtime
             interval = _switch_interval()
             if interval > 0:
                 stream.saved_interval = sys.getswitchinterval()
                 sys.setswitchinterval(min(interval, stream.saved_interval))
             stream.pool = ThreadPoolExecutor(max_workers=stream.threads, thread_name_prefix="fastload-stream")
             stream.setup_seconds = time.perf_counter() - stream.started
-            stream.futures = [stream.pool.submit(stream._read, k) for k in range(stream.threads)]
+            stream.begun = stream.pool.submit(stream._begin)
         except BaseException:
             stream.abandon()
             raise
         return stream
+
+    def _begin(self) -> None:
+        """Ready the readers (their buffers, pinned in the background while the model was
+        built) and start those that read while the plan is built. Runs on a pool thread, so
+        that the plan does not wait for the buffers."""
+        try:
+            if self.cuda:
+                wait_prepared(self.device, self.chunk_bytes)
+                workers = workers_for(self.device, self.threads, self.chunk_bytes)
+                reserve(workers, [(self.chunk_bytes, 0)] * self.threads)
+                self.runtime = direct_runtime()
+                for w in workers:
+                    w.runtime = self.runtime
+                self.workers = workers
+            self.futures = [self.pool.submit(self._read, k) for k in range(self.threads_during_plan)]
+        except BaseException:
+            self.failed.set()
+            raise
 
     def _read(self, k: int) -> ExecutionStats:
         stats = ExecutionStats()
@@ -216,6 +279,13 @@ class StartupStream:
     def _join(self) -> List[ExecutionStats]:
         """Wait for every reader and for the device's copies; keep the first failure."""
         done = []
+        if self.begun is not None:
+            try:
+                self.begun.result()
+            except BaseException as exc:  # noqa: BLE001 - kept, reported by ``finish``
+                if self.error is None:
+                    self.error = exc
+            self.begun = None
         for f in self.futures:
             try:
                 done.append(f.result())
@@ -250,6 +320,10 @@ class StartupStream:
             files as any load does (which reports what is wrong with them, if anything is).
         """
         try:
+            # The plan is built: the interpreter is free, the remaining readers join.
+            begun = self.begun is not None and self.begun.exception() is None  # waits; ``_join`` keeps a failure
+            if begun and not self.failed.is_set() and self.pool is not None:
+                self.futures += [self.pool.submit(self._read, k) for k in range(len(self.futures), self.threads)]
             per_reader = self._join()
             if self.error is not None:
                 logger.info("sglang-fastload: the start-up stream stopped (%s: %s); reading the files instead",
@@ -280,6 +354,9 @@ class StartupStream:
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
+        if self.release_buffers and self.workers:
+            release_workers(self.device, self.chunk_bytes)
+        self.workers = []
         if self.scratch is not None:
             self.scratch = None
             if self.cuda:
@@ -291,7 +368,7 @@ def maybe_start(loader, headers: Dict[str, object], startup: bool, single_rank: 
     """Start streaming the checkpoint where this load should (``streams_here``) and can.
 
     Args:
-        loader: the fast loader (its ``startup_stream`` setting, threads and chunk size).
+        loader: the fast loader (its ``startup_stream`` setting and threads).
         headers: ``{path: SafetensorsHeader}`` of the checkpoint.
         startup, single_rank: see ``streams_here``.
         device: the parameters' device.
@@ -311,7 +388,9 @@ def maybe_start(loader, headers: Dict[str, object], startup: bool, single_rank: 
                         "(%.2f GB) while the plan is built", torch.cuda.mem_get_info(device)[0] / 1e9,
                         device, total / 1e9)
             return None
-        return StartupStream.start(regions, total, device, loader.num_threads, loader.chunk_bytes)
+        during, after = stream_readers(loader.num_threads)
+        piece = constants.STARTUP_STREAM_PIECE_BYTES
+        return StartupStream.start(regions, total, device, after, piece, during, own_buffers=piece != loader.chunk_bytes)
     except Exception as exc:  # the load reads the files after the plan instead
         logger.info("sglang-fastload: the start-up stream did not start (%s: %s)", type(exc).__name__, exc)
         return None

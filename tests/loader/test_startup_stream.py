@@ -200,11 +200,55 @@ def test_an_abandoned_stream_stops_its_readers_and_frees_everything(checkpoint):
     _, headers = checkpoint
     regions, total = startup_stream.scratch_layout(headers)
     stream = startup_stream.StartupStream.start(regions, total, torch.device("cpu"), 2, 16)
+    begun = stream.begun
+    begun.exception()  # the readers it started are known once it returns
     futures = list(stream.futures)
+    assert futures
     stream.abandon()
-    assert all(f.done() for f in futures)
+    assert begun.done() and all(f.done() for f in futures)
     assert stream.scratch is None and not stream.fds
     stream.abandon()  # again: nothing left to do
+
+
+def test_readers_beyond_those_of_the_plan_join_when_it_is_built(checkpoint):
+    t, headers = checkpoint
+    plan = _plan(headers, 64, DEFAULT_MIN_SEGMENT_BYTES)
+    regions, total = startup_stream.scratch_layout(headers)
+    stream = startup_stream.StartupStream.start(regions, total, torch.device("cpu"), 3, 16, threads_during_plan=1)
+    stream.begun.exception()
+    assert len(stream.futures) == 1  # one reader while the plan is built
+    streamed = _params()
+    stats = stream.finish(plan, streamed)
+    assert stats is not None
+    _assert_bits(streamed, _expected(t))
+    assert stats.bytes_read == sum(h.file_size - h.data_start for h in headers.values())
+
+
+@pytest.mark.parametrize("value,cpus,wanted", [
+    ("", 16, (8, 12)),      # half the CPUs while the plan is built, the loader's threads after
+    ("", 1, (1, 12)),
+    ("4", 16, (4, 4)),       # one count: during and after
+    ("4/16", 16, (4, 16)),
+    ("20/6", 16, (20, 20)),  # never fewer after than during
+    ("many", 16, (8, 12)),   # not a count: ignored
+])
+def test_how_many_readers_stream(monkeypatch, value, cpus, wanted):
+    monkeypatch.setenv(constants.ENV_STARTUP_STREAM_READERS, value)
+    monkeypatch.setattr(startup_stream.os, "cpu_count", lambda: cpus)
+    assert startup_stream.stream_readers(12) == wanted
+
+
+def test_released_readers_are_made_anew():
+    from sglang_fastload.loader import staging
+
+    device = torch.device("cpu")
+    first = staging.workers_for(device, 2, 12345)
+    staging.reserve(first, [(12345, 0)] * 2)
+    assert staging.workers_for(device, 2, 12345) == first  # kept between loads
+    staging.release_workers(device, 12345)
+    again = staging.workers_for(device, 2, 12345)
+    assert all(a is not b for a, b in zip(again, first))
+    staging.release_workers(device, 12345)
 
 
 def test_the_scratch_holds_each_file_aligned_in_name_order(checkpoint):
@@ -269,3 +313,13 @@ def test_on_the_device_the_stream_writes_what_the_executor_writes(checkpoint):
         assert stats is not None
         _assert_bits(from_files, _expected(t))
         _assert_bits(streamed, _expected(t))
+    # The stream's own readers (a piece size of their own), fewer while the plan is built:
+    # the same bits, and their pinned buffers go with the stream.
+    from sglang_fastload.loader import staging
+
+    plan = _plan(headers, 64, DEFAULT_MIN_SEGMENT_BYTES)
+    streamed = _params(device)
+    stream = startup_stream.StartupStream.start(regions, total, device, 3, 4096, threads_during_plan=1, own_buffers=True)
+    assert stream.finish(plan, streamed) is not None
+    _assert_bits(streamed, _expected(t))
+    assert (str(device), 4096) not in staging._WORKER_POOL
