@@ -163,8 +163,12 @@ CONTENDERS: Dict[str, Contender] = {
             description="sglang-fastload, start-up stream with 16 readers while the plan is built (not half the CPUs)",
         ),
         Contender(
-            "fast-stream4", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_STARTUP_STREAM_READERS": "4/16"},
-            description="sglang-fastload, start-up stream with 4 readers while the plan is built, 16 after",
+            "fast-stream12", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_STARTUP_STREAM_READERS": "12/16"},
+            description="sglang-fastload, start-up stream with 12 readers while the plan is built, 16 after",
+        ),
+        Contender(
+            "fast-stream8x6", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_STARTUP_STREAM_READ_MB": "6"},
+            description="sglang-fastload, start-up stream reading the loader's 6 MiB chunks while the plan is built",
         ),
         Contender(
             "fast-torchcopy", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_DIRECT_CUDA_CALLS": "0"},

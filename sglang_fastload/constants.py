@@ -99,12 +99,15 @@ STARTUP_STREAM_HEADROOM_BYTES = 2 << 30
 STARTUP_STREAM_SWITCH_INTERVAL_S = 0.0005
 ENV_STARTUP_SWITCH_INTERVAL = "SGLANG_FASTLOAD_STARTUP_SWITCH_INTERVAL"
 # The stream's readers while the plan is built, and after. On a 16-CPU H200 host 16 readers
-# slowed a replay-like loop 2.9-4.2 x (every core busy copying), 8 readers of 64 MiB pieces
-# left it at its speed while streaming 27 GB/s (docs/benchmarks.md, fifteenth run). So half
-# the CPUs read while the plan is built and the loader's own thread count once it is.
-# SGLANG_FASTLOAD_STARTUP_STREAM_READERS overrides both ("8" or "8/16": during/after).
-STARTUP_STREAM_PIECE_BYTES = 64 << 20
+# slowed a replay-like loop 2.9-4.2 x (every core busy copying) and a MoE replay 2.1 x; 8
+# readers of 64 MiB reads left the loop at its speed while streaming 27 GB/s and slowed the
+# replay 1.2 x (docs/benchmarks.md, fifteenth run). Reads that large are slower once the
+# plan is built (39 GB/s from 16 threads, 90 GB/s with 4 MiB), so then the loader's threads
+# read its chunk size. SGLANG_FASTLOAD_STARTUP_STREAM_READERS ("8" or "8/16": during/after)
+# and SGLANG_FASTLOAD_STARTUP_STREAM_READ_MB (during) override them.
+STARTUP_STREAM_READ_BYTES = 64 << 20
 ENV_STARTUP_STREAM_READERS = "SGLANG_FASTLOAD_STARTUP_STREAM_READERS"
+ENV_STARTUP_STREAM_READ_MB = "SGLANG_FASTLOAD_STARTUP_STREAM_READ_MB"
 
 # Upstream functions that module_walks.py (and idle_restores.py) answer faster, by qualified
 # name, with the SHA-256 of each one's source text as it was written from (sglang 0.5.23). A

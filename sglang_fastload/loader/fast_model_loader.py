@@ -419,13 +419,19 @@ class FastModelLoader(DefaultModelLoader):
             The loaded model, as upstream's.
         """
         device = torch.device(device_config.device)
+        streams = False
         if device.type == "cuda" and torch.cuda.is_available():
             if device.index is None:
                 device = torch.device("cuda", torch.cuda.current_device())
             prepare_in_background(device, self.num_threads, self.chunk_bytes, self.zero_copy_share)
-            if startup_stream.streams_here(self.startup_stream, device, True, _single_rank()):
-                startup_stream.prepare_buffers(device, self.num_threads)
-        return DefaultModelLoader.load_model(self, model_config=model_config, device_config=device_config)
+            streams = startup_stream.streams_here(self.startup_stream, device, True, _single_rank())
+            if streams:
+                startup_stream.prepare_buffers(device, self.num_threads, self.chunk_bytes)
+        try:
+            return DefaultModelLoader.load_model(self, model_config=model_config, device_config=device_config)
+        finally:
+            if streams:  # also where no stream ran (a stored plan, no room on the device)
+                startup_stream.release_buffers(device, self.num_threads, self.chunk_bytes)
 
     def _get_weights_iterator(self, source, **kwargs):
         checkpoint = FastCheckpoint(self, source, kwargs)

@@ -18,7 +18,6 @@ load reads the files as any other load does.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import os
 import sys
@@ -109,17 +108,44 @@ def device_has_room(device: torch.device, nbytes: int) -> bool:
     return free >= nbytes + constants.STARTUP_STREAM_HEADROOM_BYTES
 
 
-def stream_readers(loader_threads: int) -> Tuple[int, int]:
-    """How many readers stream while the plan is built, and how many once it is.
+@dataclasses.dataclass(frozen=True)
+class StreamReaders:
+    """How a stream reads: few readers and large reads while the plan is built (beside the
+    replay), more readers and the loader's own chunk size once it is.
 
-    Half the CPUs, then the loader's own thread count (``constants``); the environment's
-    ``SGLANG_FASTLOAD_STARTUP_STREAM_READERS`` ("N" or "N/M") overrides them.
+    Attributes:
+        during: readers while the plan is built.
+        after: readers once it is (``>= during``); the others join then.
+        read_bytes_during: bytes per read while the plan is built.
+        read_bytes_after: bytes per read after, the loader's chunk size: the readers that
+            join then use the loader's own pinned buffers.
+    """
+
+    during: int
+    after: int
+    read_bytes_during: int
+    read_bytes_after: int
+
+    @classmethod
+    def uniform(cls, threads: int, read_bytes: int) -> "StreamReaders":
+        """The same readers and reads throughout."""
+        return cls(threads, threads, read_bytes, read_bytes)
+
+    @property
+    def own_buffers(self) -> bool:
+        """The readers of the plan's time need pinned buffers of their own (freed with the stream)."""
+        return self.read_bytes_during != self.read_bytes_after
+
+
+def stream_readers(loader_threads: int, loader_chunk_bytes: int) -> StreamReaders:
+    """How a first start's stream reads, by default (``constants``).
+
+    Half the CPUs read ``STARTUP_STREAM_READ_BYTES`` at a time while the plan is built, the
+    loader's threads its chunk size after; ``SGLANG_FASTLOAD_STARTUP_STREAM_READERS`` ("N"
+    or "N/M") and ``SGLANG_FASTLOAD_STARTUP_STREAM_READ_MB`` override the counts and the size.
 
     Args:
-        loader_threads: the loader's reader threads.
-
-    Returns:
-        ``(during, after)``, with ``1 <= during <= after``.
+        loader_threads, loader_chunk_bytes: the loader's reader threads and chunk size.
     """
     during, after = max(1, (os.cpu_count() or 2) // 2), max(1, loader_threads)
     value = os.environ.get(constants.ENV_STARTUP_STREAM_READERS, "").strip()
@@ -129,18 +155,38 @@ def stream_readers(loader_threads: int) -> Tuple[int, int]:
             during, after = counts[0], counts[-1]
         except ValueError:
             logger.info("sglang-fastload: %s=%r is not N or N/M; ignored", constants.ENV_STARTUP_STREAM_READERS, value)
+    read_bytes = constants.STARTUP_STREAM_READ_BYTES
+    value = os.environ.get(constants.ENV_STARTUP_STREAM_READ_MB, "").strip()
+    if value:
+        try:
+            read_bytes = int(float(value) * (1 << 20))
+        except ValueError:
+            logger.info("sglang-fastload: %s=%r is not a size in MiB; ignored", constants.ENV_STARTUP_STREAM_READ_MB, value)
     during = max(1, during)
-    return during, max(during, after)
+    return StreamReaders(during, max(during, after), max(read_bytes, loader_chunk_bytes), loader_chunk_bytes)
 
 
-def prepare_buffers(device: torch.device, loader_threads: int) -> None:
-    """Pin the stream's host buffers in the background (while the model is built).
+def prepare_buffers(device: torch.device, loader_threads: int, loader_chunk_bytes: int) -> None:
+    """Pin the buffers of the stream's first readers in the background (while the model is built).
 
     Args:
         device: the CUDA device the parameters live on (with its index).
-        loader_threads: the loader's reader threads.
+        loader_threads, loader_chunk_bytes: the loader's reader threads and chunk size.
     """
-    prepare_in_background(device, stream_readers(loader_threads)[1], constants.STARTUP_STREAM_PIECE_BYTES, 0.0)
+    readers = stream_readers(loader_threads, loader_chunk_bytes)
+    if readers.own_buffers:
+        prepare_in_background(device, readers.during, readers.read_bytes_during, 0.0)
+
+
+def release_buffers(device: torch.device, loader_threads: int, loader_chunk_bytes: int) -> None:
+    """Free what ``prepare_buffers`` pinned (a start whose stream ended, or never started).
+
+    Args:
+        device, loader_threads, loader_chunk_bytes: as given to ``prepare_buffers``.
+    """
+    readers = stream_readers(loader_threads, loader_chunk_bytes)
+    if device.type == "cuda" and readers.own_buffers:
+        release_workers(device, readers.read_bytes_during)
 
 
 def _switch_interval() -> float:
@@ -154,22 +200,25 @@ def _switch_interval() -> float:
 class StartupStream:
     """The readers copying the checkpoint into the scratch, started by ``start``."""
 
-    def __init__(self, regions: List[FileRegion], total: int, device: torch.device, threads: int, chunk_bytes: int,
-                 threads_during_plan: Optional[int] = None):
+    def __init__(self, regions: List[FileRegion], total: int, device: torch.device, readers: StreamReaders):
         self.device = device
         self.cuda = device.type == "cuda"
         self.regions = regions
+        self.readers = readers
         self.scratch = torch.empty(total, dtype=torch.uint8, device=device)
+        unit = readers.read_bytes_after
+        # Slices of the loader's chunk size; a read while the plan is built takes several
+        # neighbouring ones of one file at once (``_take``).
         self.pieces = [
-            (r.path, off, min(chunk_bytes, r.data_start + r.nbytes - off), r.origin + off)
+            (r.path, off, min(unit, r.data_start + r.nbytes - off), r.origin + off)
             for r in regions
-            for off in range(r.data_start, r.data_start + r.nbytes, chunk_bytes)
+            for off in range(r.data_start, r.data_start + r.nbytes, unit)
         ]
-        self.threads = max(1, min(threads, len(self.pieces)))
-        self.threads_during_plan = max(1, min(threads_during_plan or self.threads, self.threads))
-        self.release_buffers = False  # the buffers are the stream's own, not the loader's
-        self.chunk_bytes = chunk_bytes
-        self.next_piece = itertools.count()  # taken by every reader (``next`` holds the interpreter lock)
+        self.threads = max(1, min(readers.after, len(self.pieces)))
+        self.threads_during_plan = max(1, min(readers.during, self.threads))
+        self.slices_per_read = max(1, readers.read_bytes_during // unit)  # 1 once the plan is built
+        self.next_piece = 0
+        self.take_lock = threading.Lock()
         self.failed = threading.Event()
         self.error: Optional[BaseException] = None
         self.fds: Dict[str, int] = {}
@@ -182,25 +231,18 @@ class StartupStream:
         self.started = self.setup_seconds = 0.0
 
     @classmethod
-    def start(cls, regions: List[FileRegion], total: int, device: torch.device, threads: int,
-              chunk_bytes: int, threads_during_plan: Optional[int] = None,
-              own_buffers: bool = False) -> "StartupStream":
+    def start(cls, regions: List[FileRegion], total: int, device: torch.device, readers: StreamReaders) -> "StartupStream":
         """Allocate the scratch and start the readers (the call returns at once).
 
         Args:
             regions, total: ``scratch_layout``'s answer.
             device: the parameters' device (with its index on CUDA).
-            threads, chunk_bytes: the readers once the plan is built, and their piece size.
-            threads_during_plan: the readers started now (default: ``threads``); the
-                others join in ``finish``.
-            own_buffers: the readers' pinned buffers serve only the stream (their piece
-                size is not the loader's): they are freed with it.
+            readers: how many read, how much at a time, before and after the plan is built.
 
         Raises:
             OSError: a file could not be opened. torch's errors: no memory for the scratch.
         """
-        stream = cls(regions, total, device, threads, chunk_bytes, threads_during_plan)
-        stream.release_buffers = own_buffers
+        stream = cls(regions, total, device, readers)
         stream.started = time.perf_counter()
         try:
             stream.fds = {r.path: os.open(r.path, os.O_RDONLY) for r in regions}
@@ -222,17 +264,37 @@ class StartupStream:
         that the plan does not wait for the buffers."""
         try:
             if self.cuda:
-                wait_prepared(self.device, self.chunk_bytes)
-                workers = workers_for(self.device, self.threads, self.chunk_bytes)
-                reserve(workers, [(self.chunk_bytes, 0)] * self.threads)
                 self.runtime = direct_runtime()
-                for w in workers:
-                    w.runtime = self.runtime
-                self.workers = workers
+                self.workers = self._ready_workers(self.readers.read_bytes_during, self.threads_during_plan)
             self.futures = [self.pool.submit(self._read, k) for k in range(self.threads_during_plan)]
         except BaseException:
             self.failed.set()
             raise
+
+    def _ready_workers(self, read_bytes: int, count: int) -> List[Worker]:
+        """The first ``count`` readers of ``read_bytes`` (the loader's pool for its chunk size),
+        their buffers reserved once their background preparation is done."""
+        wait_prepared(self.device, read_bytes)
+        workers = workers_for(self.device, count, read_bytes)
+        reserve(workers, [(read_bytes, 0)] * count)
+        for w in workers:
+            w.runtime = self.runtime
+        return workers
+
+    def _join_readers(self) -> None:
+        """Once the plan is built, the remaining readers join (each read one slice now)."""
+        self.slices_per_read = 1
+        begun = self.begun is not None and self.begun.exception() is None  # waits; ``_join`` keeps a failure
+        if not begun or self.failed.is_set() or self.pool is None or self.threads <= len(self.futures):
+            return
+        if self.cuda:
+            try:
+                more = self._ready_workers(self.readers.read_bytes_after, self.threads)[len(self.workers):]
+            except Exception as exc:  # the first readers finish the stream alone
+                logger.info("sglang-fastload: no more readers for the start-up stream (%s: %s)", type(exc).__name__, exc)
+                return
+            self.workers = self.workers + more
+        self.futures += [self.pool.submit(self._read, k) for k in range(len(self.futures), self.threads)]
 
     def _read(self, k: int) -> ExecutionStats:
         stats = ExecutionStats()
@@ -249,7 +311,7 @@ class StartupStream:
             base = self.scratch.data_ptr()
             turn = 0
             with torch.cuda.stream(worker.stream):
-                for path, off, n, index in iter(self._take, None):
+                for path, off, n, index in iter(lambda: self._take(worker.chunk_bytes), None):
                     t0 = time.perf_counter()
                     worker.wait(turn)
                     t1 = time.perf_counter()
@@ -270,11 +332,23 @@ class StartupStream:
             self.failed.set()
             raise
 
-    def _take(self) -> Optional[Tuple[str, int, int, int]]:
+    def _take(self, room: Optional[int] = None) -> Optional[Tuple[str, int, int, int]]:
+        """The next read: up to ``slices_per_read`` neighbouring slices of one file, at most
+        ``room`` bytes (a reader's buffer); None when none are left or a reader failed."""
         if self.failed.is_set():
             return None
-        k = next(self.next_piece)
-        return self.pieces[k] if k < len(self.pieces) else None
+        with self.take_lock:
+            first = self.next_piece
+            if first >= len(self.pieces):
+                return None
+            path, off, n, index = self.pieces[first]
+            last = first + 1
+            while (last < len(self.pieces) and last - first < self.slices_per_read
+                   and self.pieces[last][0] == path and (room is None or n + self.pieces[last][2] <= room)):
+                n += self.pieces[last][2]
+                last += 1
+            self.next_piece = last
+        return path, off, n, index
 
     def _join(self) -> List[ExecutionStats]:
         """Wait for every reader and for the device's copies; keep the first failure."""
@@ -320,10 +394,7 @@ class StartupStream:
             files as any load does (which reports what is wrong with them, if anything is).
         """
         try:
-            # The plan is built: the interpreter is free, the remaining readers join.
-            begun = self.begun is not None and self.begun.exception() is None  # waits; ``_join`` keeps a failure
-            if begun and not self.failed.is_set() and self.pool is not None:
-                self.futures += [self.pool.submit(self._read, k) for k in range(len(self.futures), self.threads)]
+            self._join_readers()  # the plan is built: the interpreter is free
             per_reader = self._join()
             if self.error is not None:
                 logger.info("sglang-fastload: the start-up stream stopped (%s: %s); reading the files instead",
@@ -354,8 +425,8 @@ class StartupStream:
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
-        if self.release_buffers and self.workers:
-            release_workers(self.device, self.chunk_bytes)
+        if self.cuda and self.readers.own_buffers:
+            release_workers(self.device, self.readers.read_bytes_during)
         self.workers = []
         if self.scratch is not None:
             self.scratch = None
@@ -368,7 +439,7 @@ def maybe_start(loader, headers: Dict[str, object], startup: bool, single_rank: 
     """Start streaming the checkpoint where this load should (``streams_here``) and can.
 
     Args:
-        loader: the fast loader (its ``startup_stream`` setting and threads).
+        loader: the fast loader (its ``startup_stream`` setting, threads and chunk size).
         headers: ``{path: SafetensorsHeader}`` of the checkpoint.
         startup, single_rank: see ``streams_here``.
         device: the parameters' device.
@@ -388,9 +459,7 @@ def maybe_start(loader, headers: Dict[str, object], startup: bool, single_rank: 
                         "(%.2f GB) while the plan is built", torch.cuda.mem_get_info(device)[0] / 1e9,
                         device, total / 1e9)
             return None
-        during, after = stream_readers(loader.num_threads)
-        piece = constants.STARTUP_STREAM_PIECE_BYTES
-        return StartupStream.start(regions, total, device, after, piece, during, own_buffers=piece != loader.chunk_bytes)
+        return StartupStream.start(regions, total, device, stream_readers(loader.num_threads, loader.chunk_bytes))
     except Exception as exc:  # the load reads the files after the plan instead
         logger.info("sglang-fastload: the start-up stream did not start (%s: %s)", type(exc).__name__, exc)
         return None

@@ -26,6 +26,7 @@ from sglang_fastload.loader.scratch_copies import copy_plan_from_scratch
 from tests.rig.checkpoints import write_safetensors_ordered
 
 SENTINEL = -7.0
+_uniform = startup_stream.StreamReaders.uniform  # the same readers and reads throughout
 
 PARAMS = {  # name: (shape, dtype)
     "p": ((8, 6), torch.float32),   # bf16 "a", converted
@@ -124,7 +125,7 @@ def test_the_plan_out_of_the_stream_writes_what_the_files_say(checkpoint, chunk_
     _assert_bits(from_files, want)
 
     regions, total = startup_stream.scratch_layout(headers)
-    stream = startup_stream.StartupStream.start(regions, total, torch.device("cpu"), 3, chunk_bytes)
+    stream = startup_stream.StartupStream.start(regions, total, torch.device("cpu"), _uniform(3, chunk_bytes))
     streamed = _params()
     stats = stream.finish(plan, streamed)
     assert stats is not None
@@ -186,7 +187,7 @@ def test_a_file_cut_short_stops_the_stream_and_nothing_is_written(checkpoint):
     short = sorted(headers)[1]
     regions, total = startup_stream.scratch_layout(headers)
     os.truncate(short, headers[short].file_size - 16)
-    stream = startup_stream.StartupStream.start(regions, total, torch.device("cpu"), 2, 64)
+    stream = startup_stream.StartupStream.start(regions, total, torch.device("cpu"), _uniform(2, 64))
     untouched = _params()
     assert stream.finish(plan, untouched) is None
     _assert_bits(untouched, _params())
@@ -199,7 +200,7 @@ def test_a_file_cut_short_stops_the_stream_and_nothing_is_written(checkpoint):
 def test_an_abandoned_stream_stops_its_readers_and_frees_everything(checkpoint):
     _, headers = checkpoint
     regions, total = startup_stream.scratch_layout(headers)
-    stream = startup_stream.StartupStream.start(regions, total, torch.device("cpu"), 2, 16)
+    stream = startup_stream.StartupStream.start(regions, total, torch.device("cpu"), _uniform(2, 16))
     begun = stream.begun
     begun.exception()  # the readers it started are known once it returns
     futures = list(stream.futures)
@@ -214,28 +215,51 @@ def test_readers_beyond_those_of_the_plan_join_when_it_is_built(checkpoint):
     t, headers = checkpoint
     plan = _plan(headers, 64, DEFAULT_MIN_SEGMENT_BYTES)
     regions, total = startup_stream.scratch_layout(headers)
-    stream = startup_stream.StartupStream.start(regions, total, torch.device("cpu"), 3, 16, threads_during_plan=1)
+    # One reader of up to 4 slices (16 bytes each) while the plan is built, three after.
+    readers = startup_stream.StreamReaders(during=1, after=3, read_bytes_during=64, read_bytes_after=16)
+    stream = startup_stream.StartupStream.start(regions, total, torch.device("cpu"), readers)
     stream.begun.exception()
-    assert len(stream.futures) == 1  # one reader while the plan is built
+    assert len(stream.futures) == 1 and stream.slices_per_read == 4
     streamed = _params()
     stats = stream.finish(plan, streamed)
     assert stats is not None
+    assert len(stream.futures) == 0 and stream.slices_per_read == 1  # all joined, then done
     _assert_bits(streamed, _expected(t))
     assert stats.bytes_read == sum(h.file_size - h.data_start for h in headers.values())
 
 
-@pytest.mark.parametrize("value,cpus,wanted", [
-    ("", 16, (8, 12)),      # half the CPUs while the plan is built, the loader's threads after
-    ("", 1, (1, 12)),
-    ("4", 16, (4, 4)),       # one count: during and after
-    ("4/16", 16, (4, 16)),
-    ("20/6", 16, (20, 20)),  # never fewer after than during
-    ("many", 16, (8, 12)),   # not a count: ignored
+def test_a_read_takes_neighbouring_slices_of_one_file_only(checkpoint):
+    _, headers = checkpoint
+    regions, total = startup_stream.scratch_layout(headers)
+    readers = startup_stream.StreamReaders(during=1, after=1, read_bytes_during=1 << 20, read_bytes_after=16)
+    stream = startup_stream.StartupStream(regions, total, torch.device("cpu"), readers)
+    first, second = regions
+    assert stream._take() == (first.path, first.data_start, first.nbytes, first.at)  # the whole file
+    stream.slices_per_read = 1
+    assert stream._take() == (second.path, second.data_start, 16, second.at)
+    stream.slices_per_read = 3
+    assert stream._take(room=40) == (second.path, second.data_start + 16, 32, second.at + 16)  # two fit
+
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize("counts,read_mb,cpus,wanted", [
+    ("", "", 16, (8, 12, 64 * MIB)),   # half the CPUs while the plan is built, the loader's threads after
+    ("", "", 1, (1, 12, 64 * MIB)),
+    ("4", "", 16, (4, 4, 64 * MIB)),   # one count: during and after
+    ("4/16", "8", 16, (4, 16, 8 * MIB)),
+    ("20/6", "", 16, (20, 20, 64 * MIB)),  # never fewer after than during
+    ("many", "big", 16, (8, 12, 64 * MIB)),  # not a count, not a size: ignored
+    ("", "1", 16, (8, 12, 6 * MIB)),   # never smaller than the loader's chunk
 ])
-def test_how_many_readers_stream(monkeypatch, value, cpus, wanted):
-    monkeypatch.setenv(constants.ENV_STARTUP_STREAM_READERS, value)
+def test_how_the_stream_reads(monkeypatch, counts, read_mb, cpus, wanted):
+    monkeypatch.setenv(constants.ENV_STARTUP_STREAM_READERS, counts)
+    monkeypatch.setenv(constants.ENV_STARTUP_STREAM_READ_MB, read_mb)
     monkeypatch.setattr(startup_stream.os, "cpu_count", lambda: cpus)
-    assert startup_stream.stream_readers(12) == wanted
+    r = startup_stream.stream_readers(12, 6 * MIB)
+    assert (r.during, r.after, r.read_bytes_during, r.read_bytes_after) == (*wanted[:3], 6 * MIB)
+    assert r.own_buffers is (r.read_bytes_during != 6 * MIB)
 
 
 def test_released_readers_are_made_anew():
@@ -309,7 +333,7 @@ def test_on_the_device_the_stream_writes_what_the_executor_writes(checkpoint):
         execute_plan(plan, from_files, device=device, num_threads=2, chunk_bytes=chunk_bytes)
         regions, total = startup_stream.scratch_layout(headers)
         streamed = _params(device)
-        stats = startup_stream.StartupStream.start(regions, total, device, 3, chunk_bytes).finish(plan, streamed)
+        stats = startup_stream.StartupStream.start(regions, total, device, _uniform(3, chunk_bytes)).finish(plan, streamed)
         assert stats is not None
         _assert_bits(from_files, _expected(t))
         _assert_bits(streamed, _expected(t))
@@ -319,7 +343,8 @@ def test_on_the_device_the_stream_writes_what_the_executor_writes(checkpoint):
 
     plan = _plan(headers, 64, DEFAULT_MIN_SEGMENT_BYTES)
     streamed = _params(device)
-    stream = startup_stream.StartupStream.start(regions, total, device, 3, 4096, threads_during_plan=1, own_buffers=True)
+    readers = startup_stream.StreamReaders(during=1, after=3, read_bytes_during=4096, read_bytes_after=64)
+    stream = startup_stream.StartupStream.start(regions, total, device, readers)
     assert stream.finish(plan, streamed) is not None
     _assert_bits(streamed, _expected(t))
     assert (str(device), 4096) not in staging._WORKER_POOL
