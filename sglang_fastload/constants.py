@@ -86,8 +86,9 @@ ENV_SHARED_SPANS = "SGLANG_FASTLOAD_SHARED_SPANS"
 
 # A start-up load that builds its plan streams the checkpoint into a device scratch while it
 # does (sglang_fastload/loader/startup_stream.py); the loader's extra config key
-# "startup_stream" says where: "auto" (default: CUDA, one rank, room on the device), "on"
-# (also into host memory: parameters on the CPU) or "off".
+# "startup_stream" says where: "auto" (default: CUDA, one rank, room on the device, a
+# checkpoint of many tensors), "on" (any checkpoint, also into host memory: parameters on
+# the CPU) or "off".
 STARTUP_STREAM_KEY = "startup_stream"
 STARTUP_STREAM_SETTINGS = ("auto", "on", "off")
 # Device bytes left free beside the scratch (the plan's own allocations, fragmentation).
@@ -108,6 +109,12 @@ ENV_STARTUP_SWITCH_INTERVAL = "SGLANG_FASTLOAD_STARTUP_SWITCH_INTERVAL"
 STARTUP_STREAM_READ_BYTES = 64 << 20
 ENV_STARTUP_STREAM_READERS = "SGLANG_FASTLOAD_STARTUP_STREAM_READERS"
 ENV_STARTUP_STREAM_READ_MB = "SGLANG_FASTLOAD_STARTUP_STREAM_READ_MB"
+# "auto" streams only checkpoints of at least this many tensors: the replay's time grows with
+# the tensors it feeds (on the H200 hosts 0.07 s for Qwen3-8B's 399, 0.4-1.3 s for 6,291 of
+# Qwen3-30B-A3B's), and the stream's own costs (a second pool of readers, the copies out of
+# the scratch) outweighed the 0.07 s it could hide: Qwen3-8B first starts took 0.56-0.58 s
+# streamed against 0.47-0.48 s not (docs/benchmarks.md, fifteenth run). "on" streams any.
+STARTUP_STREAM_MIN_TENSORS = 2000
 
 # Upstream functions that module_walks.py (and idle_restores.py) answer faster, by qualified
 # name, with the SHA-256 of each one's source text as it was written from (sglang 0.5.23). A

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from sglang_fastload import constants
+from sglang_fastload.checkpoint.checkpoint_files import resolve_checkpoint_files
 from sglang_fastload.loader.binding import direct_runtime
 from sglang_fastload.loader.execution_stats import ExecutionStats
 from sglang_fastload.loader.plan import LoadPlan
@@ -98,6 +99,22 @@ def streams_here(setting: str, device: torch.device, startup: bool, single_rank:
     if setting == "off" or not startup or not single_rank:
         return False
     return device.type == "cuda" or setting == "on"
+
+
+def worth_streaming(setting: str, tensors: int) -> bool:
+    """Whether a checkpoint of ``tensors`` tensors takes long enough to plan to stream meanwhile
+    (``constants.STARTUP_STREAM_MIN_TENSORS``; any checkpoint when the setting is "on")."""
+    return setting == "on" or tensors >= constants.STARTUP_STREAM_MIN_TENSORS
+
+
+def indexed_tensor_count(directory) -> int:
+    """The tensors a checkpoint directory's index names, read before the model is built (0
+    where there is no index or the path is not a local directory: the headers tell later)."""
+    try:
+        files = resolve_checkpoint_files(directory)
+    except Exception:  # noqa: BLE001 - a hub id, a bad directory: the load reports it
+        return 0
+    return len(files.weight_map or ())
 
 
 def device_has_room(device: torch.device, nbytes: int) -> bool:
@@ -441,7 +458,7 @@ def maybe_start(loader, headers: Dict[str, object], startup: bool, single_rank: 
     Args:
         loader: the fast loader (its ``startup_stream`` setting, threads and chunk size).
         headers: ``{path: SafetensorsHeader}`` of the checkpoint.
-        startup, single_rank: see ``streams_here``.
+        startup, single_rank: see ``streams_here`` (and ``worth_streaming``).
         device: the parameters' device.
 
     Returns:
@@ -449,6 +466,8 @@ def maybe_start(loader, headers: Dict[str, object], startup: bool, single_rank: 
         start: the load then reads the files after the plan as usual).
     """
     if not streams_here(loader.startup_stream, device, startup, single_rank):
+        return None
+    if not worth_streaming(loader.startup_stream, sum(len(h.tensors) for h in headers.values())):
         return None
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

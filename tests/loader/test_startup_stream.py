@@ -309,6 +309,29 @@ def test_maybe_start_follows_the_setting(checkpoint):
     stream.abandon()
 
 
+def test_auto_streams_only_checkpoints_of_many_tensors(checkpoint, monkeypatch):
+    _, headers = checkpoint  # 6 tensors
+    loader = types.SimpleNamespace(startup_stream="auto", num_threads=2, chunk_bytes=64)
+    monkeypatch.setattr(startup_stream, "streams_here", lambda *a: True)  # as on one CUDA rank
+    assert startup_stream.maybe_start(loader, headers, True, True, torch.device("cpu")) is None
+    monkeypatch.setattr(constants, "STARTUP_STREAM_MIN_TENSORS", 6)
+    stream = startup_stream.maybe_start(loader, headers, True, True, torch.device("cpu"))
+    assert isinstance(stream, startup_stream.StartupStream)
+    stream.abandon()
+    assert startup_stream.worth_streaming("on", 0) and not startup_stream.worth_streaming("auto", 5)
+
+
+def test_the_tensor_count_before_the_model_is_built_comes_from_the_index(checkpoint, tmp_path):
+    import json
+
+    _, headers = checkpoint
+    weight_map = {name: os.path.basename(path) for path, h in headers.items() for name in h.tensors}
+    assert startup_stream.indexed_tensor_count(str(tmp_path)) == 0  # no index: unknown yet
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert startup_stream.indexed_tensor_count(str(tmp_path)) == len(weight_map) == 6
+    assert startup_stream.indexed_tensor_count("Qwen/Qwen3-8B") == 0  # a hub id
+
+
 def test_the_setting_is_checked_when_the_loader_is_made():
     from sglang.srt.configs.load_config import LoadConfig
 
