@@ -58,6 +58,10 @@ class ServedCheckpoint:
         """Why ``path`` no longer holds the served weights, in words (for messages)."""
         if not os.path.exists(self.path):
             return f"{self.path} no longer exists"
+        if self.files is None:
+            # ``is_intact`` without identities: the update read this directory itself.
+            return (f"{self.path} is the directory the failed update read, and its files were not "
+                    "recorded when the served weights were loaded (another loader), so it may hold other weights now")
         return f"{self.path} has been rewritten since it was loaded"
 
 
