@@ -163,6 +163,10 @@ CONTENDERS: Dict[str, Contender] = {
             description="sglang-fastload, start-up stream with 16 readers while the plan is built (not half the CPUs)",
         ),
         Contender(
+            "fast-stream4", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_STARTUP_STREAM_READERS": "4/16"},
+            description="sglang-fastload, start-up stream with 4 readers while the plan is built, 16 after",
+        ),
+        Contender(
             "fast-stream12", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_STARTUP_STREAM_READERS": "12/16"},
             description="sglang-fastload, start-up stream with 12 readers while the plan is built, 16 after",
         ),
