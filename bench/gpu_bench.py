@@ -158,21 +158,15 @@ CONTENDERS: Dict[str, Contender] = {
             "fast-stream5ms", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_STARTUP_SWITCH_INTERVAL": "0"},
             description="sglang-fastload, start-up stream with the interpreter's own 5 ms switch interval",
         ),
-        Contender(
-            "fast-stream16", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_STARTUP_STREAM_READERS": "16"},
-            description="sglang-fastload, start-up stream with 16 readers while the plan is built (not half the CPUs)",
-        ),
-        Contender(
-            "fast-stream4", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_STARTUP_STREAM_READERS": "4/16"},
-            description="sglang-fastload, start-up stream with 4 readers while the plan is built, 16 after",
-        ),
-        Contender(
-            "fast-stream12", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_STARTUP_STREAM_READERS": "12/16"},
-            description="sglang-fastload, start-up stream with 12 readers while the plan is built, 16 after",
-        ),
-        Contender(
-            "fast-stream8x6", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_STARTUP_STREAM_READ_MB": "6"},
-            description="sglang-fastload, start-up stream reading the loader's 6 MiB chunks while the plan is built",
+        *(
+            Contender(f"fast-stream{label}", "fast", upstream_scan=False, env={f"SGLANG_FASTLOAD_STARTUP_STREAM_{key}": value},
+                      description=f"sglang-fastload, start-up stream with {what}")
+            for label, key, value, what in (
+                ("16", "READERS", "16", "16 readers while the plan is built (not half the CPUs)"),
+                ("4", "READERS", "4/16", "4 readers while the plan is built, 16 after"),
+                ("12", "READERS", "12/16", "12 readers while the plan is built, 16 after"),
+                ("8x6", "READ_MB", "6", "the loader's 6 MiB chunks read while the plan is built"),
+            )
         ),
         Contender(
             "fast-torchcopy", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_DIRECT_CUDA_CALLS": "0"},
