@@ -31,7 +31,7 @@ def test_a_load_reports_its_phases_and_writes_every_element(tmp_path):
     assert torch.equal(params["g"].view(64, 16), data[:4096].view(64, 64)[:, :16])
     assert stats.bytes_read == 2 * nbytes + 1024 * 4  # a gather counts the bytes it keeps
     phases = stats.phases()
-    assert set(phases) == {"setup", "threads", "tail", "drain", "read", "gather", "wait", "issue", "register", "lane_wait", "shared"}
+    assert set(phases) == {"setup", "threads", "tail", "drain", "read", "gather", "wait", "issue", "register", "lane_wait", "shared", "scratch"}
     assert all(v >= 0 for v in phases.values())
     # Both steps read; the staged one is copied (unrounded: a warm copy can take < 50 us).
     assert stats.read_seconds > 0 and stats.issue_seconds > 0
