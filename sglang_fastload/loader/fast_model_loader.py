@@ -424,9 +424,10 @@ class FastModelLoader(DefaultModelLoader):
             if device.index is None:
                 device = torch.device("cuda", torch.cuda.current_device())
             prepare_in_background(device, self.num_threads, self.chunk_bytes, self.zero_copy_share)
-            tensors = startup_stream.indexed_tensor_count(getattr(model_config, "model_path", ""))
             streams = startup_stream.streams_here(self.startup_stream, device, True, _single_rank()) and (
-                startup_stream.worth_streaming(self.startup_stream, tensors)
+                startup_stream.worth_streaming(
+                    self.startup_stream, startup_stream.indexed_tensor_count(getattr(model_config, "model_path", ""))
+                )
             )
             if streams:
                 startup_stream.prepare_buffers(device, self.num_threads, self.chunk_bytes)
