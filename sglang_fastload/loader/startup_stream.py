@@ -10,6 +10,13 @@ plan is built; the plan then runs out of the scratch (``scratch_copies.py``: dev
 copies, conversions by torch as the executor's device scratch does them), which is freed.
 The bytes read are the same; what changes is that reading no longer waits for the plan.
 
+The replay is interpreter work and the readers' copies need CPUs too: beside as many readers
+as CPUs the replay ran 2.1 x slower. So while the plan is built half the CPUs read, each read
+taking up to 64 MiB of neighbouring slices of one file; once it is built the loader's other
+readers join and every read is one slice of the loader's chunk size (``StreamReaders``).
+Checkpoints of few tensors are planned faster than the stream pays for itself and are not
+streamed unless asked (``worth_streaming``).
+
 Updates never stream (the KV cache holds the device memory then, and a cached plan is ready).
 Where the stream cannot run (another reader failed, a file changed while it was read) the
 load reads the files as any other load does.
