@@ -410,6 +410,8 @@ class FastModelLoader(DefaultModelLoader):
                 f"{constants.STARTUP_STREAM_KEY} in --model-loader-extra-config must be one of "
                 f"{list(constants.STARTUP_STREAM_SETTINGS)}"
             )
+        # Read once: the buffers pinned ahead, the stream and their release must agree.
+        self.stream_readers = startup_stream.stream_readers(self.num_threads, self.chunk_bytes)
         self.last_summary: Optional[LoadSummary] = None
 
     def load_model(self, *, model_config, device_config):
@@ -430,12 +432,12 @@ class FastModelLoader(DefaultModelLoader):
                 )
             )
             if streams:
-                startup_stream.prepare_buffers(device, self.num_threads, self.chunk_bytes)
+                startup_stream.prepare_buffers(device, self.stream_readers)
         try:
             return DefaultModelLoader.load_model(self, model_config=model_config, device_config=device_config)
         finally:
             if streams:  # also where no stream ran (a stored plan, no room on the device)
-                startup_stream.release_buffers(device, self.num_threads, self.chunk_bytes)
+                startup_stream.release_buffers(device, self.stream_readers)
 
     def _get_weights_iterator(self, source, **kwargs):
         checkpoint = FastCheckpoint(self, source, kwargs)

@@ -190,25 +190,23 @@ def stream_readers(loader_threads: int, loader_chunk_bytes: int) -> StreamReader
     return StreamReaders(during, max(during, after), max(read_bytes, loader_chunk_bytes), loader_chunk_bytes)
 
 
-def prepare_buffers(device: torch.device, loader_threads: int, loader_chunk_bytes: int) -> None:
+def prepare_buffers(device: torch.device, readers: StreamReaders) -> None:
     """Pin the buffers of the stream's first readers in the background (while the model is built).
 
     Args:
         device: the CUDA device the parameters live on (with its index).
-        loader_threads, loader_chunk_bytes: the loader's reader threads and chunk size.
+        readers: the loader's ``stream_readers``.
     """
-    readers = stream_readers(loader_threads, loader_chunk_bytes)
     if readers.own_buffers:
         prepare_in_background(device, readers.during, readers.read_bytes_during, 0.0)
 
 
-def release_buffers(device: torch.device, loader_threads: int, loader_chunk_bytes: int) -> None:
+def release_buffers(device: torch.device, readers: StreamReaders) -> None:
     """Free what ``prepare_buffers`` pinned (a start whose stream ended, or never started).
 
     Args:
-        device, loader_threads, loader_chunk_bytes: as given to ``prepare_buffers``.
+        device, readers: as given to ``prepare_buffers``.
     """
-    readers = stream_readers(loader_threads, loader_chunk_bytes)
     if device.type == "cuda" and readers.own_buffers:
         release_workers(device, readers.read_bytes_during)
 
@@ -463,7 +461,7 @@ def maybe_start(loader, headers: Dict[str, object], startup: bool, single_rank: 
     """Start streaming the checkpoint where this load should (``streams_here``) and can.
 
     Args:
-        loader: the fast loader (its ``startup_stream`` setting, threads and chunk size).
+        loader: the fast loader (its ``startup_stream`` setting and ``stream_readers``).
         headers: ``{path: SafetensorsHeader}`` of the checkpoint.
         startup, single_rank: see ``streams_here`` (and ``worth_streaming``).
         device: the parameters' device.
@@ -485,7 +483,7 @@ def maybe_start(loader, headers: Dict[str, object], startup: bool, single_rank: 
                         "(%.2f GB) while the plan is built", torch.cuda.mem_get_info(device)[0] / 1e9,
                         device, total / 1e9)
             return None
-        return StartupStream.start(regions, total, device, stream_readers(loader.num_threads, loader.chunk_bytes))
+        return StartupStream.start(regions, total, device, loader.stream_readers)
     except Exception as exc:  # the load reads the files after the plan instead
         logger.info("sglang-fastload: the start-up stream did not start (%s: %s)", type(exc).__name__, exc)
         return None

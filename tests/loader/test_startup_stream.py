@@ -301,7 +301,7 @@ def test_which_loads_stream(setting, device, startup, single, wanted):
 
 def test_maybe_start_follows_the_setting(checkpoint):
     _, headers = checkpoint
-    loader = types.SimpleNamespace(startup_stream="auto", num_threads=2, chunk_bytes=64)
+    loader = types.SimpleNamespace(startup_stream="auto", stream_readers=startup_stream.stream_readers(2, 64))
     assert startup_stream.maybe_start(loader, headers, True, True, torch.device("cpu")) is None
     loader.startup_stream = "on"
     stream = startup_stream.maybe_start(loader, headers, True, True, torch.device("cpu"))
@@ -311,7 +311,7 @@ def test_maybe_start_follows_the_setting(checkpoint):
 
 def test_auto_streams_only_checkpoints_of_many_tensors(checkpoint, monkeypatch):
     _, headers = checkpoint  # 6 tensors
-    loader = types.SimpleNamespace(startup_stream="auto", num_threads=2, chunk_bytes=64)
+    loader = types.SimpleNamespace(startup_stream="auto", stream_readers=startup_stream.stream_readers(2, 64))
     monkeypatch.setattr(startup_stream, "streams_here", lambda *a: True)  # as on one CUDA rank
     assert startup_stream.maybe_start(loader, headers, True, True, torch.device("cpu")) is None
     monkeypatch.setattr(constants, "STARTUP_STREAM_MIN_TENSORS", 6)
@@ -341,6 +341,8 @@ def test_the_setting_is_checked_when_the_loader_is_made():
         return FastModelLoader(LoadConfig(load_format="fast", model_loader_extra_config={constants.STARTUP_STREAM_KEY: value}))
 
     assert loader("OFF").startup_stream == "off"
+    made = loader("auto")
+    assert made.stream_readers == startup_stream.stream_readers(made.num_threads, made.chunk_bytes)
     assert FastModelLoader(LoadConfig(load_format="fast")).startup_stream == "auto"
     with pytest.raises(ValueError, match=constants.STARTUP_STREAM_KEY):
         loader("sometimes")
