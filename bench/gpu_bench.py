@@ -90,6 +90,7 @@ class Contender:
     description: str = ""
     env: Optional[dict] = None  # environment variables set while this contender runs
     collector_running: bool = False  # fast loads leave Python's cyclic collector running (as before 2026-12-02)
+    stream_copies_after_reads: bool = False  # a start-up stream's copies wait for all its reads (as before 2026-12-04)
 
 
 CONTENDERS: Dict[str, Contender] = {
@@ -167,6 +168,10 @@ CONTENDERS: Dict[str, Contender] = {
                 ("12", "READERS", "12/16", "12 readers while the plan is built, 16 after"),
                 ("8x6", "READ_MB", "6", "the loader's 6 MiB chunks read while the plan is built"),
             )
+        ),
+        Contender(
+            "fast-stream-copyafter", "fast", upstream_scan=False, stream_copies_after_reads=True,
+            description="sglang-fastload, start-up stream whose copies out of the scratch wait for all of its reads",
         ),
         Contender(
             "fast-torchcopy", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_DIRECT_CUDA_CALLS": "0"},
@@ -259,20 +264,38 @@ def forget_process_memos() -> None:
 @contextlib.contextmanager
 def environment_of(cont: Contender):
     """The contender's environment variables, set for one of its steps, then restored; for
-    ``collector_running``, the loader's collector pause replaced by nothing meanwhile."""
+    ``collector_running``, the loader's collector pause replaced by nothing meanwhile; for
+    ``stream_copies_after_reads``, a start-up stream that copies out of its scratch only once
+    every read has ended."""
     saved = {k: os.environ.get(k) for k in (cont.env or {})}
     os.environ.update(cont.env or {})
-    pause = None
+    pause = finish = None
     if cont.collector_running:
         from sglang_fastload.loader import collector_pause
 
         pause = collector_pause.collector_paused
         collector_pause.collector_paused = contextlib.nullcontext
+    if cont.stream_copies_after_reads:
+        from sglang_fastload.loader.startup_stream import StartupStream
+
+        finish = StartupStream.finish
+
+        def finish_after_reads(stream, plan, params):
+            stream._join_readers()  # as ``finish`` does first (it does nothing when called again)
+            for reader in list(stream.futures):
+                reader.exception()  # waits for it, failed or not
+            return finish(stream, plan, params)
+
+        StartupStream.finish = finish_after_reads
     try:
         yield
     finally:
         if pause is not None:
             collector_pause.collector_paused = pause
+        if finish is not None:
+            from sglang_fastload.loader.startup_stream import StartupStream
+
+            StartupStream.finish = finish
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

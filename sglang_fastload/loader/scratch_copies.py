@@ -6,12 +6,15 @@ does what the executor does with the same step's staged bytes: a step whose byte
 destination's elements (same dtype, both contiguous) is a plain byte copy, merged with the
 next one where both sides continue (on CUDA one ``cudaMemcpyAsync`` each); every other step
 (strided, gathered, converted) views the bytes as the checkpoint's dtype and geometry and
-lets torch copy them into the parameter, as the executor's device scratch does.
+lets torch copy them into the parameter, as the executor's device scratch does. The copies
+are worked out file by file before the bytes are there (``file_copies``), so that the stream
+can queue each file's as soon as that file has landed, while later files are still read.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import dataclasses
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -43,34 +46,66 @@ def step_source(step: CopyStep, scratch: torch.Tensor, origin: int, dtype: torch
     return elements.as_strided(sizes, strides, elements.storage_offset() + off)
 
 
-def copy_plan_from_scratch(
+@dataclasses.dataclass
+class FileCopies:
+    """One file's copies out of the scratch, worked out before its bytes are there.
+
+    Attributes:
+        path: the file.
+        runs: plain byte copies for the runtime, ``(destination address, scratch address,
+            nbytes)``, merged where both sides continue within one parameter.
+        dsts, srcs: every other copy (and, without a runtime, the plain ones too), as
+            parameter views and scratch views for torch.
+    """
+
+    path: str
+    runs: List[Tuple[int, int, int]]
+    dsts: List[torch.Tensor]
+    srcs: List[torch.Tensor]
+
+    def queue(self, runtime: Optional[cuda_runtime.CudaRuntime], stream: int) -> None:
+        """Queue the copies (on CUDA on ``stream``; on the CPU they run here)."""
+        for address, source, n in self.runs:
+            runtime.copy_within_device(address, source, n, stream)
+        if self.dsts:
+            torch._foreach_copy_(self.dsts, self.srcs)
+
+
+def zero_fills(plan: LoadPlan, params: Dict[str, torch.Tensor]) -> None:
+    """Write the plan's zero-fills (on CUDA queued on the current stream)."""
+    for z in plan.zeros:
+        _param_view(params[z.param], z.dst).zero_()
+
+
+def file_copies(
     plan: LoadPlan,
     params: Dict[str, torch.Tensor],
     scratch: torch.Tensor,
     origins: Dict[str, int],
     runtime: Optional[cuda_runtime.CudaRuntime] = None,
-) -> None:
-    """Write every parameter region of ``plan`` from ``scratch`` (zero-fills first).
+) -> List[FileCopies]:
+    """Every step of ``plan`` as a copy out of ``scratch``, file by file (nothing queued yet).
 
     Args:
         plan: the plan (its files' paths are keys of ``origins``).
         params: ``{name: parameter data}``, checked against the plan by the caller.
         scratch: uint8 tensor on the parameters' device holding the files' tensor bytes.
         origins: ``{path: index in scratch of the file's byte 0}``.
-        runtime: on CUDA, the runtime that queues plain byte copies (None: torch copies).
-            Copies are queued on the current stream; the caller synchronizes.
+        runtime: on CUDA, the runtime that will queue the plain byte copies (None: torch
+            copies them).
+
+    Returns:
+        One ``FileCopies`` per file of the plan, in the plan's order.
     """
-    for z in plan.zeros:
-        _param_view(params[z.param], z.dst).zero_()
-    stream = torch.cuda.current_stream(scratch.device).cuda_stream if scratch.is_cuda else 0
     base = scratch.data_ptr()
-    # Plain byte copies, merged where both sides continue within one parameter (a copy may
-    # not run from one allocation into the next, even where their addresses meet).
-    runs: List[List] = []  # [destination address, scratch index, nbytes, parameter, byte offset]
-    dsts: List[torch.Tensor] = []
-    srcs: List[torch.Tensor] = []
+    made = []
     for fp in plan.files:
         origin = origins[fp.path]
+        # Plain byte copies, merged where both sides continue within one parameter (a copy
+        # may not run from one allocation into the next, even where their addresses meet).
+        runs: List[List] = []  # [destination address, scratch index, nbytes, parameter, byte offset]
+        dsts: List[torch.Tensor] = []
+        srcs: List[torch.Tensor] = []
         for step in fp.steps:
             param = params[step.param]
             if not step.gather and len(step.reads) == 1 and _reads_into_parameter(step, {step.param: param}):
@@ -85,12 +120,29 @@ def copy_plan_from_scratch(
                 continue
             dsts.append(_param_view(param, step.dst))
             srcs.append(step_source(step, scratch, origin, step.src_dtype or param.dtype))
-    if runtime is not None:
-        for address, index, n, _, _ in runs:
-            runtime.copy_within_device(address, base + index, n, stream)
-    else:
-        for _, index, n, name, at in runs:
-            dsts.append(_device_bytes(params[name], at, n))
-            srcs.append(scratch.narrow(0, index, n))
-    if dsts:
-        torch._foreach_copy_(dsts, srcs)
+        if runtime is None:
+            for _, index, n, name, at in runs:
+                dsts.append(_device_bytes(params[name], at, n))
+                srcs.append(scratch.narrow(0, index, n))
+            runs = []
+        made.append(FileCopies(fp.path, [(a, base + i, n) for a, i, n, _, _ in runs], dsts, srcs))
+    return made
+
+
+def copy_plan_from_scratch(
+    plan: LoadPlan,
+    params: Dict[str, torch.Tensor],
+    scratch: torch.Tensor,
+    origins: Dict[str, int],
+    runtime: Optional[cuda_runtime.CudaRuntime] = None,
+) -> None:
+    """Write every parameter region of ``plan`` from ``scratch`` (zero-fills first).
+
+    Args:
+        plan, params, scratch, origins, runtime: as for ``file_copies``. Copies are queued
+            on the current stream; the caller synchronizes.
+    """
+    zero_fills(plan, params)
+    stream = torch.cuda.current_stream(scratch.device).cuda_stream if scratch.is_cuda else 0
+    for copies in file_copies(plan, params, scratch, origins, runtime):
+        copies.queue(runtime, stream)

@@ -90,8 +90,8 @@ def _expected(t):
     return e
 
 
-def _assert_bits(got, want):
-    for name in PARAMS:
+def _assert_bits(got, want, names=tuple(PARAMS)):
+    for name in names:
         a, b = got[name].cpu(), want[name]
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (name, a, b)
 
@@ -181,20 +181,63 @@ def test_copies_never_run_from_one_parameter_into_the_next(checkpoint):
     assert torch.equal(memory[40:].view(torch.int16), t["d2"].view(torch.int16))
 
 
-def test_a_file_cut_short_stops_the_stream_and_nothing_is_written(checkpoint):
+def test_a_file_cut_short_stops_the_stream_before_its_parameters_are_written(checkpoint):
     t, headers = checkpoint
     plan = _plan(headers, 64, DEFAULT_MIN_SEGMENT_BYTES)
     short = sorted(headers)[1]
     regions, total = startup_stream.scratch_layout(headers)
     os.truncate(short, headers[short].file_size - 16)
     stream = startup_stream.StartupStream.start(regions, total, torch.device("cpu"), _uniform(2, 64))
-    untouched = _params()
-    assert stream.finish(plan, untouched) is None
-    _assert_bits(untouched, _params())
+    got = _params()
+    assert stream.finish(plan, got) is None
     assert stream.scratch is None and not stream.fds
+    # Nothing of the short file reached a parameter; the other file's parameters (a first
+    # start: nothing is served yet) hold either nothing or exactly what the file says.
+    want, untouched = _expected(t), _params()
+    _assert_bits(got, untouched, names=("r",))
+    for name in ("p", "q"):
+        assert any(torch.equal(got[name].view(torch.uint8), other[name].view(torch.uint8)) for other in (want, untouched))
     # Read from the files instead, the load names the file.
     with pytest.raises(CheckpointError, match=os.path.basename(short)):
         execute_plan(plan, _params(), device=torch.device("cpu"), num_threads=2, chunk_bytes=64)
+
+
+def test_a_file_is_copied_out_as_soon_as_it_has_landed(checkpoint, monkeypatch):
+    """The first file's parameters are written while the second file is still being read."""
+    import threading
+
+    t, headers = checkpoint
+    plan = _plan(headers, 1 << 20, DEFAULT_MIN_SEGMENT_BYTES)
+    second = sorted(headers)[1]
+    held, release = threading.Event(), threading.Event()
+    read_exact = startup_stream.read_exact
+
+    def holding_the_second_file(fd, view, offset, path):
+        if path == second:
+            held.set()
+            assert release.wait(30)
+        return read_exact(fd, view, offset, path)
+
+    monkeypatch.setattr(startup_stream, "read_exact", holding_the_second_file)
+    regions, total = startup_stream.scratch_layout(headers)
+    stream = startup_stream.StartupStream.start(regions, total, torch.device("cpu"), _uniform(2, 1 << 20))
+    got, want = _params(), _expected(t)
+    finished = []
+    finisher = threading.Thread(target=lambda: finished.append(stream.finish(plan, got)))
+    finisher.start()
+    try:
+        assert held.wait(30)
+        for _ in range(3000):  # the first file's copies, queued by ``finish`` (up to 30 s)
+            if torch.equal(got["q"].view(torch.uint8), want["q"].view(torch.uint8)):
+                break
+            threading.Event().wait(0.01)
+        _assert_bits(got, want, names=("p", "q"))
+        _assert_bits(got, _params(), names=("r",))  # the second file's: not yet
+    finally:
+        release.set()
+        finisher.join(60)
+    assert finished and finished[0] is not None
+    _assert_bits(got, want)
 
 
 def test_an_abandoned_stream_stops_its_readers_and_frees_everything(checkpoint):
