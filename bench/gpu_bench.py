@@ -167,13 +167,7 @@ CONTENDERS: Dict[str, Contender] = {
                 ("4", "READERS", "4/16", "4 readers while the plan is built, 16 after"),
                 ("12", "READERS", "12/16", "12 readers while the plan is built, 16 after"),
                 ("8x6", "READ_MB", "6", "the loader's 6 MiB chunks read while the plan is built"),
-                ("lane", "READERS", "lane/16", "the zero-copy lane while the plan is built, 16 readers after"),
             )
-        ),
-        Contender(
-            "fast-streamlane-on", "fast", {"startup_stream": "on"}, upstream_scan=False,
-            env={"SGLANG_FASTLOAD_STARTUP_STREAM_READERS": "lane/16"},
-            description="sglang-fastload, start-up stream for any checkpoint (few tensors too), the zero-copy lane while the plan is built",
         ),
         Contender(
             "fast-stream-copyafter", "fast", upstream_scan=False, stream_copies_after_reads=True,
