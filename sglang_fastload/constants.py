@@ -104,12 +104,9 @@ ENV_STARTUP_SWITCH_INTERVAL = "SGLANG_FASTLOAD_STARTUP_SWITCH_INTERVAL"
 # readers of 64 MiB reads left the loop at its speed while streaming 27 GB/s and slowed the
 # replay 1.2 x (docs/benchmarks.md, fifteenth run). Reads that large are slower once the
 # plan is built (39 GB/s from 16 threads, 90 GB/s with 4 MiB), so then the loader's threads
-# read its chunk size. SGLANG_FASTLOAD_STARTUP_STREAM_READERS ("8" or "8/16": during/after;
-# "lane/16": the zero-copy lane during) and SGLANG_FASTLOAD_STARTUP_STREAM_READ_MB (during)
-# override them.
+# read its chunk size. SGLANG_FASTLOAD_STARTUP_STREAM_READERS ("8" or "8/16": during/after)
+# and SGLANG_FASTLOAD_STARTUP_STREAM_READ_MB (during) override them.
 STARTUP_STREAM_READ_BYTES = 64 << 20
-# The readers' setting that puts the zero-copy lane in their place while the plan is built.
-STARTUP_STREAM_LANE = "lane"
 ENV_STARTUP_STREAM_READERS = "SGLANG_FASTLOAD_STARTUP_STREAM_READERS"
 ENV_STARTUP_STREAM_READ_MB = "SGLANG_FASTLOAD_STARTUP_STREAM_READ_MB"
 # "auto" streams only checkpoints of at least this many tensors: the replay's time grows with

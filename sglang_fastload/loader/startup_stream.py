@@ -26,7 +26,6 @@ load reads the files as any other load does.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import os
@@ -40,7 +39,6 @@ import torch
 
 from sglang_fastload import constants
 from sglang_fastload.checkpoint.checkpoint_files import resolve_checkpoint_files
-from sglang_fastload.loader import host_memory
 from sglang_fastload.loader.binding import direct_runtime
 from sglang_fastload.loader.execution_stats import ExecutionStats
 from sglang_fastload.loader.plan import LoadPlan
@@ -147,17 +145,12 @@ class StreamReaders:
         read_bytes_during: bytes per read while the plan is built.
         read_bytes_after: bytes per read after, the loader's chunk size: the readers that
             join then use the loader's own pinned buffers.
-        lane: on CUDA, while the plan is built one thread registers the files' page-cache
-            pages with CUDA and the device copies them (``host_memory.MappedFile``: no CPU
-            pass over the bytes) instead of ``during`` readers; the ``after`` readers take
-            over once the plan is built.
     """
 
     during: int
     after: int
     read_bytes_during: int
     read_bytes_after: int
-    lane: bool = False
 
     @classmethod
     def uniform(cls, threads: int, read_bytes: int) -> "StreamReaders":
@@ -167,7 +160,7 @@ class StreamReaders:
     @property
     def own_buffers(self) -> bool:
         """The readers of the plan's time need pinned buffers of their own (freed with the stream)."""
-        return self.read_bytes_during != self.read_bytes_after and not self.lane
+        return self.read_bytes_during != self.read_bytes_after
 
 
 def stream_readers(loader_threads: int, loader_chunk_bytes: int) -> StreamReaders:
@@ -175,25 +168,19 @@ def stream_readers(loader_threads: int, loader_chunk_bytes: int) -> StreamReader
 
     Half the CPUs read ``STARTUP_STREAM_READ_BYTES`` at a time while the plan is built, the
     loader's threads its chunk size after; ``SGLANG_FASTLOAD_STARTUP_STREAM_READERS`` ("N"
-    or "N/M"; "lane" or "lane/M": the zero-copy lane while the plan is built) and
-    ``SGLANG_FASTLOAD_STARTUP_STREAM_READ_MB`` override the counts and the size.
+    or "N/M") and ``SGLANG_FASTLOAD_STARTUP_STREAM_READ_MB`` override the counts and the size.
 
     Args:
         loader_threads, loader_chunk_bytes: the loader's reader threads and chunk size.
     """
     during, after = max(1, (os.cpu_count() or 2) // 2), max(1, loader_threads)
-    lane = False
     value = os.environ.get(constants.ENV_STARTUP_STREAM_READERS, "").strip()
     if value:
-        words = value.lower().split("/")
         try:
-            if words[0] == constants.STARTUP_STREAM_LANE:
-                during, after, lane = 1, (int(words[-1]) if len(words) > 1 else after), True
-            else:
-                during, after = int(words[0]), int(words[-1])
+            counts = [int(x) for x in value.split("/")]
+            during, after = counts[0], counts[-1]
         except ValueError:
-            logger.info("sglang-fastload: %s=%r is not N, N/M, lane or lane/M; ignored",
-                        constants.ENV_STARTUP_STREAM_READERS, value)
+            logger.info("sglang-fastload: %s=%r is not N or N/M; ignored", constants.ENV_STARTUP_STREAM_READERS, value)
     read_bytes = constants.STARTUP_STREAM_READ_BYTES
     value = os.environ.get(constants.ENV_STARTUP_STREAM_READ_MB, "").strip()
     if value:
@@ -202,7 +189,7 @@ def stream_readers(loader_threads: int, loader_chunk_bytes: int) -> StreamReader
         except ValueError:
             logger.info("sglang-fastload: %s=%r is not a size in MiB; ignored", constants.ENV_STARTUP_STREAM_READ_MB, value)
     during = max(1, during)
-    return StreamReaders(during, max(during, after), max(read_bytes, loader_chunk_bytes), loader_chunk_bytes, lane)
+    return StreamReaders(during, max(during, after), max(read_bytes, loader_chunk_bytes), loader_chunk_bytes)
 
 
 def prepare_buffers(device: torch.device, readers: StreamReaders) -> None:
@@ -252,12 +239,8 @@ class StartupStream:
             for off in range(r.data_start, r.data_start + r.nbytes, unit)
         ]
         self.threads = max(1, min(readers.after, len(self.pieces)))
-        self.lane = readers.lane and self.cuda  # the host has no device to copy for it
-        self.threads_during_plan = 0 if self.lane else max(1, min(readers.during, self.threads))
+        self.threads_during_plan = max(1, min(readers.during, self.threads))
         self.slices_per_read = max(1, readers.read_bytes_during // unit)  # 1 once the plan is built
-        self.plan_built = False
-        self.lane_stream = None
-        self.mapped: Dict[str, Optional[host_memory.MappedFile]] = {}
         self.next_piece = 0
         self.take_lock = threading.Lock()
         # Bytes of each file whose copies into the scratch are queued (all of them: landed).
@@ -296,8 +279,7 @@ class StartupStream:
             if interval > 0:
                 stream.saved_interval = sys.getswitchinterval()
                 sys.setswitchinterval(min(interval, stream.saved_interval))
-            # One more than the readers: the lane may still finish its last copy as they join.
-            stream.pool = ThreadPoolExecutor(max_workers=stream.threads + 1, thread_name_prefix="fastload-stream")
+            stream.pool = ThreadPoolExecutor(max_workers=stream.threads, thread_name_prefix="fastload-stream")
             stream.setup_seconds = time.perf_counter() - stream.started
             stream.begun = stream.pool.submit(stream._begin)
         except BaseException:
@@ -312,16 +294,8 @@ class StartupStream:
         try:
             if self.cuda:
                 self.runtime = direct_runtime()
-                if self.lane and self.runtime is None:  # the lane queues through the runtime only
-                    self.lane = False
-                    self.threads_during_plan = max(1, min(self.readers.during, self.threads))
-                if self.threads_during_plan:
-                    self.workers = self._ready_workers(self.readers.read_bytes_during, self.threads_during_plan)
-            if self.lane:
-                self.lane_stream = torch.cuda.Stream(device=self.device)
-                self.futures = [self.pool.submit(self._zero_copy)]
-            else:
-                self.futures = [self.pool.submit(self._read, k) for k in range(self.threads_during_plan)]
+                self.workers = self._ready_workers(self.readers.read_bytes_during, self.threads_during_plan)
+            self.futures = [self.pool.submit(self._read, k) for k in range(self.threads_during_plan)]
         except BaseException:
             self.failed.set()
             raise
@@ -337,64 +311,19 @@ class StartupStream:
         return workers
 
     def _join_readers(self) -> None:
-        """Once the plan is built, the remaining readers join (each read one slice now; the
-        zero-copy lane, if it ran, stops)."""
+        """Once the plan is built, the remaining readers join (each read one slice now)."""
         self.slices_per_read = 1
-        self.plan_built = True
         begun = self.begun is not None and self.begun.exception() is None  # waits; ``_join`` keeps a failure
-        reading = len(self.futures) - (1 if self.lane else 0)  # readers with buffers
-        if not begun or self.failed.is_set() or self.pool is None or self.threads <= reading:
+        if not begun or self.failed.is_set() or self.pool is None or self.threads <= len(self.futures):
             return
         if self.cuda:
             try:
                 more = self._ready_workers(self.readers.read_bytes_after, self.threads)[len(self.workers):]
-            except Exception as exc:  # the first readers (or the lane) finish the stream alone
+            except Exception as exc:  # the first readers finish the stream alone
                 logger.info("sglang-fastload: no more readers for the start-up stream (%s: %s)", type(exc).__name__, exc)
-                if self.lane:
-                    self.plan_built = False  # the lane goes on
                 return
             self.workers = self.workers + more
-        self.futures += [self.pool.submit(self._read, k) for k in range(reading, self.threads)]
-
-    def _zero_copy(self) -> ExecutionStats:
-        """The zero-copy lane (while the plan is built): register each read's page-cache pages
-        and have the device copy them into the scratch, until the plan is built."""
-        stats = ExecutionStats()
-        base = self.scratch.data_ptr()
-        handle = self.lane_stream.cuda_stream
-        try:
-            while not self.plan_built:
-                piece = self._take()
-                if piece is None:
-                    break
-                path, off, n, index = piece
-                if path not in self.mapped:
-                    self.mapped[path] = host_memory.open_mapped(path)
-                mapping = self.mapped[path]
-                if mapping is None or mapping.size < off + n:
-                    raise OSError(f"{path}: cannot map {n} bytes at {off} (file size changed?)")
-                t0 = time.perf_counter()
-                mapping.ensure(off, n)
-                t1 = time.perf_counter()
-                if mapping.failed:
-                    self._copy_read(path, off, n, base + index, handle)
-                else:
-                    for o, m in mapping.pieces(off, n):
-                        self.runtime.copy_to_device(base + index + (o - off), mapping.address + o, m, handle)
-                self._queued(path, n)
-                stats.register_seconds += t1 - t0
-                stats.issue_seconds += time.perf_counter() - t1
-                stats.bytes_read += n
-                stats.read_calls += 1
-                if mapping.failed:
-                    logger.info("sglang-fastload: the start-up stream's zero-copy lane stops (no page-cache registration)")
-                    break
-            return stats
-        except BaseException:
-            self.failed.set()
-            with self.landing:
-                self.landing.notify_all()
-            raise
+        self.futures += [self.pool.submit(self._read, k) for k in range(len(self.futures), self.threads)]
 
     def _read(self, k: int) -> ExecutionStats:
         stats = ExecutionStats()
@@ -436,14 +365,6 @@ class StartupStream:
                 self.landing.notify_all()
             raise
 
-    def _copy_read(self, path: str, off: int, n: int, dst: int, handle: int) -> None:
-        """Copy bytes the lane could not register: read them (a file cut short is reported, not
-        a fault on its mapping), then a copy from pageable memory, which CUDA stages before
-        the call returns."""
-        buffer = bytearray(n)
-        read_exact(self.fds[path], memoryview(buffer), off, path)
-        self.runtime.copy_to_device(dst, ctypes.addressof((ctypes.c_char * n).from_buffer(buffer)), n, handle)
-
     def _queued(self, path: str, n: int) -> None:
         """Count ``n`` more bytes of ``path`` whose copy into the scratch is queued."""
         with self.landing:
@@ -463,15 +384,11 @@ class StartupStream:
                 self.landing.wait(0.05)
         if self.cuda:
             current = torch.cuda.current_stream(self.device)
-            for stream in self._copy_streams():
+            for w in self.workers:
                 event = torch.cuda.Event()
-                event.record(stream)
+                event.record(w.stream)
                 current.wait_event(event)
         return True
-
-    def _copy_streams(self) -> list:
-        """The CUDA streams the stream's copies into the scratch were queued on."""
-        return [w.stream for w in self.workers] + ([self.lane_stream] if self.lane_stream is not None else [])
 
     def _take(self, room: Optional[int] = None) -> Optional[Tuple[str, int, int, int]]:
         """The next read: up to ``slices_per_read`` neighbouring slices of one file, at most
@@ -514,8 +431,6 @@ class StartupStream:
             except BaseException as exc:  # noqa: BLE001
                 if self.error is None:
                     self.error = exc
-        if self.lane_stream is not None:
-            self.lane_stream.synchronize()  # before the mappings it copies from are released
         if self.pool is not None:
             self.pool.shutdown(wait=False)
             self.pool = None
@@ -565,8 +480,7 @@ class StartupStream:
         finally:
             self.abandon()
         summed = {name: sum(getattr(s, name) for s in per_reader)
-                  for name in ("bytes_read", "read_calls", "read_seconds", "wait_seconds", "issue_seconds",
-                               "register_seconds")}
+                  for name in ("bytes_read", "read_calls", "read_seconds", "wait_seconds", "issue_seconds")}
         return ExecutionStats(
             seconds=end - self.started,
             setup_seconds=self.setup_seconds,
@@ -582,8 +496,6 @@ class StartupStream:
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
-        host_memory.release_later([m for m in self.mapped.values() if m is not None])  # unregisters ~10 ms/GB
-        self.mapped = {}
         if self.cuda and self.readers.own_buffers:
             release_workers(self.device, self.readers.read_bytes_during)
         self.workers = []

@@ -271,19 +271,6 @@ def test_readers_beyond_those_of_the_plan_join_when_it_is_built(checkpoint):
     assert stats.bytes_read == sum(h.file_size - h.data_start for h in headers.values())
 
 
-def test_on_the_host_the_lane_setting_reads_with_one_reader_until_the_plan_is_built(checkpoint):
-    t, headers = checkpoint
-    plan = _plan(headers, 16, DEFAULT_MIN_SEGMENT_BYTES)
-    regions, total = startup_stream.scratch_layout(headers)
-    readers = startup_stream.StreamReaders(during=1, after=3, read_bytes_during=64, read_bytes_after=16, lane=True)
-    stream = startup_stream.StartupStream.start(regions, total, torch.device("cpu"), readers)
-    stream.begun.exception()
-    assert not stream.lane and len(stream.futures) == 1  # no device to copy for the lane
-    streamed = _params()
-    assert stream.finish(plan, streamed) is not None
-    _assert_bits(streamed, _expected(t))
-
-
 def test_a_read_takes_neighbouring_slices_of_one_file_only(checkpoint):
     _, headers = checkpoint
     regions, total = startup_stream.scratch_layout(headers)
@@ -301,25 +288,21 @@ MIB = 1 << 20
 
 
 @pytest.mark.parametrize("counts,read_mb,cpus,wanted", [
-    ("", "", 16, (8, 12, 64 * MIB, False)),   # half the CPUs while the plan is built, the loader's threads after
-    ("", "", 1, (1, 12, 64 * MIB, False)),
-    ("4", "", 16, (4, 4, 64 * MIB, False)),   # one count: during and after
-    ("4/16", "8", 16, (4, 16, 8 * MIB, False)),
-    ("20/6", "", 16, (20, 20, 64 * MIB, False)),  # never fewer after than during
-    ("many", "big", 16, (8, 12, 64 * MIB, False)),  # not a count, not a size: ignored
-    ("", "1", 16, (8, 12, 6 * MIB, False)),   # never smaller than the loader's chunk
-    ("lane", "", 16, (1, 12, 64 * MIB, True)),   # the zero-copy lane while the plan is built
-    ("Lane/16", "", 16, (1, 16, 64 * MIB, True)),
-    ("lane/many", "", 16, (8, 12, 64 * MIB, False)),  # not a count after it: all ignored
+    ("", "", 16, (8, 12, 64 * MIB)),   # half the CPUs while the plan is built, the loader's threads after
+    ("", "", 1, (1, 12, 64 * MIB)),
+    ("4", "", 16, (4, 4, 64 * MIB)),   # one count: during and after
+    ("4/16", "8", 16, (4, 16, 8 * MIB)),
+    ("20/6", "", 16, (20, 20, 64 * MIB)),  # never fewer after than during
+    ("many", "big", 16, (8, 12, 64 * MIB)),  # not a count, not a size: ignored
+    ("", "1", 16, (8, 12, 6 * MIB)),   # never smaller than the loader's chunk
 ])
 def test_how_the_stream_reads(monkeypatch, counts, read_mb, cpus, wanted):
     monkeypatch.setenv(constants.ENV_STARTUP_STREAM_READERS, counts)
     monkeypatch.setenv(constants.ENV_STARTUP_STREAM_READ_MB, read_mb)
     monkeypatch.setattr(startup_stream.os, "cpu_count", lambda: cpus)
     r = startup_stream.stream_readers(12, 6 * MIB)
-    assert (r.during, r.after, r.read_bytes_during, r.lane, r.read_bytes_after) == (*wanted, 6 * MIB)
-    # Pinned buffers of their own only for large reads into buffers (the lane needs none).
-    assert r.own_buffers is (r.read_bytes_during != 6 * MIB and not r.lane)
+    assert (r.during, r.after, r.read_bytes_during, r.read_bytes_after) == (*wanted[:3], 6 * MIB)
+    assert r.own_buffers is (r.read_bytes_during != 6 * MIB)
 
 
 def test_released_readers_are_made_anew():
@@ -433,38 +416,3 @@ def test_on_the_device_the_stream_writes_what_the_executor_writes(checkpoint):
     assert stream.finish(plan, streamed) is not None
     _assert_bits(streamed, _expected(t))
     assert (str(device), 4096) not in staging._WORKER_POOL
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("registers", [True, False])
-def test_on_the_device_the_zero_copy_lane_writes_what_the_files_say(checkpoint, monkeypatch, registers):
-    """The lane while the plan is built (its reads cut where registrations meet), then the
-    readers; where CUDA refuses to register the pages, the lane reads them instead."""
-    from sglang_fastload.loader import host_memory
-
-    if not registers:
-        monkeypatch.setattr(host_memory, "_register", lambda address, nbytes, flags: 1)
-    t, headers = checkpoint
-    device = torch.device("cuda", torch.cuda.current_device())
-    regions, total = startup_stream.scratch_layout(headers)
-    for read_bytes_during in (4096, 96):  # whole files, or many reads sharing pages
-        plan = _plan(headers, 32, DEFAULT_MIN_SEGMENT_BYTES)
-        readers = startup_stream.StreamReaders(during=1, after=3, read_bytes_during=read_bytes_during,
-                                               read_bytes_after=32, lane=True)
-        stream = startup_stream.StartupStream.start(regions, total, device, readers)
-        stream.begun.result()
-        assert stream.lane
-        lane = stream.futures[0]
-        lane.exception(timeout=30)  # tiny files: the lane reads them all before the "plan" is built
-        mapped = [m for m in stream.mapped.values() if m is not None]
-        if registers:
-            assert stream.next_piece == len(stream.pieces)
-            assert lane.result().bytes_read == sum(r.nbytes for r in regions)
-            assert len(mapped) == len(regions) and all(m.registered and not m.failed for m in mapped)
-        else:  # it read what it had taken, then stopped: the readers do the rest
-            assert lane.result().read_calls == 1 and len(mapped) == 1 and mapped[0].failed
-        streamed = _params(device)
-        assert stream.finish(plan, streamed) is not None
-        _assert_bits(streamed, _expected(t))
-        host_memory.wait_for_releases()
-        assert all(m.address == 0 and not m.registered for m in mapped)  # unregistered, unmapped
