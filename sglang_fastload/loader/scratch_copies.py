@@ -7,8 +7,8 @@ destination's elements (same dtype, both contiguous) is a plain byte copy, merge
 next one where both sides continue (on CUDA one ``cudaMemcpyAsync`` each); every other step
 (strided, gathered, converted) views the bytes as the checkpoint's dtype and geometry and
 lets torch copy them into the parameter, as the executor's device scratch does. The copies
-are worked out file by file before the bytes are there (``file_copies``), so that the stream
-can queue each file's as soon as that file has landed, while later files are still read.
+are worked out and queued file by file (``copies_of_file``), so that the stream can queue
+each file's as soon as that file has landed, while later files are still read.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from sglang_fastload.loader import cuda_runtime
 from sglang_fastload.loader.binding import _device_bytes, _param_view, _reads_into_parameter
-from sglang_fastload.loader.plan import CopyStep, LoadPlan
+from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan
 
 
 def step_source(step: CopyStep, scratch: torch.Tensor, origin: int, dtype: torch.dtype) -> torch.Tensor:
@@ -77,56 +77,50 @@ def zero_fills(plan: LoadPlan, params: Dict[str, torch.Tensor]) -> None:
         _param_view(params[z.param], z.dst).zero_()
 
 
-def file_copies(
-    plan: LoadPlan,
+def copies_of_file(
+    fp: FilePlan,
     params: Dict[str, torch.Tensor],
     scratch: torch.Tensor,
-    origins: Dict[str, int],
+    origin: int,
     runtime: Optional[cuda_runtime.CudaRuntime] = None,
-) -> List[FileCopies]:
-    """Every step of ``plan`` as a copy out of ``scratch``, file by file (nothing queued yet).
+) -> FileCopies:
+    """Every step of one file of a plan as a copy out of ``scratch`` (nothing queued yet).
 
     Args:
-        plan: the plan (its files' paths are keys of ``origins``).
+        fp: the file's part of the plan.
         params: ``{name: parameter data}``, checked against the plan by the caller.
         scratch: uint8 tensor on the parameters' device holding the files' tensor bytes.
-        origins: ``{path: index in scratch of the file's byte 0}``.
+        origin: index in ``scratch`` of the file's byte 0 (negative where the file's header
+            is not held).
         runtime: on CUDA, the runtime that will queue the plain byte copies (None: torch
             copies them).
-
-    Returns:
-        One ``FileCopies`` per file of the plan, in the plan's order.
     """
+    # Plain byte copies, merged where both sides continue within one parameter (a copy may
+    # not run from one allocation into the next, even where their addresses meet).
+    runs: List[List] = []  # [destination address, scratch index, nbytes, parameter, byte offset]
+    dsts: List[torch.Tensor] = []
+    srcs: List[torch.Tensor] = []
+    for step in fp.steps:
+        param = params[step.param]
+        if not step.gather and len(step.reads) == 1 and _reads_into_parameter(step, {step.param: param}):
+            at = step.dst[0] * param.element_size()
+            address = param.data_ptr() + at
+            index = origin + step.reads[0][0]
+            last = runs[-1] if runs else None
+            if last and last[3] == step.param and last[0] + last[2] == address and last[1] + last[2] == index:
+                last[2] += step.nbytes
+            else:
+                runs.append([address, index, step.nbytes, step.param, at])
+            continue
+        dsts.append(_param_view(param, step.dst))
+        srcs.append(step_source(step, scratch, origin, step.src_dtype or param.dtype))
+    if runtime is None:
+        for _, index, n, name, at in runs:
+            dsts.append(_device_bytes(params[name], at, n))
+            srcs.append(scratch.narrow(0, index, n))
+        runs = []
     base = scratch.data_ptr()
-    made = []
-    for fp in plan.files:
-        origin = origins[fp.path]
-        # Plain byte copies, merged where both sides continue within one parameter (a copy
-        # may not run from one allocation into the next, even where their addresses meet).
-        runs: List[List] = []  # [destination address, scratch index, nbytes, parameter, byte offset]
-        dsts: List[torch.Tensor] = []
-        srcs: List[torch.Tensor] = []
-        for step in fp.steps:
-            param = params[step.param]
-            if not step.gather and len(step.reads) == 1 and _reads_into_parameter(step, {step.param: param}):
-                at = step.dst[0] * param.element_size()
-                address = param.data_ptr() + at
-                index = origin + step.reads[0][0]
-                last = runs[-1] if runs else None
-                if last and last[3] == step.param and last[0] + last[2] == address and last[1] + last[2] == index:
-                    last[2] += step.nbytes
-                else:
-                    runs.append([address, index, step.nbytes, step.param, at])
-                continue
-            dsts.append(_param_view(param, step.dst))
-            srcs.append(step_source(step, scratch, origin, step.src_dtype or param.dtype))
-        if runtime is None:
-            for _, index, n, name, at in runs:
-                dsts.append(_device_bytes(params[name], at, n))
-                srcs.append(scratch.narrow(0, index, n))
-            runs = []
-        made.append(FileCopies(fp.path, [(a, base + i, n) for a, i, n, _, _ in runs], dsts, srcs))
-    return made
+    return FileCopies(fp.path, [(a, base + i, n) for a, i, n, _, _ in runs], dsts, srcs)
 
 
 def copy_plan_from_scratch(
@@ -139,10 +133,11 @@ def copy_plan_from_scratch(
     """Write every parameter region of ``plan`` from ``scratch`` (zero-fills first).
 
     Args:
-        plan, params, scratch, origins, runtime: as for ``file_copies``. Copies are queued
-            on the current stream; the caller synchronizes.
+        plan, params, scratch, runtime: as for ``copies_of_file``.
+        origins: ``{path: index in scratch of the file's byte 0}`` for the plan's files.
+            Copies are queued on the current stream; the caller synchronizes.
     """
     zero_fills(plan, params)
     stream = torch.cuda.current_stream(scratch.device).cuda_stream if scratch.is_cuda else 0
-    for copies in file_copies(plan, params, scratch, origins, runtime):
-        copies.queue(runtime, stream)
+    for fp in plan.files:
+        copies_of_file(fp, params, scratch, origins[fp.path], runtime).queue(runtime, stream)
