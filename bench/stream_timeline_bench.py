@@ -6,8 +6,9 @@ Writes (or reuses) ``gpu_bench.py``'s MoE checkpoint, then starts the model ``--
 times with the start-up stream as shipped (each file's copies out of the scratch queued as it
 lands) and alternately with the copies waiting for every read (``gpu_bench.py``'s
 ``fast-stream-copyafter``). For every start it prints, in seconds from the stream's start:
-when the plan was built, when each file landed, when its copies had been queued, and when the
-device had finished them all. Timing only (no poisoning, no comparison of bits).
+when the plan was built, when each file landed, when its copies had been queued, when the
+device had finished them all, and when and how long the stream's clean-up calls ran
+(``[start, seconds]``). Timing only (no poisoning, no comparison of bits).
 """
 
 from __future__ import annotations
@@ -54,6 +55,22 @@ def instrument(box: dict):
         marks["landed"] = {os.path.basename(p): round(t - stream.started, 4) for p, t in stream.landed_at.items()}
         return out
 
+    def timed(name, call):
+        def run(*a, **k):
+            marks = box["marks"]
+            t = time.perf_counter()
+            try:
+                return call(*a, **k)
+            finally:
+                if "t0" in marks:
+                    marks.setdefault(name, []).append((round(t - marks["t0"], 4), round(time.perf_counter() - t, 4)))
+        return run
+
+    abandon = cls.abandon
+    cls.abandon = timed("abandon", abandon)
+    startup_stream.release_workers = timed("release_workers", startup_stream.release_workers)
+    startup_stream.torch.cuda.empty_cache = timed("empty_cache", startup_stream.torch.cuda.empty_cache)
+    cls._join = timed("join", cls._join)
     cls._join_readers, cls.finish = timed_join_readers, timed_finish
     scratch_copies.FileCopies.queue = timed_queue
 

@@ -204,11 +204,19 @@ def workers_for(device: torch.device, count: int, chunk_bytes: int) -> List[Work
 
 def release_workers(device: torch.device, chunk_bytes: int) -> None:
     """Forget the readers of ``device`` and ``chunk_bytes``; their pinned buffers are freed
-    with them (after their queued copies are done). The next ``workers_for`` makes new ones.
+    with them, once their queued copies are done, on a thread of their own (unpinning took
+    ~25 ms per GiB on an H200 host, on a first start's path) where nothing else holds them.
+    The next ``workers_for`` makes new ones.
     """
     wait_prepared(device, chunk_bytes)  # a background preparation would otherwise refill the pool
     with _POOL_LOCK:
         workers = _WORKER_POOL.pop((str(device), chunk_bytes), [])
+    _finish_all(workers)
+    if workers:
+        threading.Thread(target=workers.clear, name="fastload-free", daemon=True).start()
+
+
+def _finish_all(workers: List[Worker]) -> None:
     for w in workers:
         w.finish()
 

@@ -316,6 +316,8 @@ class StartupStream:
         begun = self.begun is not None and self.begun.exception() is None  # waits; ``_join`` keeps a failure
         if not begun or self.failed.is_set() or self.pool is None or self.threads <= len(self.futures):
             return
+        if self.next_piece >= len(self.pieces):  # every read is taken already: none to join
+            return
         if self.cuda:
             try:
                 more = self._ready_workers(self.readers.read_bytes_after, self.threads)[len(self.workers):]
@@ -497,9 +499,9 @@ class StartupStream:
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
+        self.workers = []  # first: the readers' buffers are freed where the pool lets go of them
         if self.cuda and self.readers.own_buffers:
             release_workers(self.device, self.readers.read_bytes_during)
-        self.workers = []
         if self.scratch is not None:
             self.scratch = None
             if self.cuda:

@@ -318,6 +318,31 @@ def test_released_readers_are_made_anew():
     staging.release_workers(device, 12345)
 
 
+def test_released_readers_are_freed_off_the_callers_thread():
+    """Unpinning their buffers takes ~25 ms per GiB: not on a start's path."""
+    import threading
+    import weakref
+
+    from sglang_fastload.loader import staging
+
+    device = torch.device("cpu")
+    workers = staging.workers_for(device, 2, 4321)
+    staging.reserve(workers, [(4321, 0)] * 2)
+    freed, done = [], threading.Event()
+
+    def record():
+        freed.append(threading.current_thread().name)
+        if len(freed) == 2:
+            done.set()
+
+    for w in workers:
+        weakref.finalize(w, record)
+    del workers, w
+    staging.release_workers(device, 4321)
+    assert done.wait(30)
+    assert freed == ["fastload-free"] * 2
+
+
 def test_the_scratch_holds_each_file_aligned_in_name_order(checkpoint):
     _, headers = checkpoint
     regions, total = startup_stream.scratch_layout(headers)
