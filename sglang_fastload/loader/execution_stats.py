@@ -25,8 +25,9 @@ class ExecutionStats:
         threads_seconds: from the first read until every thread had queued its last copy.
         tail_seconds: from the first reader running out of chunks to the last one.
         drain_seconds: after that, until the device had finished every copy.
-        scratch_seconds: a start-up stream's copies out of its scratch after its last file
-            landed (startup_stream.py; those of earlier files ran while it was read).
+        scratch_seconds: a start-up stream's copies out of its scratch once its plan was
+            built and its last file had landed (startup_stream.py; those of earlier files
+            ran while later ones were read).
         taken_chunks: chunks a reader ran that were dealt to another.
     """
 

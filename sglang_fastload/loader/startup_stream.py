@@ -455,6 +455,7 @@ class StartupStream:
             the caller reads the files as any load does, which writes every parameter again
             (and reports what is wrong with the files, if anything is).
         """
+        planned = time.perf_counter()
         try:
             self._join_readers()  # the plan is built: the interpreter is free
             runtime = self.runtime if self.cuda else None
@@ -488,7 +489,7 @@ class StartupStream:
             seconds=end - self.started,
             setup_seconds=self.setup_seconds,
             threads_seconds=streamed - self.started - self.setup_seconds,
-            scratch_seconds=end - streamed,
+            scratch_seconds=end - max(planned, streamed),
             **summed,
         )
 
