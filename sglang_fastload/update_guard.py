@@ -27,7 +27,7 @@ import os
 import time
 from typing import Callable, List, Optional, Tuple
 
-from sglang_fastload import constants
+from sglang_fastload import constants, parallel_ranks
 from sglang_fastload.errors import RollbackError
 from sglang_fastload.served_checkpoint import ServedCheckpoint, record_served, served_by
 
@@ -94,15 +94,11 @@ def all_ranks_ok(ok: bool) -> bool:
 
     Every rank of the group must call it at the same point of an update.
     """
-    try:
-        import torch
-        import torch.distributed as dist
-        from sglang.srt.distributed import get_tp_group
+    import torch
+    import torch.distributed as dist
 
-        group = get_tp_group()
-    except Exception:
-        return ok
-    if group.world_size == 1:
+    group = parallel_ranks.tp_group()
+    if group is None or group.world_size == 1:
         return ok
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group.cpu_group)

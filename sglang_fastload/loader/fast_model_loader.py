@@ -20,7 +20,7 @@ import torch
 from sglang.srt.configs.load_config import LoadConfig, LoadFormat
 from sglang.srt.model_loader.loader import BaseModelLoader, DefaultModelLoader
 
-from sglang_fastload import constants, update_guard
+from sglang_fastload import constants, parallel_ranks, update_guard
 from sglang_fastload.checkpoint.checkpoint_files import (
     check_weight_map,
     resolve_checkpoint_files,
@@ -65,33 +65,22 @@ def default_num_threads() -> int:
     Returns:
         ``DEFAULT_NUM_THREADS`` at TP=1, else the CPU count / ranks on this node, 2 to 16.
     """
-    try:
-        from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_world_size
-        from sglang.srt.runtime_context import get_server_args
-
-        ranks = get_tensor_model_parallel_world_size()
+    ranks = parallel_ranks.tp_size() or 1
+    if ranks > 1:
         try:
+            from sglang.srt.runtime_context import get_server_args
+
             ranks //= max(1, int(getattr(get_server_args(), "nnodes", 1) or 1))
         except Exception:
             pass
-    except Exception:
-        ranks = 1
     if ranks <= 1:
         return DEFAULT_NUM_THREADS
     return max(MIN_RANK_THREADS, min(DEFAULT_NUM_THREADS, (os.cpu_count() or 8) // ranks))
 
 
 def _rank_suffix() -> str:
-    try:
-        from sglang.srt.distributed.parallel_state import (
-            get_tensor_model_parallel_rank,
-            get_tensor_model_parallel_world_size,
-        )
-
-        size = get_tensor_model_parallel_world_size()
-        return f" [tp rank {get_tensor_model_parallel_rank()}/{size}]" if size > 1 else ""
-    except Exception:
-        return ""
+    size = parallel_ranks.tp_size()
+    return f" [tp rank {parallel_ranks.tp_rank()}/{size}]" if size is not None and size > 1 else ""
 
 
 def node_group() -> Optional[shared_spans.NodeGroup]:
@@ -108,10 +97,9 @@ def node_group() -> Optional[shared_spans.NodeGroup]:
         return None
     try:
         import torch.distributed as dist
-        from sglang.srt.distributed import get_tp_group
 
-        group = get_tp_group()
-        if group.world_size <= 1 or not dist.is_initialized():
+        group = parallel_ranks.tp_group()
+        if group is None or group.world_size <= 1 or not dist.is_initialized():
             return None
         return shared_spans.NodeGroup(rank=group.rank_in_group, size=group.world_size, cpu_group=group.cpu_group)
     except Exception:
@@ -120,21 +108,11 @@ def node_group() -> Optional[shared_spans.NodeGroup]:
 
 def _single_rank() -> bool:
     """True when this rank keeps every byte of the checkpoint (no tensor or expert parallelism)."""
-    try:
-        from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_world_size
-
-        return get_tensor_model_parallel_world_size() == 1
-    except Exception:
-        return False
+    return parallel_ranks.tp_size() == 1
 
 
 def _is_first_rank() -> bool:
-    try:
-        from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_rank
-
-        return get_tensor_model_parallel_rank() == 0
-    except Exception:
-        return True
+    return parallel_ranks.tp_rank() in (0, None)
 
 
 def unsupported_reason(model, load_config: LoadConfig) -> Optional[str]:

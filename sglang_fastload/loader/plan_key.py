@@ -19,6 +19,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
+from sglang_fastload import parallel_ranks
 from sglang_fastload.loader import source_digest_cache
 from sglang_fastload.loader.plan_store_location import store_dir
 
@@ -192,34 +193,7 @@ def model_config_dict(model: torch.nn.Module) -> Optional[dict]:
 
 def parallel_placement() -> Dict[str, Optional[int]]:
     """This process's ranks and group sizes (None where SGLang has no such group here)."""
-    from sglang.srt.distributed import parallel_state as ps
-
-    getters = {
-        "world": (ps.get_world_rank, ps.get_world_size),
-        "tp": (ps.get_tensor_model_parallel_rank, ps.get_tensor_model_parallel_world_size),
-        "attn_tp": (ps.get_attn_tensor_model_parallel_rank, ps.get_attn_tensor_model_parallel_world_size),
-        "attn_cp": (ps.get_attn_context_model_parallel_rank, ps.get_attn_context_model_parallel_world_size),
-        "pp": (ps.get_pipeline_model_parallel_rank, ps.get_pipeline_model_parallel_world_size),
-        "moe_ep": (ps.get_moe_expert_parallel_rank, ps.get_moe_expert_parallel_world_size),
-        "moe_tp": (ps.get_moe_tensor_parallel_rank, ps.get_moe_tensor_parallel_world_size),
-        "moe_dp": (ps.get_moe_data_parallel_rank, ps.get_moe_data_parallel_world_size),
-        "dcp": (ps.get_dcp_rank, ps.get_dcp_world_size),
-    }
-    out: Dict[str, Optional[int]] = {}
-    for name, (rank, size) in getters.items():
-        for suffix, fn in (("rank", rank), ("size", size)):
-            try:
-                out[f"{name}_{suffix}"] = int(fn())
-            except Exception:
-                out[f"{name}_{suffix}"] = None
-    try:
-        from sglang.srt.runtime_context import get_parallel
-
-        out["attn_dp_rank"] = int(get_parallel().attn_dp_rank)
-        out["attn_dp_size"] = int(get_parallel().attn_dp_size)
-    except Exception:
-        out["attn_dp_rank"] = out["attn_dp_size"] = None
-    return out
+    return parallel_ranks.placement()
 
 
 def expert_location_digest() -> Optional[str]:
