@@ -170,6 +170,10 @@ CONTENDERS: Dict[str, Contender] = {
             )
         ),
         Contender(
+            "fast-streamon", "fast", {"startup_stream": "on"}, upstream_scan=False,
+            description="sglang-fastload, start-up stream for any checkpoint (few tensors too)",
+        ),
+        Contender(
             "fast-stream-copyafter", "fast", upstream_scan=False, stream_copies_after_reads=True,
             description="sglang-fastload, start-up stream whose copies out of the scratch wait for all of its reads",
         ),
