@@ -48,7 +48,7 @@ def step_source(step: CopyStep, scratch: torch.Tensor, origin: int, dtype: torch
 
 @dataclasses.dataclass
 class FileCopies:
-    """One file's copies out of the scratch, worked out before its bytes are there.
+    """One file's copies out of the scratch, ready to queue.
 
     Attributes:
         path: the file.
