@@ -1,10 +1,11 @@
 """This process's parallel group, ranks and widths, as SGLang answers them.
 
-SGLang 0.5.23 answers them through ``runtime_context.get_parallel()`` and deprecates the
-``parallel_state`` getters earlier releases answer them with (one warning each); a later
+SGLang answers them through ``runtime_context.get_parallel()`` (0.5.20 to 0.5.23 have it)
+and, since 0.5.21, deprecates the ``parallel_state`` getters (one warning each); a later
 release may drop the getters. Every question goes to ``get_parallel()`` first and to the
-getter only where it does not answer, so that neither a release without the context nor one
-without the getters makes a rank of a tensor-parallel group think it loads alone.
+getter only where it does not answer (nothing published in this process, or a release
+without the context), so that no release makes a rank of a tensor-parallel group think it
+loads alone.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Ranks and widths asked of SGLang's ``get_parallel()`` first, its older getters second.
 
-SGLang 0.5.23 deprecates the ``parallel_state`` getters in favour of ``get_parallel()``;
-releases before it have only the getters, and one after it may drop them. Here the real
+SGLang deprecates the ``parallel_state`` getters in favour of ``get_parallel()`` (since
+0.5.21); a later release may drop them, and a process where nothing is published has only
+the getters' answers. Here the real
 SGLang modules answer, or are made to answer as such a release would (an attribute removed,
 a context not published). Real multi-rank loads print the ranks these answers give (the
 summary lines parsed in ``tests/server/test_multinode.py`` and ``test_fast_matches_upstream.py``).
