@@ -29,8 +29,17 @@ def _context(**values):
     return lambda: types.SimpleNamespace(**values)
 
 
+ASKED = []  # getters called where get_parallel() answered (a raise would be swallowed)
+
+
 def _refuse(*_a, **_k):
+    ASKED.append(True)
     raise AssertionError("the older getter was asked although get_parallel() answered")
+
+
+@pytest.fixture(autouse=True)
+def no_getter_asked_yet():
+    ASKED.clear()
 
 
 def test_get_parallel_answers_first(monkeypatch, sglang_modules):
@@ -41,6 +50,7 @@ def test_get_parallel_answers_first(monkeypatch, sglang_modules):
     assert (parallel_ranks.tp_size(), parallel_ranks.tp_rank()) == (4, 3)
     assert fml._rank_suffix() == " [tp rank 3/4]"
     assert not fml._single_rank() and not fml._is_first_rank()
+    assert not ASKED
 
 
 def test_the_getter_answers_where_the_context_is_not_published(monkeypatch, sglang_modules):
@@ -102,5 +112,6 @@ def test_the_loader_no_longer_asks_the_deprecated_getters(monkeypatch, sglang_mo
         fml._is_first_rank()
         update_guard.all_ranks_ok(True)
         placement = parallel_ranks.placement()
+    assert not ASKED
     assert placement["tp_rank"] == 1 and placement["tp_size"] == 2 and placement["attn_dp_size"] == 1
     assert set(placement) == {f"{g}_{part}" for g in parallel_ranks.PLACEMENT_GROUPS for part in ("rank", "size")}
