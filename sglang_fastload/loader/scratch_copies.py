@@ -14,7 +14,7 @@ each file's as soon as that file has landed, while later files are still read.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -129,15 +129,25 @@ def copy_plan_from_scratch(
     scratch: torch.Tensor,
     origins: Dict[str, int],
     runtime: Optional[cuda_runtime.CudaRuntime] = None,
-) -> None:
-    """Write every parameter region of ``plan`` from ``scratch`` (zero-fills first).
+    landed: Optional[Callable[[str], bool]] = None,
+) -> bool:
+    """Write every parameter region of ``plan`` from ``scratch`` (zero-fills first), file by file.
 
     Args:
         plan, params, scratch, runtime: as for ``copies_of_file``.
         origins: ``{path: index in scratch of the file's byte 0}`` for the plan's files.
             Copies are queued on the current stream; the caller synchronizes.
+        landed: called with each file's path before its copies; it waits until the file's
+            bytes are in the scratch and answers False if they never will be (None: all are).
+
+    Returns:
+        True when every file's copies were queued; False when ``landed`` stopped them.
     """
     zero_fills(plan, params)
     stream = torch.cuda.current_stream(scratch.device).cuda_stream if scratch.is_cuda else 0
     for fp in plan.files:
+        if landed is not None and not landed(fp.path):
+            return False
+        # The device copies this file while the next one's copies are worked out.
         copies_of_file(fp, params, scratch, origins[fp.path], runtime).queue(runtime, stream)
+    return True

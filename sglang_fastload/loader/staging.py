@@ -211,7 +211,7 @@ def release_workers(device: torch.device, chunk_bytes: int) -> None:
     wait_prepared(device, chunk_bytes)  # a background preparation would otherwise refill the pool
     with _POOL_LOCK:
         workers = _WORKER_POOL.pop((str(device), chunk_bytes), [])
-    _finish_all(workers)
+    _finish_all(workers)  # not a loop here: its variable would keep the last worker in this frame
     if workers:
         threading.Thread(target=workers.clear, name="fastload-free", daemon=True).start()
 

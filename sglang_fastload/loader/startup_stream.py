@@ -42,7 +42,7 @@ from sglang_fastload.checkpoint.checkpoint_files import resolve_checkpoint_files
 from sglang_fastload.loader.binding import direct_runtime
 from sglang_fastload.loader.execution_stats import ExecutionStats
 from sglang_fastload.loader.plan import LoadPlan
-from sglang_fastload.loader.scratch_copies import copies_of_file, zero_fills
+from sglang_fastload.loader.scratch_copies import copy_plan_from_scratch
 from sglang_fastload.loader.staging import (
     Worker,
     prepare_in_background,
@@ -458,16 +458,9 @@ class StartupStream:
         planned = time.perf_counter()
         try:
             self._join_readers()  # the plan is built: the interpreter is free
-            runtime = self.runtime if self.cuda else None
-            origins = {r.path: r.origin for r in self.regions}
-            zero_fills(plan, params)
-            stream = torch.cuda.current_stream(self.device).cuda_stream if self.cuda else 0
-            # File by file as they land, while the last files are read; the device copies one
-            # file while the next one's copies are worked out.
-            for fp in plan.files:
-                if not self._wait_landed(fp.path):
-                    break
-                copies_of_file(fp, params, self.scratch, origins[fp.path], runtime).queue(runtime, stream)
+            # File by file as they land, while the last files are read.
+            copy_plan_from_scratch(plan, params, self.scratch, {r.path: r.origin for r in self.regions},
+                                   self.runtime if self.cuda else None, landed=self._wait_landed)
             per_reader = self._join()
             if self.error is None and len(self.landed_at) < len(self.regions):
                 self.error = RuntimeError("the stream's readers stopped before every file was read")
