@@ -91,7 +91,6 @@ class Contender:
     env: Optional[dict] = None  # environment variables set while this contender runs
     collector_running: bool = False  # fast loads leave Python's cyclic collector running (as before 2026-12-02)
     stream_copies_after_reads: bool = False  # a start-up stream's copies wait for all its reads (as before 2026-12-04)
-    bind_up_front: bool = False  # every chunk bound before the first read (as before 2026-12-04, late)
 
 
 CONTENDERS: Dict[str, Contender] = {
@@ -177,10 +176,6 @@ CONTENDERS: Dict[str, Contender] = {
         Contender(
             "fast-stream-copyafter", "fast", upstream_scan=False, stream_copies_after_reads=True,
             description="sglang-fastload, start-up stream whose copies out of the scratch wait for all of its reads",
-        ),
-        Contender(
-            "fast-bindfirst", "fast", upstream_scan=False, bind_up_front=True,
-            description="sglang-fastload, every chunk bound to the parameters before the first read (not by its reader)",
         ),
         Contender(
             "fast-torchcopy", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_DIRECT_CUDA_CALLS": "0"},
@@ -275,8 +270,7 @@ def environment_of(cont: Contender):
     """The contender's environment variables, set for one of its steps, then restored; for
     ``collector_running``, the loader's collector pause replaced by nothing meanwhile; for
     ``stream_copies_after_reads``, a start-up stream that copies out of its scratch only once
-    every read has ended; for ``bind_up_front``, every reader's chunks bound before the
-    readers start."""
+    every read has ended."""
     saved = {k: os.environ.get(k) for k in (cont.env or {})}
     os.environ.update(cont.env or {})
     pause = finish = None
@@ -297,20 +291,6 @@ def environment_of(cont: Contender):
             return finish(stream, plan, params)
 
         StartupStream.finish = finish_after_reads
-    bind = None
-    if cont.bind_up_front:
-        from sglang_fastload.loader import executor
-
-        bind = executor.bind
-
-        def bind_everything_first(plan, params, *args, **kwargs):
-            bound = bind(plan, params, *args, **kwargs)
-            for reader, chunks in enumerate(bound.dealt):
-                for index in range(len(chunks)):
-                    bound.bind_own(reader, index, params)
-            return bound
-
-        executor.bind = bind_everything_first
     try:
         yield
     finally:
@@ -320,10 +300,6 @@ def environment_of(cont: Contender):
             from sglang_fastload.loader.startup_stream import StartupStream
 
             StartupStream.finish = finish
-        if bind is not None:
-            from sglang_fastload.loader import executor
-
-            executor.bind = bind
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

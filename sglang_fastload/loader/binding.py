@@ -1,9 +1,8 @@
 """Binding a load plan to one model's parameters and the readers' buffers.
 
 A plan's steps are grouped into chunks (one staging buffer each) and dealt to the readers
-(``deal``); every view, address and read target a chunk needs is made once, by the reader
-that first runs the chunk (``Binding.bind_own``), and reused by later loads while the
-parameters and buffers stay where they are (checked by address).
+(``deal``); every view, address and read target a chunk needs is made once here and reused
+by later loads while the parameters and buffers stay where they are (checked by address).
 """
 
 from __future__ import annotations
@@ -89,20 +88,13 @@ class BoundChunk:
 
 @dataclasses.dataclass
 class Binding:
-    """A plan bound to one set of parameters and workers: chunks per worker, in order.
-
-    A reader's own chunks are bound when it first comes to them (``bind_own``), not before
-    the first read: binding a start-up's ~2,600 chunks of Qwen3-8B up front kept every
-    reader waiting ~10 ms; bound by the readers, it runs while the others read. Chunks
-    stay bound for later loads; the zero-copy lane's are bound up front (its registrar
-    walks them ahead of the copies).
-    """
+    """A plan bound to one set of parameters and workers: chunks per worker, in order."""
 
     steps_lists: Tuple[List[CopyStep], ...]  # kept alive so their ids stay unique
     param_ptrs: Tuple[int, ...]
     workers: List[Worker]
     buffers: List[Tuple[Optional[torch.Tensor], ...]]
-    per_worker: List[List[Optional[BoundChunk]]]  # None: not bound yet
+    per_worker: List[List[BoundChunk]]
     zeros: List[torch.Tensor]
     lane: int = -1  # index of the zero-copy lane in ``workers`` (-1: none)
     runtime: Optional[cuda_runtime.CudaRuntime] = None  # what ``copies`` were bound for
@@ -111,24 +103,6 @@ class Binding:
     # kept in the cache must not keep replaced parameters alive).
     dealt: List[List[Chunk]] = dataclasses.field(default_factory=list)
     file_index: Dict[str, int] = dataclasses.field(default_factory=dict)
-
-    def bind_own(self, reader: int, index: int, params: Dict[str, torch.Tensor]) -> BoundChunk:
-        """Chunk ``index`` dealt to reader ``reader``, bound for its buffer ``index % 2`` on
-        first use and kept for the next loads (only that reader runs it or binds it).
-
-        Args:
-            reader, index: the chunk, as dealt.
-            params: the parameters of this load (``{name: parameter data}``).
-
-        Returns:
-            The bound chunk.
-        """
-        bound = self.per_worker[reader][index]
-        if bound is None:
-            chunk = self.dealt[reader][index]
-            bound = bind_chunk(chunk, self.file_index[chunk.path], params, self.workers[reader], index % 2)
-            self.per_worker[reader][index] = bound
-        return bound
 
     def bind_taken(self, owner: int, index: int, reader: int, turn: int, params: Dict[str, torch.Tensor]) -> BoundChunk:
         """Bind chunk ``index`` of reader ``owner`` for reader ``reader``'s buffer ``turn``
@@ -404,13 +378,10 @@ def bind(
     readers = sizes[:threads]
     sizes[:threads] = [(max(h for h, _ in readers), max(d for _, d in readers))] * threads
     reserve(workers, sizes)
-    per_worker: List[List[Optional[BoundChunk]]] = []
+    per_worker = []
     for k, (w, mine) in enumerate(zip(workers, dealt)):
         w.runtime = runtime  # bind_chunk binds addresses (runtime) or tensors (torch)
-        if k == lane:
-            per_worker.append([bind_chunk(c, file_index[c.path], params, w, i % 2, True) for i, c in enumerate(mine)])
-        else:
-            per_worker.append([None] * len(mine))  # bound by the reader (``Binding.bind_own``)
+        per_worker.append([bind_chunk(c, file_index[c.path], params, w, i % 2, k == lane) for i, c in enumerate(mine)])
     bound = Binding(
         steps_lists=steps_lists,
         param_ptrs=ptrs,

@@ -34,7 +34,7 @@ import torch
 from sglang_fastload import constants
 from sglang_fastload.errors import CheckpointError
 from sglang_fastload.loader import host_memory, shared_layout, shared_spans
-from sglang_fastload.loader.binding import Binding, BoundChunk, Chunk, bind, direct_runtime
+from sglang_fastload.loader.binding import Binding, BoundChunk, bind, direct_runtime
 from sglang_fastload.loader.execution_stats import ExecutionStats
 from sglang_fastload.loader.plan import CopyStep, LoadPlan
 from sglang_fastload.loader.staging import Worker, prepare_in_background, read_exact, reader_pool
@@ -230,23 +230,24 @@ class _DealtChunks:
     slowest reader ends while the others idle.
     """
 
-    def __init__(self, dealt: List[List[Chunk]], take: bool):
-        self.lists = dealt
-        self.front = [0] * len(dealt)
-        self.back = [len(chunks) for chunks in dealt]
-        self.left = [sum(c.nbytes for c in chunks) for chunks in dealt]
+    def __init__(self, per_worker: List[List[BoundChunk]], take: bool):
+        self.lists = per_worker
+        self.front = [0] * len(per_worker)
+        self.back = [len(chunks) for chunks in per_worker]
+        self.left = [sum(c.nbytes for c in chunks) for chunks in per_worker]
         self.take = take
         self.lock = threading.Lock()
 
-    def next_own(self, reader: int) -> Optional[int]:
-        """The index of the reader's next dealt chunk, or None once none is left."""
+    def next_own(self, reader: int) -> Optional[BoundChunk]:
+        """The reader's next dealt chunk, or None once none is left."""
         with self.lock:
             i = self.front[reader]
             if i >= self.back[reader]:
                 return None
             self.front[reader] = i + 1
-            self.left[reader] -= self.lists[reader][i].nbytes
-            return i
+            chunk = self.lists[reader][i]
+            self.left[reader] -= chunk.nbytes
+            return chunk
 
     def take_from_other(self) -> Optional[Tuple[int, int]]:
         """``(owner, index)`` of the chunk an idle reader runs next, or None (all started)."""
@@ -278,10 +279,8 @@ def _run_reader(
     """One reader: its dealt chunks, then (bound for its own buffers) others' last ones."""
     turn = 1
     while not failed.is_set():  # another reader failed: the load is abandoned
-        own = dealt.next_own(index)
-        if own is not None:
-            chunk = bound.bind_own(index, own, params)
-        else:
+        chunk = dealt.next_own(index)
+        if chunk is None:
             taken = dealt.take_from_other()
             if taken is None:
                 return
@@ -530,7 +529,7 @@ def _execute_alone(
 
         failed = threading.Event()
         readers = len(workers) - (1 if bound.lane >= 0 else 0)  # the lane is the last worker
-        dealt = _DealtChunks(bound.dealt[:readers], os.environ.get(constants.ENV_STEAL_CHUNKS, "1") != "0")
+        dealt = _DealtChunks(bound.per_worker[:readers], os.environ.get(constants.ENV_STEAL_CHUNKS, "1") != "0")
         done_at = [0.0] * readers  # when each reader ran out of chunks
         setup_seconds = time.perf_counter() - t_setup
         ready: "queue.SimpleQueue" = queue.SimpleQueue()

@@ -114,37 +114,3 @@ def test_any_reader_count_loads_every_element(tmp_path, monkeypatch, threads, de
     for i in range(TENSORS):
         assert torch.equal(params[f"p{i}"], _expected(data, i)), f"p{i}"
     assert stats.bytes_read == TENSORS * nbytes
-
-
-def test_readers_bind_their_own_chunks_as_they_come_to_them_and_later_loads_reuse_them(tmp_path, monkeypatch):
-    # Binding every chunk before the first read kept a start-up's readers waiting; each reader
-    # binds its own chunks now, and a second load with the same cache binds none again.
-    from sglang_fastload.loader import binding
-
-    monkeypatch.setenv(constants.ENV_STEAL_CHUNKS, "0")  # each chunk run (and bound) by its owner
-    plan, data, nbytes = _plan_and_data(tmp_path)
-    params = {name: torch.full(shape, -1.0) for name, (shape, _) in plan.param_meta.items()}
-    calls = []
-    real_bind_chunk = binding.bind_chunk
-
-    def counted_bind_chunk(*args, **kwargs):
-        calls.append(threading.get_ident())
-        return real_bind_chunk(*args, **kwargs)
-
-    monkeypatch.setattr(binding, "bind_chunk", counted_bind_chunk)
-    cache = {}
-    bound = binding.bind(plan, params, torch.device("cpu"), 2, nbytes, cache)
-    assert calls == [] and all(c is None for mine in bound.per_worker for c in mine)
-
-    execute_plan(plan, params, device=torch.device("cpu"), num_threads=2, chunk_bytes=nbytes, cache=cache)
-    assert len(calls) == TENSORS and threading.get_ident() not in calls  # by the readers
-    assert all(c is not None for mine in bound.per_worker for c in mine)
-    first = [list(mine) for mine in bound.per_worker]
-
-    for p in params.values():
-        p.fill_(-1.0)
-    execute_plan(plan, params, device=torch.device("cpu"), num_threads=2, chunk_bytes=nbytes, cache=cache)
-    assert len(calls) == TENSORS  # nothing bound again
-    assert all(a is b for x, y in zip(first, bound.per_worker) for a, b in zip(x, y))
-    for i in range(TENSORS):
-        assert torch.equal(params[f"p{i}"], _expected(data, i)), f"p{i}"
