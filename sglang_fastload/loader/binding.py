@@ -16,7 +16,7 @@ import torch
 
 from sglang_fastload import constants
 from sglang_fastload.loader import cuda_runtime
-from sglang_fastload.loader.plan import CopyStep, LoadPlan, sized_chunks, staging_aligned
+from sglang_fastload.loader.plan import STAGING_ALIGN, CopyStep, LoadPlan, staging_aligned
 from sglang_fastload.loader.staging import Worker, reserve, wait_prepared, workers_for
 
 
@@ -31,7 +31,7 @@ class Chunk:
 
 def chunks_of(plan: LoadPlan, chunk_bytes: int) -> List[Chunk]:
     """Each file's steps, in file order, in full chunks of at most ``chunk_bytes`` (``fill_chunks``)."""
-    return [Chunk(fp.path, steps, nbytes) for fp in plan.files for steps, nbytes in sized_chunks(fp.steps, chunk_bytes)]
+    return [Chunk(fp.path, steps, nbytes) for fp in plan.files for steps, nbytes in fp.chunks(chunk_bytes)]
 
 
 def _writable_view(address: int, nbytes: int) -> memoryview:
@@ -137,17 +137,14 @@ def _device_bytes(tensor: torch.Tensor, byte_offset: int, nbytes: int) -> torch.
     return flat.set_(tensor.untyped_storage(), start, (nbytes,), (1,))
 
 
-def _goes_straight(step: CopyStep, params: Dict[str, torch.Tensor], cuda: bool, via_scratch: bool) -> bool:
-    """CUDA: the staged bytes of ``step`` are copied straight into its parameter.
-
-    A gathered step is staged densely (``dense_view``): its bytes are the destination's
-    elements in order whenever the destination is contiguous (row-parallel shards are).
-    """
-    if not cuda or via_scratch:
-        return False
-    if step.gather:
-        return step.dst_is_contiguous and _same_dtype(step, params)
-    return _reads_into_parameter(step, params)
+def _lands_as_staged(step: CopyStep, param_dtype: torch.dtype) -> bool:
+    """CUDA: whether the staged bytes of ``step`` are copied straight into its parameter,
+    i.e. they are its destination's elements in order and in the parameter's dtype. A gathered
+    step is staged densely (``dense_view``), so this holds whenever the destination is
+    contiguous (row-parallel shards are); any other step also needs a dense view. Asked of
+    every step when a plan is bound: one call, the dtype looked up by the caller."""
+    src_dtype = step.src_dtype
+    return step.dst_is_contiguous and (step.gather or step.view_is_dense) and (src_dtype is None or src_dtype == param_dtype)
 
 
 def bind_chunk(
@@ -200,6 +197,9 @@ def bind_chunk(
     # CUDA copies of the staged bytes: [target (parameter name or "" for the scratch),
     # byte offset in the target, buffer position, nbytes], merged where both sides continue.
     spans: List[List] = []
+    seg = span = None  # the last of each (merged into while both sides continue)
+    straight_possible = cuda and not via_scratch
+    align = STAGING_ALIGN
     pos = 0
     prev_end = None
     for step in staged:
@@ -207,7 +207,7 @@ def bind_chunk(
         if not gather and prev_end == step.reads[0][0] and pos % step.itemsize == 0:
             start = pos
         else:
-            start = staging_aligned(pos)
+            start = (pos + align - 1) // align * align  # staging_aligned(pos)
         nbytes = step.nbytes
         pos = start + nbytes
         param = params[step.param]
@@ -217,25 +217,26 @@ def bind_chunk(
         else:
             p = start
             for off, n in step.reads:
-                if segments and segments[-1][0] + segments[-1][1] == off and segments[-1][2] + segments[-1][1] == p:
-                    segments[-1][1] += n
+                if seg is not None and seg[0] + seg[1] == off and seg[2] + seg[1] == p:
+                    seg[1] += n
                 else:
-                    segments.append([off, n, p])
+                    seg = [off, n, p]
+                    segments.append(seg)
                 p += n
             last = step.reads[-1]
             prev_end = last[0] + last[1]
-        if _goes_straight(step, params, cuda, via_scratch):
+        if straight_possible and _lands_as_staged(step, param.dtype):
             target, at = step.param, step.dst[0] * param.element_size()
         elif cuda:
             target, at = "", start
         else:
             target = None
         if target is not None:
-            last_span = spans[-1] if spans else None
-            if last_span and last_span[0] == target and last_span[1] + last_span[3] == at and last_span[2] + last_span[3] == start:
-                last_span[3] += nbytes
+            if span is not None and span[0] == target and span[1] + span[3] == at and span[2] + span[3] == start:
+                span[3] += nbytes
             else:
-                spans.append([target, at, start, nbytes])
+                span = [target, at, start, nbytes]
+                spans.append(span)
             if target:
                 continue
         source = worker.scratch if cuda else buf
@@ -262,13 +263,18 @@ def bind_chunk(
 
 def staged_size(chunk: Chunk, cuda: bool, params: Dict[str, torch.Tensor], via_scratch: bool = False) -> Tuple[int, int]:
     """Upper bounds of the host buffer and device scratch bytes ``bind_chunk`` uses for a chunk."""
-    total = 0
-    scratch = False
+    if cuda:  # every step is staged
+        total = 0
+        scratch = via_scratch
+        for step in chunk.steps:
+            total = (total + STAGING_ALIGN - 1) // STAGING_ALIGN * STAGING_ALIGN + step.nbytes
+            scratch = scratch or not _lands_as_staged(step, params[step.param].dtype)
+        return total, (total if scratch else 0)
+    total = 0  # CPU: only what is neither gathered nor read in place is staged; no scratch
     for step in chunk.steps:
-        if cuda or not (step.gather or _reads_into_parameter(step, params)):
+        if not (step.gather or _reads_into_parameter(step, params)):
             total = staging_aligned(total) + step.nbytes
-            scratch = scratch or (cuda and not _goes_straight(step, params, cuda, via_scratch))
-    return total, (total if scratch else 0)
+    return total, 0
 
 
 # Bindings kept per cache (one cache per model: its views keep only that model's memory).

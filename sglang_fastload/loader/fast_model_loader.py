@@ -32,7 +32,7 @@ from sglang_fastload.errors import CheckpointError, UnsupportedModelError
 from sglang_fastload.loader import collector_pause, shared_spans, startup_stream, validate
 from sglang_fastload.loader.checkpoint_state import state_of
 from sglang_fastload.loader.executor import DEFAULT_CHUNK_BYTES, DEFAULT_ZERO_COPY_SHARE, execute_plan, prepare_in_background
-from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, build_plan, numel
+from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, build_plan, numel
 from sglang_fastload.loader.dispatch import auto_means_fast
 from sglang_fastload.loader.replay import replay_load_weights
 from sglang_fastload.loader import plan_store
@@ -514,7 +514,7 @@ class FastModelLoader(DefaultModelLoader):
         by_name = {os.path.basename(p): p for p in prepared.headers}
         plan = dataclasses.replace(
             prepared.plan,
-            files=[FilePlan(by_name[os.path.basename(f.path)], f.steps) for f in prepared.plan.files],
+            files=[dataclasses.replace(f, path=by_name[os.path.basename(f.path)]) for f in prepared.plan.files],
         )
         stream, prepared.stream = prepared.stream, None  # a start-up stream is used once
         params = {}

@@ -129,12 +129,33 @@ def _view_is_dense(gather: bool, view: Geometry, view_numel: int, view_contiguou
 
 @dataclasses.dataclass
 class FilePlan:
+    """One file's steps, in file-offset order.
+
+    Attributes:
+        path: the file.
+        steps: its steps.
+        chunked: ``sized_chunks(steps, chunk_bytes)`` by ``chunk_bytes``, worked out once:
+            a built plan brings the chunks it was cut into, so its first load does not group
+            its steps again (``chunks``); a copy of the plan for other files of the same
+            layout (``dataclasses.replace``) shares them.
+    """
+
     path: str
     steps: List[CopyStep]
+    chunked: Dict[int, List[Tuple[List[CopyStep], int]]] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.steps)
+
+    def chunks(self, chunk_bytes: int) -> List[Tuple[List[CopyStep], int]]:
+        """``sized_chunks(self.steps, chunk_bytes)``, worked out on first use."""
+        found = self.chunked.get(chunk_bytes)
+        if found is None:
+            found = self.chunked[chunk_bytes] = sized_chunks(self.steps, chunk_bytes)
+        return found
 
 
 @dataclasses.dataclass
@@ -476,10 +497,11 @@ def build_plan(
         by_file.setdefault(path, []).extend(
             [step] if cuttable_rows(step) else split_rows(step, c.src, data_start, max_step_bytes, min_segment_bytes)
         )
-    files = [
-        FilePlan(path, [st for chunk in fill_chunks(sorted(steps, key=lambda s: s.reads[0][0]), max_step_bytes) for st in chunk])
-        for path, steps in sorted(by_file.items())
-    ]
+    files = []
+    for path, steps in sorted(by_file.items()):
+        chunks = sized_chunks(sorted(steps, key=lambda s: s.reads[0][0]), max_step_bytes)
+        # Grouping the cut steps again would find these same chunks: kept for the first bind.
+        files.append(FilePlan(path, [st for chunk, _ in chunks for st in chunk], {max_step_bytes: chunks}))
     used_meta = {c.param: param_meta[c.param] for c in copies}
     used_meta.update({z.param: param_meta[z.param] for z in zeros})
     return LoadPlan(files, list(zeros), used_meta, tensors_used, tensor_count)

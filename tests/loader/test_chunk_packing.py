@@ -126,3 +126,40 @@ def test_steps_cut_once_are_grouped_again_without_cuts():
         first = fill_chunks(steps, chunk_bytes)
         again = fill_chunks([st for chunk in first for st in chunk], chunk_bytes)
         assert [[id(st) for st in c] for c in again] == [[id(st) for st in c] for c in first]
+
+
+def test_a_built_plan_brings_its_chunks_and_a_rebound_copy_shares_them(monkeypatch):
+    # build_plan cuts and groups each file's steps once; binding the plan (and its copy for
+    # other files of the same layout) uses those chunks instead of grouping again.
+    import dataclasses
+
+    from sglang_fastload.loader import plan as plan_module
+    from sglang_fastload.loader.replay import RecordedCopy
+
+    unit = 1 << 10
+    copies = [RecordedCopy(f"e{i}", f"p{i}", (0, (3, unit // 2), (unit // 2, 1)), (0, (3, unit // 2), (unit // 2, 1)))
+              for i in range(8)]
+    locations = {f"e{i}": ("f", i * 3 * unit, 2, None) for i in range(8)}
+    meta = {f"p{i}": ((3, unit // 2), None) for i in range(8)}
+    built = plan_module.build_plan(copies, [], locations, meta, frozenset(locations), 8, max_step_bytes=4 * unit)
+    expected = plan_module.sized_chunks(built.files[0].steps, 4 * unit)  # what grouping again finds
+
+    def no_grouping(*_):
+        raise AssertionError("the steps were grouped again")
+
+    monkeypatch.setattr(plan_module, "sized_chunks", no_grouping)
+    rebound = dataclasses.replace(built, files=[dataclasses.replace(f, path="g") for f in built.files])
+    chunks = chunks_of(rebound, 4 * unit)
+    assert [c.path for c in chunks] == ["g"] * 6 and [c.nbytes for c in chunks] == [4 * unit] * 6
+    assert [[id(st) for st in c.steps] for c in chunks] == [[id(st) for st in s] for s, _ in expected]
+    assert [c.nbytes for c in chunks] == [n for _, n in expected]
+
+
+def test_a_plan_without_chunks_groups_its_steps_once_per_chunk_size():
+    unit = 1 << 10
+    steps = [_dense_step(f"e{i}", i * 3 * unit, 3, unit // 2) for i in range(8)]
+    plan = _plan(steps)  # as a stored plan is read back: no chunks kept
+    first = chunks_of(plan, 4 * unit)
+    again = chunks_of(plan, 4 * unit)
+    assert all(a.steps is b.steps for a, b in zip(first, again)) and len(first) == 6
+    assert [c.nbytes for c in chunks_of(plan, 8 * unit)] == [8 * unit] * 3  # another size: its own
