@@ -36,7 +36,7 @@ from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, build_plan, n
 from sglang_fastload.loader.dispatch import auto_means_fast
 from sglang_fastload.loader.replay import replay_load_weights
 from sglang_fastload.loader import plan_store
-from sglang_fastload.loader.plan_key import LoadKnobs, expert_location_digest, plan_key_and_parts
+from sglang_fastload.loader.plan_key import KeyStart, LoadKnobs, expert_location_digest, key_start, parts_of
 from sglang_fastload.loader.progress import ChunkProgress
 from sglang_fastload.loader.summary import PLAN_BUILT, PLAN_CACHED, PLAN_STORED, LoadSummary
 from sglang_fastload.model_support import unsupported_architecture_reason
@@ -247,10 +247,17 @@ class PreparedLoad:
             # A plan stored by an earlier start is as good as one built here: its key covers
             # everything the plan depends on (plan_key.py), and it is checked against these
             # headers and parameters before use.
-            store_key, parts = cls._store_key(ckpt.loader, model, headers, target_device)
-            if store_key is not None:
-                params = parameters_by_name(model)
-                plan = plan_store.read_plan(store_key, headers, params, parts)
+            start = cls._key_start(ckpt.loader, model, headers, target_device)
+            if start is not None and plan_store.any_stored(start.prefix):
+                store_key, parts = start.complete()
+                plan = plan_store.read_plan(store_key, headers, parameters_by_name(model), parts)
+            elif start is not None:
+                # No plan of this model, placement and layout is stored: the source digests
+                # that complete the key are taken where the built plan is written.
+                store_key = start
+                if logger.isEnabledFor(logging.INFO):
+                    logger.info("sglang-fastload: no stored load plan for this model and checkpoint layout "
+                                "(key prefix %s; key parts %s)", start.prefix, parts_of(start.ingredients))
             if plan is not None:
                 source = PLAN_STORED
                 state.remember_plan(key, plan, built=False)
@@ -294,17 +301,17 @@ class PreparedLoad:
         )
 
     @staticmethod
-    def _store_key(loader, model, headers, target_device) -> Tuple[Optional[str], str]:
-        """The plan store's key for this load and its parts, or ``(None, "")`` (store off,
+    def _key_start(loader, model, headers, target_device) -> Optional[KeyStart]:
+        """The plan store's key for this load up to its source digests, or None (store off,
         or a key that cannot be computed here)."""
         if plan_store.store_dir() is None:
-            return None, ""
+            return None
         knobs = LoadKnobs(loader.min_segment_bytes, loader.chunk_bytes, str(target_device))
         try:
-            return plan_key_and_parts(model, knobs, headers)
+            return key_start(model, knobs, headers)
         except Exception as exc:
             logger.info("sglang-fastload: load plan store not used (%s: %s)", type(exc).__name__, exc)
-            return None, ""
+            return None
 
     @staticmethod
     def _make_plan(ckpt, model, headers, tensors, directory):
@@ -506,7 +513,8 @@ class FastModelLoader(DefaultModelLoader):
         def stored(path: str, seconds: float) -> None:
             logger.info("sglang-fastload: load plan stored in %.3f s%s: %s", seconds, rank, path)
 
-        plan_store.write_plan_in_background(key, prepared.plan, stored)
+        plan_store.write_plan_in_background(  # a key's start is completed there
+            key if isinstance(key, str) else (lambda: key.complete()[0]), prepared.plan, stored)
 
     def _load_prepared(self, model, prepared: PreparedLoad, target_device, node=None) -> None:
         # A cached plan may come from another checkpoint of the same layout: bind its files

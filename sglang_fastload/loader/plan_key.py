@@ -271,16 +271,13 @@ def layout_digest(header) -> str:
     return h.hexdigest()
 
 
-def key_ingredients(model: torch.nn.Module, knobs: LoadKnobs, headers: Mapping[str, object]) -> dict:
-    """Everything a stored plan must match to be reused, as plain data.
+# Hex digits of the digest of a key's other ingredients that start the key (``KeyStart``).
+PREFIX_DIGITS = 16
 
-    Args:
-        model: the live model the plan would load into.
-        knobs: the loader settings that shape the plan.
-        headers: ``{path: parsed safetensors header}`` of the checkpoint.
 
-    Returns:
-        A JSON-able dict (see ``digest``).
+def _ingredients_but_sources(model: torch.nn.Module, knobs: LoadKnobs, headers: Mapping[str, object]) -> Tuple[dict, List[str]]:
+    """Every ingredient of the key but the digests of source files, and the SGLang modules
+    whose files those digests cover.
 
     Raises:
         LookupError: no ServerArgs are published (the caller then skips the store); any
@@ -297,8 +294,8 @@ def key_ingredients(model: torch.nn.Module, knobs: LoadKnobs, headers: Mapping[s
     cls = type(model)
     return {
         "schema": PLAN_SCHEMA_VERSION,
-        "package": {"version": __version__, "source": package_source_digest()},
-        "sglang": {"version": getattr(sglang, "__version__", None), "source": modules_source_digest(modules)},
+        "package": {"version": __version__},
+        "sglang": {"version": getattr(sglang, "__version__", None)},
         "torch": torch.__version__,
         "model_class": f"{cls.__module__}.{cls.__qualname__}",
         "parameters": parameter_layout(model),
@@ -309,29 +306,79 @@ def key_ingredients(model: torch.nn.Module, knobs: LoadKnobs, headers: Mapping[s
         "environment": sglang_environment(),
         "knobs": dataclasses.asdict(knobs),
         "checkpoint": checkpoint_layout(headers),
-    }
+    }, modules
 
 
-def plan_key(model: torch.nn.Module, knobs: LoadKnobs, headers: Mapping[str, object]) -> str:
-    """The stored plan's key: ``digest(key_ingredients(...))``."""
-    return digest(key_ingredients(model, knobs, headers))
+@dataclasses.dataclass(frozen=True)
+class KeyStart:
+    """A stored plan's key before the digests of its source files are taken.
+
+    Those digests mean reading and hashing a few hundred files (SGLang's layer and loader
+    modules, the model's, this package's: 22-27 ms of a dense first start on an H200 host
+    where none was kept), and they only decide anything where a plan with every other
+    ingredient is stored. ``prefix``, a digest of those other ingredients, starts the key
+    (and the file name) of every plan stored for them: where none is stored, a first start
+    looks no further and the plan's writer takes the digests (``complete``) off its path.
+
+    Attributes:
+        ingredients: every ingredient but the source digests, as plain data.
+        module_names: the SGLang modules whose files the key covers (``model_source_modules``).
+        prefix: the first ``PREFIX_DIGITS`` hex digits of ``digest(ingredients)``.
+    """
+
+    ingredients: dict
+    module_names: Tuple[str, ...]
+    prefix: str
+
+    def complete(self) -> Tuple[str, str]:
+        """The key and its parts, with the source digests taken now (``plan_key_and_parts``).
+
+        Returns:
+            ``("<prefix>-<digest of every ingredient>", "name=1a2b3c4d ...")``.
+        """
+        global _DIGESTS_FROM
+        directory = store_dir()
+        if directory is not None and _DIGESTS_FROM != directory:
+            for memo, value in source_digest_cache.load(directory).items():
+                _FILE_DIGESTS.setdefault(memo, value)
+            _DIGESTS_FROM = directory
+        known = len(_FILE_DIGESTS)
+        ingredients = dict(self.ingredients)
+        ingredients["package"] = {**ingredients["package"], "source": package_source_digest()}
+        ingredients["sglang"] = {**ingredients["sglang"], "source": modules_source_digest(self.module_names)}
+        if directory is not None and len(_FILE_DIGESTS) > known:  # some files were hashed
+            source_digest_cache.save(directory, _FILE_DIGESTS)
+        return f"{self.prefix}-{digest(ingredients)}", parts_of(ingredients)
+
+
+def parts_of(ingredients: Mapping) -> str:
+    """A short digest of each ingredient ("server_args=1a2b3c4d ..."): two starts that should
+    share a plan but do not log different parts, naming the ingredient that changed."""
+    return " ".join(f"{name}={digest({name: value})[:8]}" for name, value in sorted(ingredients.items()))
+
+
+def key_start(model: torch.nn.Module, knobs: LoadKnobs, headers: Mapping[str, object]) -> KeyStart:
+    """The key of a plan for ``model``, ``knobs`` and ``headers`` up to its source digests.
+
+    Args:
+        model: the live model the plan would load into.
+        knobs: the loader settings that shape the plan.
+        headers: ``{path: parsed safetensors header}`` of the checkpoint.
+
+    Returns:
+        The key's start (``KeyStart.complete`` gives the key).
+
+    Raises:
+        LookupError: no ServerArgs are published (see ``_ingredients_but_sources``).
+    """
+    ingredients, modules = _ingredients_but_sources(model, knobs, headers)
+    return KeyStart(ingredients, tuple(modules), digest(ingredients)[:PREFIX_DIGITS])
 
 
 def plan_key_and_parts(model: torch.nn.Module, knobs: LoadKnobs, headers: Mapping[str, object]) -> Tuple[str, str]:
-    """The key, and a short digest of each ingredient ("server_args=1a2b3c4d ...").
+    """The stored plan's key, and a short digest of each ingredient (``parts_of``).
 
-    Two starts that should share a plan but do not log different parts: the part that
-    differs names the ingredient that changed between them.
+    The key is ``<prefix>-<digest>``: the digest covers every ingredient (the source
+    digests included), the prefix every one but those (``KeyStart``).
     """
-    global _DIGESTS_FROM
-    directory = store_dir()
-    if directory is not None and _DIGESTS_FROM != directory:
-        for memo, value in source_digest_cache.load(directory).items():
-            _FILE_DIGESTS.setdefault(memo, value)
-        _DIGESTS_FROM = directory
-    known = len(_FILE_DIGESTS)
-    ingredients = key_ingredients(model, knobs, headers)
-    if directory is not None and len(_FILE_DIGESTS) > known:  # some files were hashed
-        source_digest_cache.save(directory, _FILE_DIGESTS)
-    parts = " ".join(f"{name}={digest({name: value})[:8]}" for name, value in sorted(ingredients.items()))
-    return digest(ingredients), parts
+    return key_start(model, knobs, headers).complete()

@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from typing import Callable, List, Mapping, Optional
+from typing import Callable, List, Mapping, Optional, Union
 
 import torch
 
@@ -48,6 +48,23 @@ def path_for(directory: str, key: str) -> str:
 
 
 # --------------------------------------------------------------------------- the directory
+
+
+def any_stored(prefix: str) -> bool:
+    """Whether the store holds a plan whose key starts with ``prefix`` (``plan_key.KeyStart``).
+
+    Where none does, no key that starts so can find a plan: a first start needs no more of
+    its key than the prefix. A directory that cannot be listed holds nothing readable.
+    """
+    directory = store_dir()
+    if directory is None:
+        return False
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return False
+    start = prefix + "-"
+    return any(name.startswith(start) and name.endswith(SUFFIX) for name in names)
 
 
 def read_plan(
@@ -125,7 +142,9 @@ _WRITES: List[threading.Thread] = []
 _WRITES_LOCK = threading.Lock()
 
 
-def write_plan_in_background(key: str, plan: LoadPlan, done: Optional[Callable[[str, float], None]] = None) -> None:
+def write_plan_in_background(
+    key: Union[str, Callable[[], str]], plan: LoadPlan, done: Optional[Callable[[str, float], None]] = None
+) -> None:
     """``write_plan`` on a thread of its own, so a load does not wait for it.
 
     Encoding and compressing a plan is interpreter work (on an H200 host ~10 ms for a dense
@@ -136,7 +155,8 @@ def write_plan_in_background(key: str, plan: LoadPlan, done: Optional[Callable[[
     (``wait_for_writes``, registered at exit). The collector stays paused while it encodes.
 
     Args:
-        key: the plan's key.
+        key: the plan's key, or what computes it on that thread (``plan_key.KeyStart.complete``:
+            a first start that found no plan of its prefix takes its source digests there).
         plan: the plan (not changed after it is built).
         done: called on that thread with the file written and the seconds it took, when a
             file was written.
@@ -145,7 +165,13 @@ def write_plan_in_background(key: str, plan: LoadPlan, done: Optional[Callable[[
     def write() -> None:
         t0 = time.perf_counter()
         with collector_paused():
-            path = write_plan(key, plan)
+            try:
+                name = key() if callable(key) else key
+            except Exception as exc:  # never a reason for a failed load
+                logger.warning("sglang-fastload: the load plan was not stored: its key could not be computed (%s: %s)",
+                               type(exc).__name__, exc)
+                return
+            path = write_plan(name, plan)
         if path is not None and done is not None:
             done(path, time.perf_counter() - t0)
 

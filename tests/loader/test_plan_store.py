@@ -27,6 +27,7 @@ from tests.rig.inprocess import CaseSpec, compare_params, load_cases
 
 SUMMARY = re.compile(r"sglang-fastload: loaded \S+?(?: \[tp rank \d+/\d+\])?: .*?plan [\d.]+ s \((cached|stored|built)\)")
 STORED = re.compile(r"load plan stored in [\d.]+ s(?: \[tp rank \d+/\d+\])?: (\S+)")
+NO_PLAN_OF_PREFIX = re.compile(r"no stored load plan for this model and checkpoint layout \(key prefix ([0-9a-f]+);")
 IGNORED = "ignoring stored load plan"
 
 
@@ -111,6 +112,12 @@ def test_first_start_builds_and_stores_the_plan(one_rank):
     assert plan_words(first[0]) == ["built"] and plan_words(first[1]) == ["built"]
     assert len(after_first) == 2, after_first
     assert sorted(os.path.basename(p) for p in written(first[0]) + written(first[1])) == after_first
+    # Nothing of either key's prefix was stored: neither start took its source digests before
+    # building; each plan was stored under a key that starts with that prefix.
+    for case in first[:2]:
+        [prefix] = NO_PLAN_OF_PREFIX.findall(case[0].log)
+        [path] = written(case)
+        assert os.path.basename(path).startswith(prefix + "-"), (prefix, path)
 
 
 def test_next_start_reads_the_stored_plan_bit_identical_to_upstream(one_rank):
@@ -539,6 +546,37 @@ def test_a_plan_is_stored_off_the_callers_path_with_the_collector_paused(tiny, m
     got = plan_store.read_plan("k-bg", headers, params)
     assert got is not None and got.files[0].steps == plan.files[0].steps
     assert gc.isenabled() == collecting  # the pause ended with the write
+
+
+def test_a_key_computed_by_the_writer_names_the_stored_plan(tiny):
+    # A first start that found no plan of its key's prefix hands the writer what completes
+    # the key; the caller returns before it runs.
+    plan, headers, params = tiny
+    assert not plan_store.any_stored("pfx")
+    computed_on = []
+
+    def complete_key():
+        computed_on.append(threading.current_thread().name)
+        return "pfx-full"
+
+    plan_store.write_plan_in_background(complete_key, plan)
+    plan_store.wait_for_writes()
+    assert computed_on == ["sglang-fastload-plan-store"]
+    assert plan_store.any_stored("pfx") and not plan_store.any_stored("pf") and not plan_store.any_stored("full")
+    assert plan_store.read_plan("pfx-full", headers, params) is not None
+
+
+def test_a_key_that_cannot_be_computed_stores_nothing_and_never_raises(tiny, caplog):
+    plan, _, _ = tiny
+
+    def failing_key():
+        raise OSError("source files unreadable")
+
+    with caplog.at_level("WARNING", logger="sglang_fastload.loader.plan_store"):
+        plan_store.write_plan_in_background(failing_key, plan)
+        plan_store.wait_for_writes()
+    assert "its key could not be computed (OSError: source files unreadable)" in caplog.text
+    assert not os.path.exists(plan_store.store_dir()) or not os.listdir(plan_store.store_dir())
 
 
 def test_source_digests_are_kept_beside_the_plans_for_the_next_process(one_rank, store):
