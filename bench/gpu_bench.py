@@ -91,6 +91,7 @@ class Contender:
     env: Optional[dict] = None  # environment variables set while this contender runs
     collector_running: bool = False  # fast loads leave Python's cyclic collector running (as before 2026-12-02)
     stream_copies_after_reads: bool = False  # a start-up stream's copies wait for all its reads (as before 2026-12-04)
+    key_first: bool = False  # the store's whole key before building, a built plan's chunks grouped again (as before 2026-12-04, late)
 
 
 CONTENDERS: Dict[str, Contender] = {
@@ -176,6 +177,11 @@ CONTENDERS: Dict[str, Contender] = {
         Contender(
             "fast-stream-copyafter", "fast", upstream_scan=False, stream_copies_after_reads=True,
             description="sglang-fastload, start-up stream whose copies out of the scratch wait for all of its reads",
+        ),
+        Contender(
+            "fast-keyfirst", "fast", upstream_scan=False, key_first=True,
+            description="sglang-fastload, a first start takes the plan store's whole key (source digests) before building "
+                        "and groups its built plan's steps into chunks again when binding",
         ),
         Contender(
             "fast-torchcopy", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_DIRECT_CUDA_CALLS": "0"},
@@ -270,7 +276,9 @@ def environment_of(cont: Contender):
     """The contender's environment variables, set for one of its steps, then restored; for
     ``collector_running``, the loader's collector pause replaced by nothing meanwhile; for
     ``stream_copies_after_reads``, a start-up stream that copies out of its scratch only once
-    every read has ended."""
+    every read has ended; for ``key_first``, a store that always seems to hold a plan of the
+    key's prefix (so the whole key is computed before the plan is built) and plans whose
+    files bring no chunks."""
     saved = {k: os.environ.get(k) for k in (cont.env or {})}
     os.environ.update(cont.env or {})
     pause = finish = None
@@ -291,6 +299,17 @@ def environment_of(cont: Contender):
             return finish(stream, plan, params)
 
         StartupStream.finish = finish_after_reads
+    key_first = None
+    if cont.key_first:
+        from sglang_fastload.loader import plan as plan_module, plan_store
+
+        key_first = (plan_store.any_stored, plan_module.FilePlan.chunks)
+        plan_store.any_stored = lambda prefix: True
+
+        def chunks_grouped_again(file_plan, chunk_bytes):
+            return plan_module.sized_chunks(file_plan.steps, chunk_bytes)
+
+        plan_module.FilePlan.chunks = chunks_grouped_again
     try:
         yield
     finally:
@@ -300,6 +319,10 @@ def environment_of(cont: Contender):
             from sglang_fastload.loader.startup_stream import StartupStream
 
             StartupStream.finish = finish
+        if key_first is not None:
+            from sglang_fastload.loader import plan as plan_module, plan_store
+
+            plan_store.any_stored, plan_module.FilePlan.chunks = key_first
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
