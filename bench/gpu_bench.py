@@ -689,9 +689,10 @@ def _free_port() -> int:
 class Session:
     """Imports SGLang once, owns the one-rank process group, builds and updates models."""
 
-    def __init__(self, device: str, rank: int = 0, world: int = 1, shared_gpu: bool = False):
+    def __init__(self, device: str, rank: int = 0, world: int = 1, shared_gpu: bool = False, ep: int = 1):
         self.device = device
         self.rank, self.world = rank, world  # tensor-parallel rank and size (one GPU each)
+        self.ep = ep  # expert-parallel size (SGLang's --ep-size: MoE experts split among the ranks)
         # shared_gpu: every rank on GPU 0, groups over gloo without PyNccl (NCCL refuses two
         # ranks on one GPU; loading needs no device collectives).
         self.shared_gpu = shared_gpu
@@ -750,6 +751,7 @@ class Session:
             model_path=model_path,
             device=self.device,
             tp_size=self.world,
+            ep_size=self.ep,
             dtype="bfloat16",
             load_format=contender.load_format,
             attention_backend="torch_native",

@@ -2,13 +2,16 @@
 
     python3 bench/gpu_bench_tp.py --nproc 2 --site-dir /tmp/site --out $OUT/tp.json
     python3 bench/gpu_bench_tp.py --shared-gpu --tp 1,2,4 --site-dir /tmp/site --out $OUT/tp.json
+    python3 bench/gpu_bench_tp.py --shared-gpu --tp 2,4,8 --ep tp --site-dir /tmp/site --out $OUT/ep.json
 
 ``--shared-gpu``: all ranks on GPU 0 (groups over gloo, no PyNccl: NCCL refuses two ranks on
 one GPU and loading needs no device collectives), a proxy for a multi-GPU node where the
 host side (page cache, memory bandwidth, reader threads of N ranks at once) is real and the
 one PCIe link is shared (host-to-device copies pessimistic). ``--tp 1,2,4`` runs one rank
 group per size in turn and adds per-node sums and the expected time of the full
-Qwen3-30B-A3B (``--paper-gb``) at the largest size.
+Qwen3-30B-A3B (``--paper-gb``) at the largest size. ``--ep tp``: expert parallelism as wide as
+each group's tensor parallelism (SGLang's ``--ep-size``), so each rank loads its own experts
+whole instead of a 1/TP slice of every expert.
 
 Per rank, on one synthetic Qwen3-30B-A3B-shaped checkpoint (``--model dense``: Qwen3-8B's
 shapes), written once by rank 0:
@@ -71,6 +74,9 @@ def parse_args(argv=None):
                    help="after the updates, free the model and load a new one (fast: from the plan store)")
     p.add_argument("--profile-load", action="store_true",
                    help="profile each fast start-up load's calling thread on every rank (cProfile): where the plan's time goes")
+    p.add_argument("--ep", default="1",
+                   help="expert-parallel size (SGLang's --ep-size) of every rank group: a number, or 'tp' for the group's "
+                        "tensor-parallel size (each rank then holds 1/TP of the experts, whole)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: dry run over gloo")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_bench_tp.json"))
     return p.parse_args(argv)
@@ -99,7 +105,7 @@ def node_rows(data: dict) -> list:
         node_bytes = sum(r["bytes_read"] for r in rows)
         ckpt = data["checkpoint"].get("bytes") or data["checkpoint"]["gb"] * GB
         link = data.get("ceiling_shared_link") or {}
-        out.append(dict(contender=key[0], phase=key[1], cache=key[2], tp=data["world"], seconds=seconds,
+        out.append(dict(contender=key[0], phase=key[1], cache=key[2], tp=data["world"], ep=data.get("ep", 1), seconds=seconds,
                         link_gbps=link.get("node_gbps"),
                         rank_seconds=[r["seconds"] for r in rows], rank_bytes=[r["bytes_read"] for r in rows],
                         node_bytes=node_bytes, node_x_checkpoint=round(node_bytes / ckpt, 4),
@@ -169,10 +175,10 @@ def run_sizes(args) -> int:
     combined = dict(command=" ".join(["python3"] + sys.argv), shared_gpu=args.shared_gpu, runs=runs, node=table, paper=paper)
     with open(args.out, "w") as f:
         json.dump(combined, f, indent=1, default=str)
-    print("| TP | contender | phase | cache | slowest rank s | per-rank s | node GB read | x checkpoint | node GB/s | shared link GB/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| TP | EP | contender | phase | cache | slowest rank s | per-rank s | node GB read | x checkpoint | node GB/s | shared link GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['tp']} | {r['contender']} | {r['phase']} | {r['cache']} | {r['seconds']:.3f} | "
+        print(f"| {r['tp']} | {r['ep']} | {r['contender']} | {r['phase']} | {r['cache']} | {r['seconds']:.3f} | "
               f"{' / '.join(f'{x:.2f}' for x in r['rank_seconds'])} | {r['node_bytes'] / GB:.2f} | "
               f"{r['node_x_checkpoint']:.3f} | {r['node_gbps']:.1f} | {r['link_gbps'] or '—'} |")
     if paper:
@@ -223,7 +229,8 @@ def main(argv=None) -> int:
         if note:
             raise SystemExit(f"rank {rank}: rank 0 could not write the checkpoint ({note})")
         info = sc.write_checkpoint(directory, spec, shard_bytes=shard_bytes, log=lambda *_: None)
-    session = gb.Session(args.device, rank=rank, world=world, shared_gpu=args.shared_gpu)
+    ep = world if args.ep == "tp" else int(args.ep)
+    session = gb.Session(args.device, rank=rank, world=world, shared_gpu=args.shared_gpu, ep=ep)
     summaries = gb.FastSummaries()
     rows, models, profiles, collectors = [], {}, {}, {}
     plan_base = os.environ["SGLANG_FASTLOAD_PLAN_DIR"]
@@ -294,13 +301,13 @@ def main(argv=None) -> int:
     if rank == 0:
         data = dict(
             date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), command=" ".join(["python3"] + sys.argv),
-            world=world, shared_gpu=args.shared_gpu, gpu=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", checkpoint=dict(model=spec.label, layers=spec.layers, gb=round(info.nbytes / GB, 3), bytes=info.nbytes, tensors=info.tensors, files=len(info.files)),
+            world=world, ep=ep, shared_gpu=args.shared_gpu, gpu=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", checkpoint=dict(model=spec.label, layers=spec.layers, gb=round(info.nbytes / GB, 3), bytes=info.nbytes, tensors=info.tensors, files=len(info.files)),
             ceiling_page_cache_16_threads=ceiling, ceiling_shared_link=link, ranks=gathered,
         )
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(data, f, indent=1, default=str)
-        print(f"TP={world}, {data['gpu']}, checkpoint {data['checkpoint']}, page-cache ceiling {ceiling and ceiling.get('gbps')} GB/s, "
+        print(f"TP={world}, EP={ep}, {data['gpu']}, checkpoint {data['checkpoint']}, page-cache ceiling {ceiling and ceiling.get('gbps')} GB/s, "
               f"shared link {link}")
         print("| contender | phase | cache | " + " | ".join(f"rank {r} s | rank {r} GB read" for r in range(world)) + " |")
         print("|---|---|---|" + "---|---|" * world)
