@@ -92,6 +92,7 @@ class Contender:
     collector_running: bool = False  # fast loads leave Python's cyclic collector running (as before 2026-12-02)
     stream_copies_after_reads: bool = False  # a start-up stream's copies wait for all its reads (as before 2026-12-04)
     key_first: bool = False  # the store's whole key before building, a built plan's chunks grouped again (as before 2026-12-04, late)
+    buffers_ready: bool = False  # the readers' pinned buffers made before the start, not beside the model's build
 
 
 CONTENDERS: Dict[str, Contender] = {
@@ -182,6 +183,11 @@ CONTENDERS: Dict[str, Contender] = {
             "fast-keyfirst", "fast", upstream_scan=False, key_first=True,
             description="sglang-fastload, a first start takes the plan store's whole key (source digests) before building "
                         "and groups its built plan's steps into chunks again when binding",
+        ),
+        Contender(
+            "fast-buffersready", "fast", upstream_scan=False, buffers_ready=True,
+            description="sglang-fastload, the readers' pinned buffers made and waited for before the start "
+                        "(a process's first start otherwise makes them beside the model's build)",
         ),
         Contender(
             "fast-torchcopy", "fast", upstream_scan=False, env={"SGLANG_FASTLOAD_DIRECT_CUDA_CALLS": "0"},
@@ -276,7 +282,8 @@ def environment_of(cont: Contender):
     """The contender's environment variables, set for one of its steps, then restored; for
     ``collector_running``, the loader's collector pause replaced by nothing meanwhile; for
     ``stream_copies_after_reads``, a start-up stream that copies out of its scratch only once
-    every read has ended; for ``key_first``, a store that always seems to hold a plan of the
+    every read has ended; for ``buffers_ready``, the readers' pinned buffers made (and waited
+    for) first; for ``key_first``, a store that always seems to hold a plan of the
     key's prefix (so the whole key is computed before the plan is built) and plans whose
     files bring no chunks."""
     saved = {k: os.environ.get(k) for k in (cont.env or {})}
@@ -299,6 +306,17 @@ def environment_of(cont: Contender):
             return finish(stream, plan, params)
 
         StartupStream.finish = finish_after_reads
+    if cont.buffers_ready:
+        import torch
+
+        from sglang_fastload.loader import staging
+        from sglang_fastload.loader.executor import DEFAULT_CHUNK_BYTES, DEFAULT_ZERO_COPY_SHARE
+        from sglang_fastload.loader.fast_model_loader import default_num_threads
+
+        if torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+            staging.prepare_in_background(device, default_num_threads(), DEFAULT_CHUNK_BYTES, DEFAULT_ZERO_COPY_SHARE)
+            staging.wait_prepared(device, DEFAULT_CHUNK_BYTES)
     key_first = None
     if cont.key_first:
         from sglang_fastload.loader import plan as plan_module, plan_store
