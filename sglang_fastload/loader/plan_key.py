@@ -314,11 +314,12 @@ class KeyStart:
     """A stored plan's key before the digests of its source files are taken.
 
     Those digests mean reading and hashing a few hundred files (SGLang's layer and loader
-    modules, the model's, this package's: 22-24 ms for Qwen3-8B on a 2-CPU machine, 27 ms
-    profiled on an H200 host, where none was kept), and they only decide anything where a plan with every other
-    ingredient is stored. ``prefix``, a digest of those other ingredients, starts the key
-    (and the file name) of every plan stored for them: where none is stored, a first start
-    looks no further and the plan's writer takes the digests (``complete``) off its path.
+    modules, the model's, this package's: for Qwen3-8B where none was kept, 22-24 ms on a
+    2-CPU machine, 27 ms profiled on an H200 host), and they only decide anything where a
+    plan with every other ingredient is stored. ``prefix``, a digest of those other
+    ingredients, starts the key (and the file name) of every plan stored for them: where none
+    is stored, a first start looks no further and the plan's writer takes the digests
+    (``complete``) off its path.
 
     Attributes:
         ingredients: every ingredient but the source digests, as plain data.
