@@ -249,8 +249,9 @@ class PreparedLoad:
             # headers and parameters before use.
             start = cls._key_start(ckpt.loader, model, headers, target_device)
             if start is not None and plan_store.any_stored(start.prefix):
-                store_key, parts = start.complete()
-                plan = plan_store.read_plan(store_key, headers, parameters_by_name(model), parts)
+                store_key, parts = cls._complete_key(start)
+                if store_key is not None:
+                    plan = plan_store.read_plan(store_key, headers, parameters_by_name(model), parts)
             elif start is not None:
                 # No plan of this model, placement and layout is stored: the source digests
                 # that complete the key are taken where the built plan is written.
@@ -312,6 +313,15 @@ class PreparedLoad:
         except Exception as exc:
             logger.info("sglang-fastload: load plan store not used (%s: %s)", type(exc).__name__, exc)
             return None
+
+    @staticmethod
+    def _complete_key(start: KeyStart) -> Tuple[Optional[str], str]:
+        """``start.complete()``, or ``(None, "")`` when it fails (the store never fails a load)."""
+        try:
+            return start.complete()
+        except Exception as exc:
+            logger.info("sglang-fastload: load plan store not used (%s: %s)", type(exc).__name__, exc)
+            return None, ""
 
     @staticmethod
     def _make_plan(ckpt, model, headers, tensors, directory):

@@ -579,6 +579,21 @@ def test_a_key_that_cannot_be_computed_stores_nothing_and_never_raises(tiny, cap
     assert not os.path.exists(plan_store.store_dir()) or not os.listdir(plan_store.store_dir())
 
 
+def test_a_key_that_cannot_be_completed_leaves_the_store_unused(store_on, monkeypatch, caplog):
+    # A restart (a plan of the prefix stored) completes the key on the load's path: a failure
+    # there means building the plan, never a failed load.
+    from sglang_fastload.loader.fast_model_loader import PreparedLoad
+
+    def unreadable():
+        raise OSError("source tree gone")
+
+    start = plan_key.KeyStart({"package": {"version": "v"}, "sglang": {"version": "w"}}, (), "pfx")
+    monkeypatch.setattr(plan_key, "package_source_digest", unreadable)
+    with caplog.at_level("INFO", logger="sglang_fastload.loader.fast_model_loader"):
+        assert PreparedLoad._complete_key(start) == (None, "")
+    assert "load plan store not used (OSError: source tree gone)" in caplog.text
+
+
 def test_source_digests_are_kept_beside_the_plans_for_the_next_process(one_rank, store):
     # The first start hashed the source files its key covers and kept the digests; the
     # second (a new process) reused them and still found its plans (test above).
