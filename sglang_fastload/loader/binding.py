@@ -30,7 +30,7 @@ class Chunk:
 
 
 def chunks_of(plan: LoadPlan, chunk_bytes: int) -> List[Chunk]:
-    """Each file's steps, in file order, in full chunks of at most ``chunk_bytes`` (``fill_chunks``)."""
+    """Each file's steps, in file order, in full chunks of at most ``chunk_bytes`` (``sized_chunks``)."""
     return [Chunk(fp.path, steps, nbytes) for fp in plan.files for steps, nbytes in fp.chunks(chunk_bytes)]
 
 

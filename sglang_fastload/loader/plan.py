@@ -409,8 +409,9 @@ def _piece_rows(rows: int, row_bytes: int, room: int, chunk_bytes: int) -> List[
     return counts
 
 
-def fill_chunks(steps: Sequence[CopyStep], chunk_bytes: int) -> List[List[CopyStep]]:
-    """Group steps, in order, into chunks of at most ``chunk_bytes`` staged bytes.
+def sized_chunks(steps: Sequence[CopyStep], chunk_bytes: int) -> List[Tuple[List[CopyStep], int]]:
+    """Group steps, in order, into chunks of at most ``chunk_bytes`` staged bytes, each with
+    its staged bytes (the sum of its steps' ``aligned_nbytes``).
 
     A step that does not fit in what is left of a chunk is cut between rows where it can be
     (``cut_into_rows``: the head fills the chunk, whole chunks follow, the rest starts the
@@ -419,12 +420,6 @@ def fill_chunks(steps: Sequence[CopyStep], chunk_bytes: int) -> List[List[CopySt
     otherwise take one chunk each. Grouping steps that were already cut this way finds
     nothing more to cut. A step larger than a chunk that cannot be cut gets one of its own.
     """
-    return [chunk for chunk, _ in sized_chunks(steps, chunk_bytes)]
-
-
-def sized_chunks(steps: Sequence[CopyStep], chunk_bytes: int) -> List[Tuple[List[CopyStep], int]]:
-    """``fill_chunks``'s chunks, each with its staged bytes (the sum of its steps'
-    ``aligned_nbytes``), worked out in the same pass (binding asks for both at every start)."""
     out: List[Tuple[List[CopyStep], int]] = []
     cur: List[CopyStep] = []
     size = 0
@@ -481,7 +476,7 @@ def build_plan(
         min_segment_bytes: see ``make_step``.
         max_step_bytes: the executor's chunk size: steps larger than this are split so
             buffers stay bounded, and steps are cut so that chunks of this size are full
-            (``fill_chunks``; a plan stored with them needs no cutting when loaded).
+            (``sized_chunks``; a plan stored with them needs no cutting when loaded).
 
     Returns:
         The plan, with each file's steps in file-offset order.
@@ -492,7 +487,7 @@ def build_plan(
         step = make_step(c.tensor, c.param, c.src, c.dst, data_start, itemsize, min_segment_bytes, src_dtype)
         if step is None:
             continue
-        # Steps that can be cut between rows are cut where chunks end (``fill_chunks``);
+        # Steps that can be cut between rows are cut where chunks end (``sized_chunks``);
         # the others are split here so that buffers stay bounded.
         by_file.setdefault(path, []).extend(
             [step] if cuttable_rows(step) else split_rows(step, c.src, data_start, max_step_bytes, min_segment_bytes)

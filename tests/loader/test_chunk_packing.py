@@ -5,7 +5,7 @@ into the same parameter elements as the uncut ones."""
 import random
 
 from sglang_fastload.loader.binding import chunks_of
-from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan, aligned_nbytes, contiguous_runs, contiguous_strides, fill_chunks
+from sglang_fastload.loader.plan import CopyStep, FilePlan, LoadPlan, aligned_nbytes, contiguous_runs, contiguous_strides, sized_chunks
 
 
 def _dense_step(name, offset, rows, cols, itemsize=2, dst_offset=0, row_stride=None):
@@ -123,8 +123,8 @@ def test_steps_cut_once_are_grouped_again_without_cuts():
     for _ in range(100):
         steps = _random_layout(rng, 10, dense_only=True)
         chunk_bytes = rng.randrange(64, 600)
-        first = fill_chunks(steps, chunk_bytes)
-        again = fill_chunks([st for chunk in first for st in chunk], chunk_bytes)
+        first = [chunk for chunk, _ in sized_chunks(steps, chunk_bytes)]
+        again = [chunk for chunk, _ in sized_chunks([st for chunk in first for st in chunk], chunk_bytes)]
         assert [[id(st) for st in c] for c in again] == [[id(st) for st in c] for c in first]
 
 

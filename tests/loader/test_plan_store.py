@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from sglang_fastload import constants
 from sglang_fastload.checkpoint.safetensors_header import read_header
 from sglang_fastload.loader import plan_codec, plan_key, plan_store, source_digest_cache
-from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, LoadPlan, fill_chunks, make_step
+from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, LoadPlan, make_step, sized_chunks
 from tests.rig.inprocess import CaseSpec, compare_params, load_cases
 
 SUMMARY = re.compile(r"sglang-fastload: loaded \S+?(?: \[tp rank \d+/\d+\])?: .*?plan [\d.]+ s \((cached|stored|built)\)")
@@ -236,7 +236,7 @@ def test_steps_cut_to_fill_chunks_are_stored_and_checked_like_any_other(tmp_path
         make_step("w", "p", (r * 32, (2, 32), (32, 1)), (r * 32, (2, 32), (32, 1)), start, 2, DEFAULT_MIN_SEGMENT_BYTES, torch.bfloat16)
         for r in (0, 2)
     ]
-    cut = [st for chunk in fill_chunks(halves, 192) for st in chunk]  # 3 rows per chunk
+    cut = [st for chunk, _ in sized_chunks(halves, 192) for st in chunk]  # 3 rows per chunk
     assert [st.view[1][0] for st in cut] == [2, 1, 1]
     plan = LoadPlan([FilePlan(str(path), cut)], [], {"p": ((4, 32), torch.bfloat16)}, frozenset({"w"}), 1)
     assert plan_store.write_plan("k-cut", plan) is not None
