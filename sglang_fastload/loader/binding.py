@@ -120,14 +120,11 @@ class Binding:
         return bind_chunk(chunk, self.file_index[chunk.path], params, self.workers[reader], turn)
 
 
-def _same_dtype(step: CopyStep, params: Dict[str, torch.Tensor]) -> bool:
-    # Bytes of another dtype are staged, then converted by the copy (as upstream's copy_ does).
-    return step.src_dtype is None or step.src_dtype == params[step.param].dtype
-
-
-def _reads_into_parameter(step: CopyStep, params: Dict[str, torch.Tensor]) -> bool:
-    """CPU: the step's bytes are exactly the destination's elements, so read them in place."""
-    return step.view_is_dense and step.dst_is_contiguous and _same_dtype(step, params)
+def _reads_into_parameter(step: CopyStep, param_dtype: torch.dtype) -> bool:
+    """The step's bytes are exactly the destination's elements (a parameter of ``param_dtype``),
+    so they can be read (CPU) or copied (a device scratch) in place. Bytes of another dtype
+    are staged, then converted by the copy (as upstream's ``copy_`` does)."""
+    return step.view_is_dense and step.dst_is_contiguous and (step.src_dtype is None or step.src_dtype == param_dtype)
 
 
 def _device_bytes(tensor: torch.Tensor, byte_offset: int, nbytes: int) -> torch.Tensor:
@@ -170,7 +167,7 @@ def bind_chunk(
     for step in () if cuda else chunk.steps:
         if step.gather:
             gathers.append((_param_view(params[step.param], step.dst), step))
-        elif _reads_into_parameter(step, params):
+        elif _reads_into_parameter(step, params[step.param].dtype):
             address = params[step.param].data_ptr() + step.dst[0] * step.itemsize
             for off, n in step.reads:
                 last = direct[-1] if direct else None
@@ -272,7 +269,7 @@ def staged_size(chunk: Chunk, cuda: bool, params: Dict[str, torch.Tensor], via_s
         return total, (total if scratch else 0)
     total = 0  # CPU: only what is neither gathered nor read in place is staged; no scratch
     for step in chunk.steps:
-        if not (step.gather or _reads_into_parameter(step, params)):
+        if not (step.gather or _reads_into_parameter(step, params[step.param].dtype)):
             total = staging_aligned(total) + step.nbytes
     return total, 0
 

@@ -102,7 +102,7 @@ def copies_of_file(
     srcs: List[torch.Tensor] = []
     for step in fp.steps:
         param = params[step.param]
-        if not step.gather and len(step.reads) == 1 and _reads_into_parameter(step, {step.param: param}):
+        if not step.gather and len(step.reads) == 1 and _reads_into_parameter(step, param.dtype):
             at = step.dst[0] * param.element_size()
             address = param.data_ptr() + at
             index = origin + step.reads[0][0]
