@@ -12,7 +12,7 @@ start-up load is always the first load of its process. Here each (round, model, 
 is its own ``gpu_bench.py --phases load --verify none --no-warmup --contenders C`` process
 (an empty plan store each: a first start), and each round rotates the contenders' order.
 
-Writes each process's JSON (``<model>-r<round>-<contender>.json``) and ``fresh_starts.json``:
+Writes ``fresh_starts.json`` (each process's own JSON inside it, under ``processes``):
 per model and round, each contender's start seconds (for ``fast``: plan and read/copy set-up),
 its ratio to the best instanttensor start of the same round, and the ceilings each process
 measured (page-cache read, pinned host→device copy); a Markdown table on stdout. A process
@@ -27,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Dict, List, Optional
 
@@ -132,7 +133,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "SGLANG_FASTLOAD_PLAN_DIR"}  # each child: an empty store
     began = time.monotonic()
-    result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "models": {}, "skipped": []}
+    result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "models": {}, "skipped": [],
+              "processes": {}}
+    children = tempfile.mkdtemp(prefix="fresh-starts-")  # the processes' own files, folded into the result
     for model in models:
         result["models"][model] = {"rounds": []}
     for r in range(args.rounds):
@@ -142,7 +145,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if time.monotonic() - began > args.time_budget_s:
                     result["skipped"].append(f"{model} round {r + 1} {contender}: time budget")
                     continue
-                out = os.path.join(args.out_dir, f"{model}-r{r + 1}-{contender}.json")
+                label = f"{model}-r{r + 1}-{contender}"
+                out = os.path.join(children, label + ".json")
                 t0 = time.monotonic()
                 done = subprocess.run(child_command(args, model, contender, out), env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -152,6 +156,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                     row["ok"] = False
                     row["output_tail"] = done.stdout[-2000:]
                 starts[contender] = row
+                try:
+                    with open(out) as f:
+                        result["processes"][label] = json.load(f)
+                except (OSError, ValueError):
+                    result["processes"][label] = None
                 print(f"[{time.monotonic() - began:6.0f}s] {model} round {r + 1} {contender}: "
                       f"{row.get('seconds')} s ok={row['ok']} (process {row['process_s']} s)", flush=True)
             result["models"][model]["rounds"].append(starts)
