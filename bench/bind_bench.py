@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     # The CPU checkpoint's tensors are ~50 x smaller than the GPU one's: 0.2 MiB chunks give
     # about as many steps per chunk as 6 MiB chunks on the 16-layer GPU checkpoint.
     p.add_argument("--chunk-mib", type=float, default=0.2)
+    p.add_argument("--with-build", action="store_true",
+                   help="time build_plan on the load's recorded copies too (a first start's cutting before it binds)")
     ref = p.add_mutually_exclusive_group()
     ref.add_argument("--ref", help="git ref of a binding.py to compare with")
     ref.add_argument("--ref-dir", help="directory holding that version's files, as in the repository")
@@ -73,7 +75,18 @@ def main(argv=None) -> int:
     # The plan is built for the chunk size it is bound with, as the loader does.
     contender = dataclasses.replace(gb.CONTENDERS["fast"], extra={"chunk_mb": args.chunk_mib})
     _, model_config, load_config = session.configure(info.directory, contender)
+    from sglang_fastload.loader import fast_model_loader, plan as plan_module
+
+    recorded = {}
+    build_plan = fast_model_loader.build_plan
+
+    def recording_build_plan(*a, **kw):
+        recorded["args"] = (a, kw)
+        return build_plan(*a, **kw)
+
+    fast_model_loader.build_plan = recording_build_plan
     model, _ = session.load(model_config, load_config)
+    fast_model_loader.build_plan = build_plan
 
     import torch
 
@@ -92,9 +105,15 @@ def main(argv=None) -> int:
         workers.append(w)
     staging.reserve(workers, [(chunk, chunk)] * len(workers))
 
-    def bind_all(module=binding):
+    def bind_all(module=binding, plans=plan_module):
+        built = plan
+        tb = time.perf_counter()
+        if args.with_build:
+            a, kw = recorded["args"]
+            built = plans.build_plan(*a, **kw)
         t0 = time.perf_counter()
-        n = module.chunks_of(plan, chunk)
+        times["build"].append(t0 - tb)
+        n = module.chunks_of(built, chunk)
         t1 = time.perf_counter()
         for c in n:  # the buffer sizes ``bind`` reserves before binding
             module.staged_size(c, True, params)
@@ -103,15 +122,20 @@ def main(argv=None) -> int:
             module.bind_chunk(c, 0, params, workers[i % 16], (i // 16) % 2)
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
-    versions = {"tree": binding}
+    versions = {"tree": (binding, plan_module)}
     if args.ref or args.ref_dir:
-        versions[args.ref or os.path.basename(os.path.normpath(args.ref_dir))] = ref_module(
-            args, "sglang_fastload/loader/binding.py", "binding_at_ref")
+        versions[args.ref or os.path.basename(os.path.normpath(args.ref_dir))] = (
+            ref_module(args, "sglang_fastload/loader/binding.py", "binding_at_ref"),
+            ref_module(args, "sglang_fastload/loader/plan.py", "plan_at_ref") if args.with_build else plan_module)
     times = {label: [] for label in versions}
+    builds = {label: [] for label in versions}
     for _ in range(args.repeats):
-        for label, module in versions.items():
-            times[label].append(bind_all(module))
-    print(f"{plan_tensors(plan)} steps, {len(chunks)} chunks of {args.chunk_mib:g} MiB; {args.repeats} repeats"
+        for label, (module, plans) in versions.items():
+            times["build"] = builds[label]
+            times[label].append(bind_all(module, plans))
+    times.pop("build")
+    lone = sum(1 for c in chunks if len(c.steps) == 1)
+    print(f"{plan_tensors(plan)} steps, {len(chunks)} chunks of {args.chunk_mib:g} MiB ({lone} of one step); {args.repeats} repeats"
           + (", alternated" if len(versions) > 1 else ""))
     for label, ts in times.items():
         bind_ms = statistics.median(b for _, _, b in ts) * 1e3
@@ -119,10 +143,12 @@ def main(argv=None) -> int:
         print(f"{label:12s} chunks: median {statistics.median(t for t, _, _ in ts) * 1e3:.1f} ms; "
               f"sizes: median {statistics.median(z for _, z, _ in ts) * 1e3:.1f} ms; "
               f"bind: median {bind_ms:.1f} ms ({bind_ms / len(chunks) * 1e3:.1f} us per chunk); "
-              f"all three: median {total_ms:.1f} ms")
+              f"all three: median {total_ms:.1f} ms"
+              + (f"; build_plan: median {statistics.median(builds[label]) * 1e3:.1f} ms" if args.with_build else ""))
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
+        times["build"] = []
         bind_all()
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(15)

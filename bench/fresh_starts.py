@@ -17,6 +17,11 @@ per model and round, each contender's start seconds (for ``fast``: plan and read
 its ratio to the best instanttensor start of the same round, and the ceilings each process
 measured (page-cache read, pinned host→device copy); a Markdown table on stdout. A process
 that fails or leaves no result is listed as such, never dropped.
+
+``--variant NAME=DIR`` (repeatable) runs each ``fast`` contender once per variant, with
+``DIR`` first on ``PYTHONPATH`` (another build of this package, unpacked there: it is then
+imported instead of the installed one, overlay included), named ``contender@NAME``; so two
+versions of the package are compared in one run, round by round.
 """
 
 from __future__ import annotations
@@ -79,6 +84,16 @@ def start_row(path: str, model: str, contender: str) -> Dict:
     return row
 
 
+def _package_of(path: str) -> Optional[str]:
+    """Where the child imported this package from (its hook's record), to prove a variant ran."""
+    try:
+        with open(path) as f:
+            software = json.load(f).get("software") or {}
+    except (OSError, ValueError):
+        return None
+    return software.get("sglang_fastload_file") or software.get("sglang_fastload")
+
+
 def with_ratios(rounds: List[Dict[str, Dict]]) -> None:
     """Each start's ratio to the best instanttensor start of its round (where one ran)."""
     for starts in rounds:
@@ -127,9 +142,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--child-budget-s", type=float, default=120.0)
     p.add_argument("--time-budget-s", type=float, default=540.0, help="no new process after this")
     p.add_argument("--out-dir", default=os.path.join(os.environ.get("OUT") or os.getcwd(), "fresh_starts"))
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
+                   help="run each fast contender with DIR first on PYTHONPATH too, as contender@NAME")
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
-    contenders = [c for c in args.contenders.split(",") if c]
+    variants = dict(v.split("=", 1) for v in args.variant)
+    contenders = []  # (label, gpu_bench contender, directory first on PYTHONPATH or None)
+    for c in (c for c in args.contenders.split(",") if c):
+        if variants and c.startswith("fast"):
+            contenders += [(f"{c}@{name}", c, directory) for name, directory in variants.items()]
+        else:
+            contenders.append((c, c, None))
+    labels = [label for label, _, _ in contenders]
     os.makedirs(args.out_dir, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "SGLANG_FASTLOAD_PLAN_DIR"}  # each child: an empty store
     began = time.monotonic()
@@ -141,27 +165,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     for r in range(args.rounds):
         for model in models:
             starts: Dict[str, Dict] = {}
-            for contender in rotated(contenders, r):
+            for name, contender, directory in rotated(contenders, r):
                 if time.monotonic() - began > args.time_budget_s:
-                    result["skipped"].append(f"{model} round {r + 1} {contender}: time budget")
+                    result["skipped"].append(f"{model} round {r + 1} {name}: time budget")
                     continue
-                label = f"{model}-r{r + 1}-{contender}"
+                label = f"{model}-r{r + 1}-{name}"
                 out = os.path.join(children, label + ".json")
+                child_env = dict(env)
+                if directory:
+                    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (directory, env.get("PYTHONPATH")) if p)
                 t0 = time.monotonic()
-                done = subprocess.run(child_command(args, model, contender, out), env=env,
+                done = subprocess.run(child_command(args, model, contender, out), env=child_env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 row = start_row(out, model, contender)
+                row["package"] = _package_of(out)
                 row.update(order=len(starts) + 1, process_s=round(time.monotonic() - t0, 1), rc=done.returncode)
                 if done.returncode != 0:
                     row["ok"] = False
                     row["output_tail"] = done.stdout[-2000:]
-                starts[contender] = row
+                starts[name] = row
                 try:
                     with open(out) as f:
                         result["processes"][label] = json.load(f)
                 except (OSError, ValueError):
                     result["processes"][label] = None
-                print(f"[{time.monotonic() - began:6.0f}s] {model} round {r + 1} {contender}: "
+                print(f"[{time.monotonic() - began:6.0f}s] {model} round {r + 1} {name}: "
                       f"{row.get('seconds')} s ok={row['ok']} (process {row['process_s']} s)", flush=True)
             result["models"][model]["rounds"].append(starts)
     for model in models:
@@ -169,7 +197,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with open(os.path.join(args.out_dir, "fresh_starts.json"), "w") as f:
         json.dump(result, f, indent=1)
     for model in models:
-        print(table(model, contenders, result["models"][model]["rounds"]) + "\n")
+        print(table(model, labels, result["models"][model]["rounds"]) + "\n")
     return 0
 
 

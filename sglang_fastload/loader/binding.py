@@ -161,6 +161,10 @@ def bind_chunk(
         The bound chunk.
     """
     cuda = worker.cuda
+    if cuda and not via_scratch and len(chunk.steps) == 1:
+        lone = _bind_lone_straight(chunk, file_index, params, worker, turn)
+        if lone is not None:
+            return lone
     direct: List[Tuple[int, int, int]] = []  # (address, file offset, nbytes), merged
     gathers: List[Tuple[torch.Tensor, CopyStep]] = []
     staged: List[CopyStep] = chunk.steps if cuda else []  # CUDA stages every step
@@ -256,6 +260,32 @@ def bind_chunk(
     if via_scratch:
         bound.device = worker.scratch.narrow(0, 0, pos)
     return bound
+
+
+def _bind_lone_straight(chunk: Chunk, file_index: int, params: Dict[str, torch.Tensor], worker: Worker, turn: int) -> Optional[BoundChunk]:
+    """``bind_chunk`` of a CUDA chunk that is one step read in one piece and copied straight
+    into its parameter (most chunks of a large dense tensor), or None for any other chunk.
+
+    The same result as the general loop (one segment at the buffer's start, one copy), with
+    none of its per-step bookkeeping: a Qwen3-8B start binds ~2,700 such chunks."""
+    step = chunk.steps[0]
+    if step.gather or len(step.reads) != 1:
+        return None
+    param = params[step.param]
+    if not _lands_as_staged(step, param.dtype):
+        return None
+    off, n = step.reads[0]
+    buf = worker.buffers[turn]
+    at = step.dst[0] * param.element_size()
+    if worker.runtime is not None:
+        copies, copy_views = [(param.data_ptr() + at, buf.data_ptr(), n)], []
+    else:
+        copies, copy_views = [], [(_device_bytes(param, at, n), buf.narrow(0, 0, n))]
+    return BoundChunk(
+        file=file_index, nbytes=chunk.nbytes, direct=[], gathers=[], buffer=turn,
+        segments=[(worker.buffer_bytes(turn)[0:n], off)], places=[(off, n, 0)], staged_bytes=n,
+        copies=copies, copy_views=copy_views, dsts=[], srcs=[], device=None, fault_bytes=chunk.nbytes,
+    )
 
 
 def staged_size(chunk: Chunk, cuda: bool, params: Dict[str, torch.Tensor], via_scratch: bool = False) -> Tuple[int, int]:

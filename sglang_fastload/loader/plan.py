@@ -340,35 +340,42 @@ def cut_into_rows(step: CopyStep, counts: Sequence[int]) -> List[CopyStep]:
     sizes = step.view[1]
     inner = tuple(sizes[1:])
     row_bytes = step.nbytes // sizes[0]
-    row_elements = math.prod(inner)
     dst_off, _, dst_strides = step.dst
     dst_strides = tuple(dst_strides)
     view_strides = contiguous_strides((1, *inner))  # the same for any row count
-    reads = list(step.reads)
+    reads = step.reads
+    one_read = len(reads) == 1  # most steps: their pieces' reads are offsets into it
     r = 0  # next read to take from; its first ``used`` bytes already went to earlier pieces
     used = 0
     pieces = []
     first = 0
     for count in counts:
         want = count * row_bytes
-        piece_reads: List[Tuple[int, int]] = []
-        while want:
-            off, n = reads[r]
-            take = min(n - used, want)
-            piece_reads.append((off + used, take))
-            want -= take
-            used += take
-            if used == n:
-                r, used = r + 1, 0
+        if one_read:
+            piece_reads: Tuple[Tuple[int, int], ...] = ((reads[0][0] + first * row_bytes, want),)
+        else:
+            taken: List[Tuple[int, int]] = []
+            while want:
+                off, n = reads[r]
+                take = min(n - used, want)
+                taken.append((off + used, take))
+                want -= take
+                used += take
+                if used == n:
+                    r, used = r + 1, 0
+            piece_reads = tuple(taken)
         piece_sizes = (count, *inner)
         dst = (dst_off + first * dst_strides[0], piece_sizes, dst_strides)
-        pieces.append(CopyStep.with_derived(
-            step.tensor, step.param, dst, tuple(piece_reads), (0, piece_sizes, view_strides),
-            step.itemsize, step.src_dtype, False,
-            view_numel=count * row_elements, view_contiguous=True,
+        # A piece's bytes are its destination's rows in order (a dense view): its derived
+        # values are known, no need to work them out as ``with_derived`` would (same values).
+        piece = object.__new__(CopyStep)
+        piece.__dict__.update(
+            tensor=step.tensor, param=step.param, dst=dst, reads=piece_reads, view=(0, piece_sizes, view_strides),
+            itemsize=step.itemsize, src_dtype=step.src_dtype, gather=False, nbytes=count * row_bytes,
             # Rows of a contiguous destination are contiguous; others are checked.
-            dst_contiguous=step.dst_is_contiguous or is_contiguous(dst),
-        ))
+            dst_is_contiguous=step.dst_is_contiguous or is_contiguous(dst), view_is_dense=True,
+        )
+        pieces.append(piece)
         first += count
     return pieces
 

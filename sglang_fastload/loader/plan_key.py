@@ -20,6 +20,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 
 from sglang_fastload import parallel_ranks
+from sglang_fastload.module_walks import parameters_by_name, walk_modules
 from sglang_fastload.loader import source_digest_cache
 from sglang_fastload.loader.plan_store_location import store_dir
 
@@ -138,9 +139,14 @@ def model_source_modules(model: torch.nn.Module) -> List[str]:
     module of ``SOURCE_PACKAGES``.
     """
     # Classes and loaders are shared by many modules and parameters: collect them first.
-    classes = {type(m) for m in model.modules()}
+    # (The modules and parameters of ``model.modules()`` and ``model.parameters()``, walked
+    # without a generator per level unless the model's class lists them itself.)
+    model_class, own = type(model), torch.nn.Module
+    modules = walk_modules(model) if model_class.modules is own.modules else model.modules()
+    params = parameters_by_name(model).values() if model_class.parameters is own.parameters else model.parameters()
+    classes = {type(m) for m in modules}
     loaders = {}  # by id: a loader object need not be hashable
-    for p in model.parameters():
+    for p in params:
         classes.add(type(p))  # SGLang's parameter classes carry loading methods
         loader = getattr(p, "weight_loader", None)
         func = getattr(loader, "__func__", loader)
@@ -175,7 +181,7 @@ def parameter_layout(model: torch.nn.Module) -> List[list]:
     """
     out = []
     first: Dict[int, int] = {}
-    for i, (name, p) in enumerate(model.named_parameters(remove_duplicate=False)):
+    for i, (name, p) in enumerate(parameters_by_name(model).items()):  # named_parameters' order
         storage = p.untyped_storage()._cdata
         out.append([name, list(p.shape), str(p.dtype), first.setdefault(storage, i), p.storage_offset()])
     return out

@@ -7,6 +7,7 @@ own copies, CPU tensors), so every address and length the loader computes is rea
 """
 
 import ctypes
+import dataclasses
 import itertools
 
 import pytest
@@ -139,3 +140,56 @@ def test_a_straight_step_never_goes_through_scratch_and_needs_none(data_file):
     assert host >= straight.nbytes + shard.nbytes + gathered.nbytes and scratch == 0
     # The zero-copy lane copies page cache into the scratch: it needs it for every step.
     assert binding.staged_size(chunk, True, params, via_scratch=True)[1] == host
+
+
+def _address(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def _bound_fields(bound):
+    """What a bound chunk holds, with memory compared by address."""
+    return (
+        bound.file, bound.nbytes, bound.direct, bound.gathers, bound.buffer,
+        [(_address(view), len(view), off) for view, off in bound.segments], bound.places, bound.staged_bytes,
+        bound.copies, [(d.data_ptr(), d.numel(), s.data_ptr(), s.numel()) for d, s in bound.copy_views],
+        bound.dsts, bound.srcs, bound.device, bound.fault_bytes,
+    )
+
+
+@pytest.mark.parametrize("through", ["runtime", "torch"])
+def test_a_lone_straight_chunk_binds_as_the_general_loop_and_lands(data_file, monkeypatch, through):
+    # Most chunks of a large dense tensor are one step read in one piece straight into its
+    # parameter: they skip the general loop, which must give the same chunk.
+    data, path = data_file
+    # 1024 floats from float 100 of the file into "d" from element 16.
+    lone = CopyStep("a", "d", (16, (1024,), (1,)), ((400, 4096),), (0, (1024,), (1,)), 4)
+    params = {n: torch.full((FLOATS,), -1.0) for n in "dtrg"}
+    worker = staging.Worker(torch.device("cpu"), 64 << 10)
+    worker.cuda = True
+    worker.stream = CompletedStream()
+    runtime = HostMemmoveRuntime() if through == "runtime" else None
+    if runtime is None:
+        monkeypatch.setattr(torch.cuda, "Event", CompletedEvent)
+    worker.runtime = runtime
+    chunk = binding.Chunk(path, [lone], lone.nbytes)
+    staging.reserve([worker], [binding.staged_size(chunk, True, params)])
+    assert binding._bind_lone_straight(chunk, 3, params, worker, 1) is not None
+    bound = binding.bind_chunk(chunk, 3, params, worker, 1)
+    with monkeypatch.context() as m:
+        m.setattr(binding, "_bind_lone_straight", lambda *a: None)
+        general = binding.bind_chunk(chunk, 3, params, worker, 1)
+    assert _bound_fields(bound) == _bound_fields(general)
+    fd = open(path, "rb")
+    try:
+        mappings = executor._FileMappings({path: fd.fileno()})
+        executor._run_bound(bound, path, fd.fileno(), worker, None, executor._FaultBudget(None), mappings)
+    finally:
+        fd.close()
+    want = torch.full((FLOATS,), -1.0)
+    want[16:16 + 1024] = data[100:100 + 1024]
+    assert torch.equal(params["d"], want)
+    # Any other chunk of one step takes the general loop.
+    straight, transposed, shard = _steps()
+    params["h"] = torch.full((FLOATS,), -1.0, dtype=torch.float16)  # converted by the copy
+    for step in (transposed, shard, _gathered(), dataclasses.replace(straight, param="h", src_dtype=torch.float32)):
+        assert binding._bind_lone_straight(binding.Chunk(path, [step], step.nbytes), 0, params, worker, 0) is None

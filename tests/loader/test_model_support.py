@@ -150,8 +150,9 @@ def test_fallback_architectures_load_upstream_with_one_line(group_results, archi
 
 @pytest.mark.parametrize("layout", ["tp1", "tp2-ep2"])
 def test_module_walks_answer_as_upstream_on_every_model(group_results, layout):
-    # sglang_fastload/module_walks.py against the functions the forks wrap, on every real
-    # model class of this layout, every rank, after its update (tests/rig/module_walk_probe.py).
+    # sglang_fastload/module_walks.py against the functions the forks wrap, and the plan store
+    # key's walks against the same walks by torch's iterators, on every real model class of
+    # this layout, every rank, after its update (tests/rig/module_walk_probe.py).
     results = group_results(layout)
     probed = 0
     for (key, fmt), res in sorted(results.items()):
