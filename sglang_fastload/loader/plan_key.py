@@ -131,22 +131,26 @@ def package_source_digest(root: Optional[str] = None) -> str:
     return h.hexdigest()
 
 
-def model_source_modules(model: torch.nn.Module) -> List[str]:
+def model_source_modules(model: torch.nn.Module, params: Optional[Dict[str, torch.nn.Parameter]] = None) -> List[str]:
     """Names of the modules whose code decides how ``model`` is built and loaded.
 
     Every ``sglang`` module defining a class in the MRO of the model, of any of its
     submodules or of any parameter, or a parameter's ``weight_loader``, plus every loaded
-    module of ``SOURCE_PACKAGES``.
+    module of ``SOURCE_PACKAGES``. ``params``: ``parameters_by_name(model)`` when the caller
+    has it.
     """
     # Classes and loaders are shared by many modules and parameters: collect them first.
     # (The modules and parameters of ``model.modules()`` and ``model.parameters()``, walked
     # without a generator per level unless the model's class lists them itself.)
     model_class, own = type(model), torch.nn.Module
     modules = walk_modules(model) if model_class.modules is own.modules else model.modules()
-    params = parameters_by_name(model).values() if model_class.parameters is own.parameters else model.parameters()
+    if model_class.parameters is own.parameters:
+        every = (parameters_by_name(model) if params is None else params).values()
+    else:
+        every = model.parameters()
     classes = {type(m) for m in modules}
     loaders = {}  # by id: a loader object need not be hashable
-    for p in params:
+    for p in every:
         classes.add(type(p))  # SGLang's parameter classes carry loading methods
         loader = getattr(p, "weight_loader", None)
         func = getattr(loader, "__func__", loader)
@@ -173,15 +177,17 @@ def modules_source_digest(module_names: Iterable[str]) -> str:
 # --------------------------------------------------------------------------- the model
 
 
-def parameter_layout(model: torch.nn.Module) -> List[list]:
+def parameter_layout(model: torch.nn.Module, params: Optional[Dict[str, torch.nn.Parameter]] = None) -> List[list]:
     """``[name, shape, dtype, tied-to index, storage offset]`` of every parameter, in order.
 
     The tied-to index is the position of the first parameter sharing the storage (itself
-    when none does), so tying is part of the key.
+    when none does), so tying is part of the key. ``params``: ``parameters_by_name(model)``
+    when the caller has it.
     """
     out = []
     first: Dict[int, int] = {}
-    for i, (name, p) in enumerate(parameters_by_name(model).items()):  # named_parameters' order
+    named = parameters_by_name(model) if params is None else params  # named_parameters' order
+    for i, (name, p) in enumerate(named.items()):
         storage = p.untyped_storage()._cdata
         out.append([name, list(p.shape), str(p.dtype), first.setdefault(storage, i), p.storage_offset()])
     return out
@@ -281,7 +287,8 @@ def layout_digest(header) -> str:
 PREFIX_DIGITS = 16
 
 
-def _ingredients_but_sources(model: torch.nn.Module, knobs: LoadKnobs, headers: Mapping[str, object]) -> Tuple[dict, List[str]]:
+def _ingredients_but_sources(model: torch.nn.Module, knobs: LoadKnobs, headers: Mapping[str, object],
+                             params: Optional[Dict[str, torch.nn.Parameter]] = None) -> Tuple[dict, List[str]]:
     """Every ingredient of the key but the digests of source files, and the SGLang modules
     whose files those digests cover.
 
@@ -296,7 +303,8 @@ def _ingredients_but_sources(model: torch.nn.Module, knobs: LoadKnobs, headers: 
     server_args = server_args_dict()
     if server_args is None:
         raise LookupError("no ServerArgs are published in this process")
-    modules = model_source_modules(model)
+    params = parameters_by_name(model) if params is None else params
+    modules = model_source_modules(model, params)
     cls = type(model)
     return {
         "schema": PLAN_SCHEMA_VERSION,
@@ -304,7 +312,7 @@ def _ingredients_but_sources(model: torch.nn.Module, knobs: LoadKnobs, headers: 
         "sglang": {"version": getattr(sglang, "__version__", None)},
         "torch": torch.__version__,
         "model_class": f"{cls.__module__}.{cls.__qualname__}",
-        "parameters": parameter_layout(model),
+        "parameters": parameter_layout(model, params),
         "config": model_config_dict(model),
         "placement": parallel_placement(),
         "expert_location": expert_location_digest(),
@@ -364,13 +372,15 @@ def parts_of(ingredients: Mapping) -> str:
     return " ".join(f"{name}={digest({name: value})[:8]}" for name, value in sorted(ingredients.items()))
 
 
-def key_start(model: torch.nn.Module, knobs: LoadKnobs, headers: Mapping[str, object]) -> KeyStart:
+def key_start(model: torch.nn.Module, knobs: LoadKnobs, headers: Mapping[str, object],
+              params: Optional[Dict[str, torch.nn.Parameter]] = None) -> KeyStart:
     """The key of a plan for ``model``, ``knobs`` and ``headers`` up to its source digests.
 
     Args:
         model: the live model the plan would load into.
         knobs: the loader settings that shape the plan.
         headers: ``{path: parsed safetensors header}`` of the checkpoint.
+        params: ``parameters_by_name(model)`` when the caller has it (else walked here).
 
     Returns:
         The key's start (``KeyStart.complete`` gives the key).
@@ -378,7 +388,7 @@ def key_start(model: torch.nn.Module, knobs: LoadKnobs, headers: Mapping[str, ob
     Raises:
         LookupError: no ServerArgs are published (see ``_ingredients_but_sources``).
     """
-    ingredients, modules = _ingredients_but_sources(model, knobs, headers)
+    ingredients, modules = _ingredients_but_sources(model, knobs, headers, params)
     return KeyStart(ingredients, tuple(modules), digest(ingredients)[:PREFIX_DIGITS])
 
 

@@ -176,6 +176,7 @@ def replay_load_weights(
     model: torch.nn.Module,
     tensors: Iterable[Tuple[str, Tuple[int, ...], torch.dtype]],
     load_weights,
+    params: Optional[Dict[str, torch.nn.Parameter]] = None,
 ) -> ReplayResult:
     """Run ``load_weights(model, probes)`` with meta probes and record every parameter write.
 
@@ -185,6 +186,7 @@ def replay_load_weights(
             in the order upstream would see them.
         load_weights: ``callable(model, iterator of (name, tensor))``, normally upstream's
             ``DefaultModelLoader.load_weights_only`` bound to the target device.
+        params: ``parameters_by_name(model)`` when the caller has it (else walked here).
 
     Returns:
         The recorded copies and zero-fills, and the names that fed this rank.
@@ -194,8 +196,7 @@ def replay_load_weights(
         CheckpointMismatchError: a tensor's shape or dtype does not fit its parameter
             (the path is filled in by the caller).
     """
-    params = parameters_by_name(model)
-    recorder = _CopyRecorder(params)
+    recorder = _CopyRecorder(parameters_by_name(model) if params is None else params)
 
     # Made before the recorder is active: under it every factory call pays the mode's
     # dispatch (~11 % of a MoE replay on CPU). Meta tensors hold no memory.

@@ -28,6 +28,7 @@ from tests.rig.inprocess import CaseSpec, compare_params, load_cases
 SUMMARY = re.compile(r"sglang-fastload: loaded \S+?(?: \[tp rank \d+/\d+\])?: .*?plan [\d.]+ s \((cached|stored|built)\)")
 STORED = re.compile(r"load plan stored in [\d.]+ s(?: \[tp rank \d+/\d+\])?: (\S+)")
 NO_PLAN_OF_PREFIX = re.compile(r"no stored load plan for this model and checkpoint layout \(key prefix ([0-9a-f]+);")
+STORED_PARTS = re.compile(r"load plan stored in .*? \(key parts ([^)]*)\)")
 IGNORED = "ignoring stored load plan"
 
 
@@ -118,6 +119,11 @@ def test_first_start_builds_and_stores_the_plan(one_rank):
         [prefix] = NO_PLAN_OF_PREFIX.findall(case[0].log)
         [path] = written(case)
         assert os.path.basename(path).startswith(prefix + "-"), (prefix, path)
+        # The key's parts, taken with its source digests on the writer's thread, are logged
+        # where the plan is stored (what two starts that should share a plan compare).
+        [parts] = STORED_PARTS.findall(case[0].log)
+        assert {"config", "parameters", "server_args", "sglang", "package", "checkpoint"} <= set(
+            dict(item.split("=") for item in parts.split()))
 
 
 def test_next_start_reads_the_stored_plan_bit_identical_to_upstream(one_rank):
