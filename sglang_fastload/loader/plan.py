@@ -286,14 +286,20 @@ def make_step(
             else:
                 reads.append((off, run * itemsize))
         view = (0, tuple(sizes), contiguous_strides(sizes))
+        view_contiguous = True
+        gather = False
     else:
         lo, hi = _span(src)
         reads = [(data_start + lo * itemsize, (hi - lo) * itemsize)]
         view = (src[0] - lo, tuple(sizes), tuple(src[2]))
+        view_contiguous = is_contiguous(view)
         # Element views of a mapping need element-aligned offsets; a file whose tensors
         # are not aligned (legal in safetensors) has its spans read whole instead.
-        return CopyStep(tensor, param, dst, tuple(reads), view, itemsize, src_dtype, gather=data_start % itemsize == 0)
-    return CopyStep(tensor, param, dst, tuple(reads), view, itemsize, src_dtype)
+        gather = data_start % itemsize == 0
+    # Derived values set now, from what is known here (binding and cutting ask for them).
+    return CopyStep.with_derived(tensor, param, dst, tuple(reads), view, itemsize, src_dtype, gather,
+                                 view_numel=math.prod(sizes), view_contiguous=view_contiguous,
+                                 dst_contiguous=is_contiguous(dst))
 
 
 def split_rows(step: CopyStep, src: Geometry, data_start: int, max_bytes: int, min_segment_bytes: int) -> List[CopyStep]:

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from sglang_fastload import constants
 from sglang_fastload.checkpoint.safetensors_header import read_header
 from sglang_fastload.loader import plan_codec, plan_key, plan_store, source_digest_cache
-from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, FilePlan, LoadPlan, make_step, sized_chunks
+from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, CopyStep, FilePlan, LoadPlan, make_step, sized_chunks
 from tests.rig.inprocess import CaseSpec, compare_params, load_cases
 
 SUMMARY = re.compile(r"sglang-fastload: loaded \S+?(?: \[tp rank \d+/\d+\])?: .*?plan [\d.]+ s \((cached|stored|built)\)")
@@ -267,7 +267,13 @@ def test_stored_steps_carry_the_derived_values_fresh_steps_compute(tmp_path, sto
         make_step("v", "q", (0, (4, 8), (8, 1)), (0, (4, 8), (8, 1)), v, 4, DEFAULT_MIN_SEGMENT_BYTES, torch.float32),
     ]
     steps.append(dataclasses.replace(steps[1], gather=False))  # a span read whole (a file's unaligned tensor)
-    assert [st.gather for st in steps] == [False, True, False, False, False, False]
+    steps.append(make_step("v", "q", (2, (4, 4), (8, 1)), (0, (4, 4), (4, 1)), v + 1, 4, DEFAULT_MIN_SEGMENT_BYTES,
+                           torch.float32))  # a column slice of an unaligned tensor: its span read whole
+    assert [st.gather for st in steps] == [False, True, False, False, False, False, False]
+    for st in steps:  # make_step sets them from what it knows: what a fresh step computes
+        fresh = CopyStep(st.tensor, st.param, st.dst, st.reads, st.view, st.itemsize, st.src_dtype, st.gather)
+        assert (st.nbytes, st.view_is_dense, st.dst_is_contiguous) == (fresh.nbytes, fresh.view_is_dense,
+                                                                      fresh.dst_is_contiguous), st
     plan = LoadPlan([FilePlan(str(path), steps)], [], {"p": ((4, 32), torch.bfloat16), "q": ((4, 8), torch.bfloat16)},
                     frozenset({"w", "v"}), 2)
     assert plan_store.write_plan("k-derived", plan) is not None
