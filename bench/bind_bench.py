@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import gpu_bench as gb  # noqa: E402
 from bench import synthetic_checkpoints as sc  # noqa: E402
-from bench.plan_pieces_ab import ref_module  # noqa: E402
+from bench.plan_pieces_ab import build_plan_arguments, ref_module  # noqa: E402
 from bench.plan_store_bench import cpu_moe_checkpoint, moe_arguments  # noqa: E402
 
 
@@ -75,18 +75,10 @@ def main(argv=None) -> int:
     # The plan is built for the chunk size it is bound with, as the loader does.
     contender = dataclasses.replace(gb.CONTENDERS["fast"], extra={"chunk_mb": args.chunk_mib})
     _, model_config, load_config = session.configure(info.directory, contender)
-    from sglang_fastload.loader import fast_model_loader, plan as plan_module
+    from sglang_fastload.loader import plan as plan_module
 
-    recorded = {}
-    build_plan = fast_model_loader.build_plan
-
-    def recording_build_plan(*a, **kw):
-        recorded["args"] = (a, kw)
-        return build_plan(*a, **kw)
-
-    fast_model_loader.build_plan = recording_build_plan
-    model, _ = session.load(model_config, load_config)
-    fast_model_loader.build_plan = build_plan
+    with build_plan_arguments() as recorded:
+        model, _ = session.load(model_config, load_config)
 
     import torch
 

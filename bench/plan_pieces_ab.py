@@ -26,6 +26,7 @@ Only this process's interpreter work is measured: no read, no copy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import gzip
 import importlib.util
@@ -71,6 +72,26 @@ def module_from_source(source: str, name: str):
     sys.modules[name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def build_plan_arguments():
+    """While the ``with`` body loads: ``{"args": (args, kwargs)}`` of the loader's last
+    ``build_plan`` call (what a first start cuts its plan from), for timing it again."""
+    from sglang_fastload.loader import fast_model_loader
+
+    recorded = {}
+    build_plan = fast_model_loader.build_plan
+
+    def recording_build_plan(*a, **kw):
+        recorded["args"] = (a, kw)
+        return build_plan(*a, **kw)
+
+    fast_model_loader.build_plan = recording_build_plan
+    try:
+        yield recorded
+    finally:
+        fast_model_loader.build_plan = build_plan
 
 
 def raw_header(path: str):
@@ -125,21 +146,13 @@ def main(argv=None) -> int:
 
     from sglang_fastload.checkpoint import checkpoint_files, safetensors_header
     from sglang_fastload.checkpoint.safetensors_header import read_header
-    from sglang_fastload.loader import fast_model_loader, plan, plan_key, plan_store
+    from sglang_fastload.loader import plan, plan_key, plan_store
     from sglang_fastload.loader.collector_pause import collector_paused
 
-    recorded = {}
-    build_plan = fast_model_loader.build_plan
-
-    def recording_build_plan(*a, **kw):
-        recorded["args"] = (a, kw)
-        return build_plan(*a, **kw)
-
-    fast_model_loader.build_plan = recording_build_plan
     session = gb.Session("cpu")
     _, model_config, load_config = session.configure(info.directory, gb.CONTENDERS["fast"])
-    model, _ = session.load(model_config, load_config)
-    fast_model_loader.build_plan = build_plan
+    with build_plan_arguments() as recorded:
+        model, _ = session.load(model_config, load_config)
     plan_store.wait_for_writes()
 
     files = sorted(glob.glob(os.path.join(info.directory, "*.safetensors")))

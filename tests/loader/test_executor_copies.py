@@ -98,6 +98,16 @@ class CompletedStream:
         pass
 
 
+def _run_from_file(bound, path, worker):
+    """Run one bound chunk as a reader does, reading ``path``."""
+    fd = open(path, "rb")
+    try:
+        mappings = executor._FileMappings({path: fd.fileno()})
+        executor._run_bound(bound, path, fd.fileno(), worker, None, executor._FaultBudget(None), mappings)
+    finally:
+        fd.close()
+
+
 @pytest.mark.parametrize("through", ["runtime", "torch"])
 def test_cuda_reader_copies_land_in_parameters(data_file, monkeypatch, through):
     data, path = data_file
@@ -118,12 +128,7 @@ def test_cuda_reader_copies_land_in_parameters(data_file, monkeypatch, through):
     bound = binding.bind_chunk(chunk, 0, params, worker, 0)
     # Straight and gathered steps are copied into their parameters, only the transposed one by view.
     assert len(bound.dsts) == 1 and bound.dsts[0].data_ptr() == params["t"].data_ptr()
-    fd = open(path, "rb")
-    try:
-        mappings = executor._FileMappings({path: fd.fileno()})
-        executor._run_bound(bound, path, fd.fileno(), worker, None, executor._FaultBudget(None), mappings)
-    finally:
-        fd.close()
+    _run_from_file(bound, path, worker)
     for name, want in _expected(data).items():
         assert torch.equal(params[name], want), name
     if runtime is not None:  # "d", "r" and "g" straight ("d" and "r" file-contiguous in the buffer), "t" to scratch
@@ -179,12 +184,7 @@ def test_a_lone_straight_chunk_binds_as_the_general_loop_and_lands(data_file, mo
         m.setattr(binding, "_bind_lone_straight", lambda *a: None)
         general = binding.bind_chunk(chunk, 3, params, worker, 1)
     assert _bound_fields(bound) == _bound_fields(general)
-    fd = open(path, "rb")
-    try:
-        mappings = executor._FileMappings({path: fd.fileno()})
-        executor._run_bound(bound, path, fd.fileno(), worker, None, executor._FaultBudget(None), mappings)
-    finally:
-        fd.close()
+    _run_from_file(bound, path, worker)
     want = torch.full((FLOATS,), -1.0)
     want[16:16 + 1024] = data[100:100 + 1024]
     assert torch.equal(params["d"], want)
