@@ -39,7 +39,7 @@ from typing import Dict, List, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def rotated(items: List[str], by: int) -> List[str]:
+def rotated(items: list, by: int) -> list:
     """``items`` started at index ``by`` (mod its length): round r puts contender r first."""
     k = by % len(items)
     return items[k:] + items[:k]
@@ -92,6 +92,17 @@ def _package_of(path: str) -> Optional[str]:
     except (OSError, ValueError):
         return None
     return software.get("sglang_fastload_file") or software.get("sglang_fastload")
+
+
+def save(result: Dict, out_dir: str, round_so_far: Optional[Dict] = None, model: str = "") -> None:
+    """Write ``fresh_starts.json`` (after every process, so a run cut short keeps its starts;
+    ``round_so_far``: the starts of ``model``'s unfinished round, written as its last)."""
+    data = result
+    if round_so_far:
+        data = json.loads(json.dumps(result))  # the round in progress, without changing the result
+        data["models"][model]["rounds"].append(round_so_far)
+    with open(os.path.join(out_dir, "fresh_starts.json"), "w") as f:
+        json.dump(data, f, indent=1)
 
 
 def with_ratios(rounds: List[Dict[str, Dict]]) -> None:
@@ -191,11 +202,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                     result["processes"][label] = None
                 print(f"[{time.monotonic() - began:6.0f}s] {model} round {r + 1} {name}: "
                       f"{row.get('seconds')} s ok={row['ok']} (process {row['process_s']} s)", flush=True)
+                save(result, args.out_dir, starts, model)
             result["models"][model]["rounds"].append(starts)
     for model in models:
         with_ratios(result["models"][model]["rounds"])
-    with open(os.path.join(args.out_dir, "fresh_starts.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    save(result, args.out_dir)
     for model in models:
         print(table(model, labels, result["models"][model]["rounds"]) + "\n")
     return 0
