@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-mib", type=float, default=0.2)
     p.add_argument("--with-build", action="store_true",
                    help="time build_plan on the load's recorded copies too (a first start's cutting before it binds)")
+    p.add_argument("--streamed-build", action="store_true",
+                   help="also time build_plan as a streamed first start calls it (steps left whole: cut=False)")
     ref = p.add_mutually_exclusive_group()
     ref.add_argument("--ref", help="git ref of a binding.py to compare with")
     ref.add_argument("--ref-dir", help="directory holding that version's files, as in the repository")
@@ -137,6 +139,17 @@ def main(argv=None) -> int:
               f"bind: median {bind_ms:.1f} ms ({bind_ms / len(chunks) * 1e3:.1f} us per chunk); "
               f"all three: median {total_ms:.1f} ms"
               + (f"; build_plan: median {statistics.median(builds[label]) * 1e3:.1f} ms" if args.with_build else ""))
+    if args.streamed_build:
+        a, kw = recorded["args"]
+        cut, whole = [], []
+        for _ in range(args.repeats):
+            for label, out, flag in (("cut", cut, True), ("whole", whole, False)):
+                t0 = time.perf_counter()
+                plan_module.build_plan(*a, **dict(kw, cut=flag))
+                out.append(time.perf_counter() - t0)
+        print(f"build_plan, this tree, alternated: cut into chunks (unstreamed start) median "
+              f"{statistics.median(cut) * 1e3:.1f} ms; steps left whole (streamed start) median "
+              f"{statistics.median(whole) * 1e3:.1f} ms")
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()

@@ -477,6 +477,7 @@ def build_plan(
     *,
     max_step_bytes: int,
     min_segment_bytes: int = DEFAULT_MIN_SEGMENT_BYTES,
+    cut: bool = True,
 ) -> LoadPlan:
     """Assemble a plan from recorded copies.
 
@@ -490,6 +491,9 @@ def build_plan(
         max_step_bytes: the executor's chunk size: steps larger than this are split so
             buffers stay bounded, and steps are cut so that chunks of this size are full
             (``sized_chunks``; a plan stored with them needs no cutting when loaded).
+        cut: cut the steps into chunks now (``cut_into_chunks``); False for a plan whose
+            first load copies it out of a scratch (a streamed first start), which needs no
+            chunks: its steps are cut where it is stored, off the load's path.
 
     Returns:
         The plan, with each file's steps in file-offset order.
@@ -505,11 +509,28 @@ def build_plan(
         by_file.setdefault(path, []).extend(
             [step] if cuttable_rows(step) else split_rows(step, c.src, data_start, max_step_bytes, min_segment_bytes)
         )
-    files = []
-    for path, steps in sorted(by_file.items()):
-        chunks = sized_chunks(sorted(steps, key=lambda s: s.reads[0][0]), max_step_bytes)
-        # Grouping the cut steps again would find these same chunks: kept for the first bind.
-        files.append(FilePlan(path, [st for chunk, _ in chunks for st in chunk], {max_step_bytes: chunks}))
+    files = [FilePlan(path, sorted(steps, key=lambda s: s.reads[0][0])) for path, steps in sorted(by_file.items())]
     used_meta = {c.param: param_meta[c.param] for c in copies}
     used_meta.update({z.param: param_meta[z.param] for z in zeros})
-    return LoadPlan(files, list(zeros), used_meta, tensors_used, tensor_count)
+    plan = LoadPlan(files, list(zeros), used_meta, tensors_used, tensor_count)
+    return cut_into_chunks(plan, max_step_bytes) if cut else plan
+
+
+def cut_into_chunks(plan: LoadPlan, chunk_bytes: int) -> LoadPlan:
+    """``plan`` with each file's steps cut where chunks of ``chunk_bytes`` end (``sized_chunks``,
+    worked out once per ``FilePlan``: ``plan``'s own files keep their chunks too), each new
+    file plan holding its chunks for the first bind (grouping the cut steps again would find
+    these same chunks). Steps already cut this way stay as they are.
+
+    Args:
+        plan: a plan.
+        chunk_bytes: the executor's chunk size.
+
+    Returns:
+        The plan with cut steps (a new plan; ``plan`` is not changed but for its memo).
+    """
+    files = []
+    for fp in plan.files:
+        chunks = fp.chunks(chunk_bytes)
+        files.append(FilePlan(fp.path, [st for chunk, _ in chunks for st in chunk], {chunk_bytes: chunks}))
+    return dataclasses.replace(plan, files=files)

@@ -143,7 +143,8 @@ _WRITES_LOCK = threading.Lock()
 
 
 def write_plan_in_background(
-    key: Union[str, Callable[[], str]], plan: LoadPlan, done: Optional[Callable[[str, float], None]] = None
+    key: Union[str, Callable[[], str]], plan: Union[LoadPlan, Callable[[], LoadPlan]],
+    done: Optional[Callable[[str, float], None]] = None,
 ) -> None:
     """``write_plan`` on a thread of its own, so a load does not wait for it.
 
@@ -157,7 +158,8 @@ def write_plan_in_background(
     Args:
         key: the plan's key, or what computes it on that thread (``plan_key.KeyStart.complete``:
             a first start that found no plan of its prefix takes its source digests there).
-        plan: the plan (not changed after it is built).
+        plan: the plan (not changed after it is built), or what makes the plan to store on
+            that thread (a streamed start's plan is cut into chunks there).
         done: called on that thread with the file written and the seconds it took, when a
             file was written.
     """
@@ -167,11 +169,12 @@ def write_plan_in_background(
         with collector_paused():
             try:
                 name = key() if callable(key) else key
+                made = plan() if callable(plan) else plan
             except Exception as exc:  # never a reason for a failed load
-                logger.warning("sglang-fastload: the load plan was not stored: its key could not be computed (%s: %s)",
-                               type(exc).__name__, exc)
+                logger.warning("sglang-fastload: the load plan was not stored: its key or plan could not be made "
+                               "(%s: %s)", type(exc).__name__, exc)
                 return
-            path = write_plan(name, plan)
+            path = write_plan(name, made)
         if path is not None and done is not None:
             done(path, time.perf_counter() - t0)
 

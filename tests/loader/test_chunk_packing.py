@@ -163,3 +163,31 @@ def test_a_plan_without_chunks_groups_its_steps_once_per_chunk_size():
     again = chunks_of(plan, 4 * unit)
     assert all(a.steps is b.steps for a, b in zip(first, again)) and len(first) == 6
     assert [c.nbytes for c in chunks_of(plan, 8 * unit)] == [8 * unit] * 3  # another size: its own
+
+
+def test_a_plan_built_whole_and_cut_later_is_the_plan_built_cut():
+    # A streamed start builds its plan without cutting (its copies out of the scratch take
+    # whole steps) and cuts it where it is stored: the same steps and chunks as cut at once.
+    from sglang_fastload.loader import plan as plan_module
+    from sglang_fastload.loader.replay import RecordedCopy
+
+    rng = random.Random(7)
+    for _ in range(50):
+        copies, locations, meta, offset = [], {}, {}, 0
+        for i in range(rng.randrange(1, 10)):
+            rows, cols = rng.randrange(1, 9), rng.randrange(1, 40)
+            whole = (0, (rows, cols), (cols, 1))
+            copies.append(RecordedCopy(f"t{i}", f"p{i}", whole, whole))
+            locations[f"t{i}"] = ("f", offset, 2, None)
+            meta[f"p{i}"] = ((rows, cols), None)
+            offset += rows * cols * 2
+        unit = rng.randrange(64, 600)
+        args = (copies, [], locations, meta, frozenset(locations), len(copies))
+        at_once = plan_module.build_plan(*args, max_step_bytes=unit)
+        whole = plan_module.build_plan(*args, max_step_bytes=unit, cut=False)
+        assert [len(fp.steps) for fp in whole.files] == [len(copies)]  # one step per tensor
+        later = plan_module.cut_into_chunks(whole, unit)
+        assert [fp.steps for fp in later.files] == [fp.steps for fp in at_once.files]
+        assert [[(len(c), n) for c, n in fp.chunked[unit]] for fp in later.files] == [
+            [(len(c), n) for c, n in fp.chunked[unit]] for fp in at_once.files]
+        assert plan_module.cut_into_chunks(later, unit).files[0].steps == later.files[0].steps  # cut once

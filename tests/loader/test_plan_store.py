@@ -30,6 +30,7 @@ STORED = re.compile(r"load plan stored in [\d.]+ s(?: \[tp rank \d+/\d+\])?: (\S
 NO_PLAN_OF_PREFIX = re.compile(r"no stored load plan for this model and checkpoint layout \(key prefix ([0-9a-f]+);")
 STORED_PARTS = re.compile(r"load plan stored in .*? \(key parts ([^)]*)\)")
 IGNORED = "ignoring stored load plan"
+STREAMED_START = "of it while the plan was built"
 
 
 def plan_words(result):
@@ -77,6 +78,9 @@ def one_rank(store, checkpoint_factory, qwen3_a, qwen3_b, qwen3_moe_a, tmp_path_
             CaseSpec(qwen3_a, "auto"),
             CaseSpec(qwen3_moe_a, "auto"),
             CaseSpec(qwen3_b, "auto"),
+            # Read while its plan is built (another extra config: another key), so its plan is
+            # cut into chunks where it is stored.
+            CaseSpec(qwen3_moe_a, "fast", server_args={"model_loader_extra_config": json.dumps({"startup_stream": "on"})}),
         ],
         env=store_env(store),
     )
@@ -111,8 +115,8 @@ def one_rank(store, checkpoint_factory, qwen3_a, qwen3_b, qwen3_moe_a, tmp_path_
 def test_first_start_builds_and_stores_the_plan(one_rank):
     first, after_first, _ = one_rank
     assert plan_words(first[0]) == ["built"] and plan_words(first[1]) == ["built"]
-    assert len(after_first) == 2, after_first
-    assert sorted(os.path.basename(p) for p in written(first[0]) + written(first[1])) == after_first
+    assert len(after_first) == 3, after_first
+    assert sorted(os.path.basename(p) for p in written(first[0]) + written(first[1]) + written(first[5])) == after_first
     # Nothing of either key's prefix was stored: neither start took its source digests before
     # building; each plan was stored under a key that starts with that prefix.
     for case in first[:2]:
@@ -124,6 +128,22 @@ def test_first_start_builds_and_stores_the_plan(one_rank):
         [parts] = STORED_PARTS.findall(case[0].log)
         assert {"config", "parameters", "server_args", "sglang", "package", "checkpoint"} <= set(
             dict(item.split("=") for item in parts.split()))
+
+
+def _stored_plan(path):
+    with gzip.open(path, "rb") as f:
+        return json.loads(f.read())["plan"]
+
+
+def test_a_streamed_start_stores_its_plan_cut_as_any_other_start(one_rank):
+    # A start that reads while its plan is built copies whole steps out of its scratch; the
+    # plan it stores is cut into chunks as an unstreamed start's is: the same steps.
+    first, _, _ = one_rank
+    assert plan_words(first[5]) == ["built"] and STREAMED_START in first[5][0].log
+    assert STREAMED_START not in first[1][0].log
+    [streamed], [unstreamed] = written(first[5]), written(first[1])
+    assert streamed != unstreamed and _stored_plan(streamed) == _stored_plan(unstreamed)
+    assert_bits(first[3], first[5], "qwen3_moe, streamed start vs auto")
 
 
 def test_next_start_reads_the_stored_plan_bit_identical_to_upstream(one_rank):
@@ -587,7 +607,7 @@ def test_a_key_that_cannot_be_computed_stores_nothing_and_never_raises(tiny, cap
     with caplog.at_level("WARNING", logger="sglang_fastload.loader.plan_store"):
         plan_store.write_plan_in_background(failing_key, plan)
         plan_store.wait_for_writes()
-    assert "its key could not be computed (OSError: source files unreadable)" in caplog.text
+    assert "its key or plan could not be made (OSError: source files unreadable)" in caplog.text
     assert not os.path.exists(plan_store.store_dir()) or not os.listdir(plan_store.store_dir())
 
 
