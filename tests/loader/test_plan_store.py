@@ -78,9 +78,11 @@ def one_rank(store, checkpoint_factory, qwen3_a, qwen3_b, qwen3_moe_a, tmp_path_
             CaseSpec(qwen3_a, "auto"),
             CaseSpec(qwen3_moe_a, "auto"),
             CaseSpec(qwen3_b, "auto"),
-            # Read while its plan is built (another extra config: another key), so its plan is
-            # cut into chunks where it is stored.
-            CaseSpec(qwen3_moe_a, "fast", server_args={"model_loader_extra_config": json.dumps({"startup_stream": "on"})}),
+            # 10 KiB chunks (the tiny tensors are cut), read while the plan is built or not
+            # (other extra configs: other keys): the streamed start's plan is cut where it is stored.
+            CaseSpec(qwen3_moe_a, "fast", server_args={"model_loader_extra_config": json.dumps(
+                {"startup_stream": "on", "chunk_mb": 0.01})}),
+            CaseSpec(qwen3_moe_a, "fast", server_args={"model_loader_extra_config": json.dumps({"chunk_mb": 0.01})}),
         ],
         env=store_env(store),
     )
@@ -115,8 +117,8 @@ def one_rank(store, checkpoint_factory, qwen3_a, qwen3_b, qwen3_moe_a, tmp_path_
 def test_first_start_builds_and_stores_the_plan(one_rank):
     first, after_first, _ = one_rank
     assert plan_words(first[0]) == ["built"] and plan_words(first[1]) == ["built"]
-    assert len(after_first) == 3, after_first
-    assert sorted(os.path.basename(p) for p in written(first[0]) + written(first[1]) + written(first[5])) == after_first
+    assert len(after_first) == 4, after_first
+    assert sorted(os.path.basename(p) for case in (0, 1, 5, 6) for p in written(first[case])) == after_first
     # Nothing of either key's prefix was stored: neither start took its source digests before
     # building; each plan was stored under a key that starts with that prefix.
     for case in first[:2]:
@@ -140,9 +142,11 @@ def test_a_streamed_start_stores_its_plan_cut_as_any_other_start(one_rank):
     # plan it stores is cut into chunks as an unstreamed start's is: the same steps.
     first, _, _ = one_rank
     assert plan_words(first[5]) == ["built"] and STREAMED_START in first[5][0].log
-    assert STREAMED_START not in first[1][0].log
-    [streamed], [unstreamed] = written(first[5]), written(first[1])
+    assert plan_words(first[6]) == ["built"] and STREAMED_START not in first[6][0].log
+    [streamed], [unstreamed] = written(first[5]), written(first[6])
     assert streamed != unstreamed and _stored_plan(streamed) == _stored_plan(unstreamed)
+    steps = sum(count for _, count, _ in _stored_plan(streamed)["files"])
+    assert steps > _stored_plan(streamed)["tensor_count"]  # cut: more steps than tensors
     assert_bits(first[3], first[5], "qwen3_moe, streamed start vs auto")
 
 
