@@ -84,12 +84,19 @@ class CopyStep:
             view_numel, view_contiguous: ``numel(view)`` and ``is_contiguous(view)``.
             dst_contiguous: ``is_contiguous(dst)``.
         """
-        step = object.__new__(cls)  # the frozen __init__ sets fields one call at a time
         nbytes = _step_nbytes(gather, reads, view_numel, itemsize)
+        return cls._with_values(tensor, param, dst, reads, view, itemsize, src_dtype, gather, nbytes, dst_contiguous,
+                                _view_is_dense(gather, view, view_numel, view_contiguous, itemsize, nbytes))
+
+    @classmethod
+    def _with_values(cls, tensor, param, dst, reads, view, itemsize, src_dtype, gather,
+                     nbytes: int, dst_is_contiguous: bool, view_is_dense: bool) -> "CopyStep":
+        """``CopyStep(...)`` with its derived values given (the caller knows them: they must be
+        what the step would compute). Positional: binding a start's plan makes thousands."""
+        step = object.__new__(cls)  # the frozen __init__ sets fields one call at a time
         step.__dict__.update(
-            tensor=tensor, param=param, dst=dst, reads=reads, view=view, itemsize=itemsize,
-            src_dtype=src_dtype, gather=gather, nbytes=nbytes, dst_is_contiguous=dst_contiguous,
-            view_is_dense=_view_is_dense(gather, view, view_numel, view_contiguous, itemsize, nbytes),
+            tensor=tensor, param=param, dst=dst, reads=reads, view=view, itemsize=itemsize, src_dtype=src_dtype,
+            gather=gather, nbytes=nbytes, dst_is_contiguous=dst_is_contiguous, view_is_dense=view_is_dense,
         )
         return step
 
@@ -374,14 +381,13 @@ def cut_into_rows(step: CopyStep, counts: Sequence[int]) -> List[CopyStep]:
         dst = (dst_off + first * dst_strides[0], piece_sizes, dst_strides)
         # A piece's bytes are its destination's rows in order (a dense view): its derived
         # values are known, no need to work them out as ``with_derived`` would (same values).
-        piece = object.__new__(CopyStep)
-        piece.__dict__.update(
-            tensor=step.tensor, param=step.param, dst=dst, reads=piece_reads, view=(0, piece_sizes, view_strides),
-            itemsize=step.itemsize, src_dtype=step.src_dtype, gather=False, nbytes=count * row_bytes,
+        pieces.append(CopyStep._with_values(
+            step.tensor, step.param, dst, piece_reads, (0, piece_sizes, view_strides), step.itemsize,
+            step.src_dtype, False, count * row_bytes,
             # Rows of a contiguous destination are contiguous; others are checked.
-            dst_is_contiguous=step.dst_is_contiguous or is_contiguous(dst), view_is_dense=True,
-        )
-        pieces.append(piece)
+            step.dst_is_contiguous or is_contiguous(dst),
+            True,  # a dense view
+        ))
         first += count
     return pieces
 
