@@ -107,16 +107,23 @@ class _CopyRecorder(TorchDispatchMode):
         self.zeros: List[RecordedZero] = []
         self.used: set = set()
         # Most operations a loader runs are views (slice, select, detach: ~3 per expert
-        # tensor of a MoE): each is classified once, then run with no further test.
+        # tensor of a MoE): each is classified once, then run with no further test, through
+        # the operator's own callable (an overload's ``__call__`` is one more Python frame).
         self.kinds: Dict[object, int] = {}
+        self.pure: Dict[object, object] = {}
 
     def _param_of(self, t: torch.Tensor):
         return self.param_storages.get(t.untyped_storage()._cdata)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        run = self.pure.get(func)
+        if run is not None:
+            return run(*args, **kwargs) if kwargs else run(*args)
         kind = self.kinds.get(func)
         if kind is None:
             kind = self.kinds[func] = _kind_of(func)
+            if kind == _PURE:
+                self.pure[func] = getattr(func, "_op", func)
         if kind == _PURE:
             return func(*args, **kwargs) if kwargs else func(*args)
         if kind == _COPY:
