@@ -10,7 +10,7 @@ import re
 import pytest
 
 from tests.rig.checkpoints import checkpoint_bytes, write_qwen3, write_qwen3_moe
-from tests.rig.inprocess import compare_params, load_params
+from tests.rig.inprocess import compare_params, load_params, upstream_params
 
 # Bytes the loader reports per load (its own count of bytes copied out of the files).
 READ = re.compile(r"sglang-fastload: loaded \S+?(?: \[tp rank (\d+)/(\d+)\])?: .*?read (\d+) of (\d+) bytes")
@@ -43,7 +43,7 @@ def test_node_reads_checkpoint_once_and_every_rank_is_bit_identical(tmp_path, ki
     # per-rank gathers are covered at TP=2 elsewhere (test_fast_matches_upstream.py).
     env = {"SGLANG_FASTLOAD_SHARED_SPANS": "1"} if ep == 1 else None
     fast = load_params(a, load_format="fast", tp_size=tp, ep_size=ep, update_path=b, keep_initial=True, env=env)
-    upstream = load_params(a, load_format="auto", tp_size=tp, ep_size=ep, update_path=b, keep_initial=True)
+    upstream = upstream_params(a, tp_size=tp, ep_size=ep, update_path=b, keep_initial=True)
     for rank, (ref, got) in enumerate(zip(upstream, fast)):
         assert ref.error is None and got.error is None, (ref.error, got.error)
         assert not compare_params(ref.params_before, got.params_before), f"start-up load, rank {rank}"

@@ -11,6 +11,7 @@ values (integers become integral floats, fp8 codes lose their scales) and serves
 weights without a word. The tests show upstream doing exactly that, and `fast` refusing.
 """
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 from tests.rig.checkpoint_variants import derive, first_matrix, to_dtype, write_bin_copy
 from tests.rig.checkpoints import safetensors_files, write_qwen3, write_qwen3_moe
-from tests.rig.inprocess import compare_params, load_params
+from tests.rig.inprocess import compare_params, load_params, upstream_params
 
 FEED_NONE = re.compile(r"sglang-fastload: (\d+) checkpoint tensors feed no parameter on this rank.*?\(e\.g\. (.*)\)")
 SUMMARY = "sglang-fastload: loaded"
@@ -89,9 +90,10 @@ GROUPS = [
 
 
 def _run(start, steps, load_format, tp, dtype, extra_config=None):
-    return load_params(
+    """The sequence through ``load_format``; `auto` through upstream's own SGLang."""
+    load = upstream_params if load_format == "auto" else functools.partial(load_params, load_format=load_format)
+    return load(
         start,
-        load_format=load_format,
         tp_size=tp,
         update_path=[s.path for s in steps],
         keep_initial=True,
@@ -170,7 +172,7 @@ def test_bin_checkpoint_at_start_up_loads_through_upstream(tmp_path):
     a = write_qwen3(tmp_path / "a", tied=False, seed=5, layout="single")
     b = write_qwen3(tmp_path / "b", tied=False, seed=6, layout="sharded")
     a_bin = write_bin_copy(a, tmp_path / "a-bin")
-    upstream = load_params(a_bin, load_format="auto", update_path=b, keep_initial=True)
+    upstream = upstream_params(a_bin, update_path=b, keep_initial=True)
     fast = load_params(a_bin, load_format="fast", update_path=b, keep_initial=True)
     assert fast[0].error is None, fast[0].error
     assert not compare_params(upstream[0].params_before, fast[0].params_before)

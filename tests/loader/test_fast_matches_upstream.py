@@ -8,7 +8,7 @@ import re
 import pytest
 
 from tests.rig.checkpoints import checkpoint_bytes, write_llama, write_qwen3, write_qwen3_moe
-from tests.rig.inprocess import CaseSpec, compare_params, load_cases, load_params
+from tests.rig.inprocess import CaseSpec, compare_params, load_cases_beside_upstream, load_params, upstream_params
 
 WRITERS = {
     "qwen3": lambda d, seed, layout: write_qwen3(d, tied=False, seed=seed, layout=layout),
@@ -76,8 +76,9 @@ STREAMED = "of it while the plan was built"
 
 @pytest.fixture(scope="module")
 def case_results(tmp_path_factory):
-    """``{case: (upstream, fast, (a, b))}`` for every case of one TP size: one rank group per
-    TP size runs all its cases (upstream then fast, start-up and update), imports paid once."""
+    """``{case: (upstream, fast, (a, b))}`` for every case of one TP size: two rank groups per
+    TP size run all its cases (upstream's own SGLang, then `fast`; start-up and update),
+    imports paid once per group."""
     root = tmp_path_factory.mktemp("fast-matches-upstream")
     done = {}
 
@@ -93,7 +94,7 @@ def case_results(tmp_path_factory):
                     extra = FAST_EXTRA.get(case) if load_format == "fast" else None
                     args = {"model_loader_extra_config": json.dumps(extra)} if extra else None
                     specs.append(CaseSpec(a, load_format=load_format, update_path=b, keep_initial=True, ep_size=ep, server_args=args))
-            got = load_cases(specs, tp_size=tp)
+            got = load_cases_beside_upstream(specs, tp_size=tp)
             for i, case in enumerate(cases):
                 done[case] = (got[2 * i], got[2 * i + 1], pairs[i])
         return done
@@ -132,7 +133,7 @@ def test_plan_cache_reused_for_same_layout_and_rebuilt_for_another(tmp_path):
     fast = load_params(a, load_format="fast", update_path=[b, a, c])
     got = summaries(fast[0].log)
     assert [g[-1] for g in got] == ["built", "cached", "cached", "built"], got
-    reference = load_params(c, load_format="auto")
+    reference = upstream_params(c)
     assert not compare_params(reference[0].params, fast[0].params)
 
 
@@ -154,7 +155,7 @@ def test_tp2_dense_reads_about_half_per_rank(tmp_path):
     # With the default, tiny strided runs are gathered from a mapping of the file instead of
     # read run by run: the same bytes leave the page cache.
     assert _bytes_read(default) == per_rank
-    reference = load_params(a, load_format="auto", tp_size=2)
+    reference = upstream_params(a, tp_size=2)
     for ref, got in zip(reference, exact):
         assert not compare_params(ref.params, got.params)
 
@@ -174,7 +175,7 @@ def test_class_not_in_the_support_table_falls_back_to_upstream_with_one_line(tmp
     a = write_llama(tmp_path / "sub-a", seed=1, extra_config=subclass)
     b = write_llama(tmp_path / "sub-b", seed=2, extra_config=subclass)
     fast = load_params(a, load_format="fast", update_path=b)
-    upstream = load_params(b, load_format="auto")
+    upstream = upstream_params(b)
     assert fast[0].error is None
     assert not compare_params(upstream[0].params, fast[0].params)
     lines = [l for l in fast[0].log.splitlines() if "has no fast-load plan" in l]

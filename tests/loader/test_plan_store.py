@@ -23,7 +23,7 @@ from sglang_fastload import constants
 from sglang_fastload.checkpoint.safetensors_header import read_header
 from sglang_fastload.loader import plan_codec, plan_key, plan_store, source_digest_cache
 from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, CopyStep, FilePlan, LoadPlan, make_step, sized_chunks
-from tests.rig.inprocess import CaseSpec, compare_params, load_cases
+from tests.rig.inprocess import CaseSpec, compare_params, load_cases, load_cases_beside_upstream
 
 SUMMARY = re.compile(r"sglang-fastload: loaded \S+?(?: \[tp rank \d+/\d+\])?: .*?plan [\d.]+ s \((cached|stored|built)\)")
 STORED = re.compile(r"load plan stored in [\d.]+ s(?: \[tp rank \d+/\d+\])?: (\S+)")
@@ -71,7 +71,7 @@ def plan_files(store):
 @pytest.fixture(scope="module")
 def one_rank(store, checkpoint_factory, qwen3_a, qwen3_b, qwen3_moe_a, tmp_path_factory):
     """Two starts at TP=1 sharing a store; between them the MoE plan file is truncated."""
-    first = load_cases(
+    first = load_cases_beside_upstream(
         [
             CaseSpec(qwen3_a, "fast"),
             CaseSpec(qwen3_moe_a, "fast"),
@@ -98,7 +98,7 @@ def one_rank(store, checkpoint_factory, qwen3_a, qwen3_b, qwen3_moe_a, tmp_path_
     config = json.loads((other_config / "config.json").read_text())
     config["rope_theta"] = float(config.get("rope_theta", 10000.0)) * 2  # same shapes
     (other_config / "config.json").write_text(json.dumps(config))
-    second = load_cases(
+    second = load_cases_beside_upstream(
         [
             CaseSpec(qwen3_a, "fast"),
             CaseSpec(qwen3_moe_a, "fast"),
@@ -184,7 +184,7 @@ def test_another_layout_config_or_dtype_builds(one_rank, case, what):
 def two_ranks(one_rank, store, qwen3_a, qwen3_moe_a):
     """Two starts at TP=2 (and EP=2 for the MoE model) on the store the TP=1 starts filled."""
     before = set(plan_files(store))
-    first = load_cases(
+    first = load_cases_beside_upstream(
         [
             CaseSpec(qwen3_a, "auto"),
             CaseSpec(qwen3_a, "fast"),

@@ -3,14 +3,14 @@ ends on the same, exact weights, whichever rank failed."""
 
 import pytest
 
-from tests.rig.inprocess import compare_params, load_params
+from tests.rig.inprocess import compare_params, load_params, upstream_params
 
 
 @pytest.fixture(scope="module")
 def tp2_reference(checkpoint_factory):
     a = checkpoint_factory("qwen3", seed=31, layout="sharded")
     b = checkpoint_factory("qwen3", seed=32, layout="sharded")
-    return a, b, load_params(a, load_format="auto", tp_size=2), load_params(b, load_format="auto", tp_size=2)
+    return a, b, upstream_params(a, tp_size=2), upstream_params(b, tp_size=2)
 
 
 def assert_back_on_a_then_on_b(res, ref_a, ref_b):

@@ -189,6 +189,8 @@ def _run_case(spec: dict, rank: int, world: int, result: dict, log, *, init_dist
         weight_cache_socket=None,
     )
     loader = get_model_loader(load_config, model_config)
+    # Which SGLang ran: the overlay's forks, or upstream's own modules (SGLANG_FASTLOAD=0).
+    result["overlay"] = f"{os.sep}_overlay{os.sep}" in (sys.modules["sglang.srt.model_loader.loader"].__file__ or "")
     model = loader.load_model(model_config=model_config, device_config=DeviceConfig("cpu", rank))
     timings["load_s"] = time.perf_counter() - t1
     log.info("initial load (%s) done in %.3f s", spec["load_format"], timings["load_s"])
@@ -248,7 +250,7 @@ def _run_case(spec: dict, rank: int, world: int, result: dict, log, *, init_dist
     result["params"] = _snapshot(model)
     import module_walk_probe  # beside this script
 
-    if os.environ.get(module_walk_probe.ENV) == "1":
+    if os.environ.get(module_walk_probe.ENV) == "1" and result["overlay"]:  # upstream's own: nothing to probe
         result["module_walks"] = module_walk_probe.probe(model)
 
 

@@ -40,6 +40,9 @@ __all__ = [
     "load_params",
     "CaseSpec",
     "load_cases",
+    "UPSTREAM_ENV",
+    "upstream_params",
+    "load_cases_beside_upstream",
     "compare_params",
     "assert_params_equal",
     "free_port",
@@ -62,6 +65,7 @@ class RankResult:
     params_history: Optional[List[Dict[str, torch.Tensor]]] = None  # after each update (keep_history=True)
     timings: dict = field(default_factory=dict)  # imports_s, distributed_s, load_s, update_s[], total_s
     module_walks: Optional[dict] = None  # module_walk_probe.probe's answer (when its variable is set)
+    overlay: Optional[bool] = None  # the rank's SGLang was the overlay's (False: upstream's own)
 
 
 class RankResults(list):
@@ -320,6 +324,7 @@ def _run_ranks(spec: dict, environ: Dict[str, str], *, timeout: float) -> "RankR
                     params_history=data.get("params_history"),
                     timings=data["timings"],
                     module_walks=data.get("module_walks"),
+                    overlay=data.get("overlay"),
                 )
             )
         return results
@@ -412,6 +417,66 @@ def load_cases(
     return _run_ranks(spec, environ, timeout=timeout)
 
 
+# The reference of every bit-identity test: upstream's own SGLang, the overlay switched off in
+# the rank processes (the stand-ins for GPU-only imports stay). With the overlay on, `auto`
+# would run the forks and this package's twins too, and a mistake in them could hide behind
+# the same mistake on the `fast` side.
+UPSTREAM_ENV = {"SGLANG_FASTLOAD": "0"}
+
+
+def _assert_upstream_ran(results: Sequence["RankResults"]) -> None:
+    for res in results:
+        if isinstance(res, str):
+            continue  # a crashed case: its test reports the tracebacks
+        for r in res:
+            assert r.overlay is False, f"rank {r.rank} of a reference load ran the overlay's SGLang"
+
+
+def upstream_params(model_path: PathLike, *, env: Optional[Mapping[str, Optional[str]]] = None, **kwargs) -> RankResults:
+    """``load_params(model_path, load_format="auto", ...)`` through upstream's own SGLang.
+
+    Args:
+        model_path: the checkpoint to load.
+        env: further environment of the rank processes (the overlay stays off).
+        kwargs: any other argument of ``load_params`` but ``load_format``.
+
+    Returns:
+        The ranks' results, each checked to have run without the overlay.
+    """
+    results = load_params(model_path, load_format="auto", env={**(env or {}), **UPSTREAM_ENV}, **kwargs)
+    _assert_upstream_ran([results])
+    return results
+
+
+def load_cases_beside_upstream(
+    cases: Sequence[CaseSpec],
+    *,
+    env: Optional[Mapping[str, Optional[str]]] = None,
+    **kwargs,
+) -> List[Union["RankResults", str]]:
+    """``load_cases`` with its `auto` cases run by upstream's own SGLang, in a rank group of
+    their own (``UPSTREAM_ENV``), and the other cases as ``load_cases`` runs them.
+
+    Args:
+        cases: the loads; the `auto` ones are the references.
+        env: extra environment of both groups' rank processes.
+        kwargs: ``tp_size``, ``ep_size``, ``timeout``, ``log_level`` of ``load_cases``.
+
+    Returns:
+        One entry per case, in the order of ``cases``.
+    """
+    out: List[Union["RankResults", str, None]] = [None] * len(cases)
+    upstream = [i for i, c in enumerate(cases) if c.load_format == "auto"]
+    rest = [i for i, c in enumerate(cases) if c.load_format != "auto"]
+    for indices, group_env in ((upstream, {**(env or {}), **UPSTREAM_ENV}), (rest, env)):
+        if indices:
+            got = load_cases([cases[i] for i in indices], env=group_env, **kwargs)
+            for i, res in zip(indices, got):
+                out[i] = res
+    _assert_upstream_ran([out[i] for i in upstream])
+    return out
+
+
 def _split_case_logs(log: str, count: int) -> List[str]:
     parts = [""] * count
     current = None
@@ -448,6 +513,7 @@ def _case_results(work: Path, logs: List[str], count: int) -> list:
                     params_before=c["params_before"],
                     timings=c["timings"],
                     module_walks=c.get("module_walks"),
+                    overlay=c.get("overlay"),
                 )
             )
         out.append(results)

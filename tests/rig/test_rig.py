@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.rig import checkpoints as ck
-from tests.rig.inprocess import assert_params_equal, compare_params, load_params
+from tests.rig.inprocess import assert_params_equal, compare_params, load_params, upstream_params
 
 # --------------------------------------------------------------------------------------
 # GPU-import stand-ins (one interpreter of the venv, as SGLang's schedulers get it)
@@ -244,12 +244,14 @@ def test_inprocess_auto_load_and_update_match_checkpoint(checkpoint_factory, kin
         assert u.error is None, u.error
         assert u.update_results == [(True, "Succeeded to update model weights.")]
         assert "Update weights end." in u.log
+        assert u.overlay is True  # a rank runs the overlay's SGLang unless told otherwise
         # (a) the start-up load holds exactly the checkpoint's tensors, sharded as SGLang does
         assert_params_equal(u.params_before, ck.expected_sglang_params(a, tp_size=tp, rank=rank, ep_size=ep), what=f"A rank {rank}")
         # (b) after the update: exactly B
         assert_params_equal(u.params, ck.expected_sglang_params(b, tp_size=tp, rank=rank, ep_size=ep), what=f"A->B rank {rank}")
-    if fresh:  # (b) A then update to B == a fresh load of B (the oracle covers the other cases)
-        fresh_b = load_params(b, tp_size=tp, ep_size=ep)
+    if fresh:  # (b) A then update to B == a fresh load of B by upstream's own SGLang (the oracle covers the other cases)
+        fresh_b = upstream_params(b, tp_size=tp, ep_size=ep)
+        assert [r.overlay for r in fresh_b] == [False] * tp
         for rank in range(tp):
             assert_params_equal(updated[rank].params, fresh_b[rank].params, what=f"A->B vs B, rank {rank}")
     if tp > 1:
