@@ -1,6 +1,7 @@
 """Rules of the safetensors header parser, one table row per rule, on real files."""
 
 import collections
+import errno
 import json
 import os
 import struct
@@ -444,12 +445,20 @@ def test_fifo_does_not_block(tmp_path):
     assert time.monotonic() - started < 5
 
 
-def test_unreadable_file(tmp_path, base_file):
-    if os.geteuid() == 0:
-        pytest.skip("root can read any file")
+def test_unreadable_file(tmp_path, base_file, monkeypatch):
     os.chmod(base_file, 0)
-    with pytest.raises(HeaderError, match="cannot open"):
+    if os.geteuid() == 0:  # root opens any file: the refusal the kernel would give anyone else
+        real_open = os.open
+
+        def refused(path, *args, **kwargs):
+            if os.fspath(path) == str(base_file):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(base_file))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", refused)
+    with pytest.raises(HeaderError, match="cannot open safetensors file: Permission denied") as raised:
         read_header(str(base_file))
+    assert str(base_file) in str(raised.value)
 
 
 def test_accepts_pathlike(base_file):
@@ -552,11 +561,14 @@ def test_header_memo_is_bounded_by_bytes_not_entries(tmp_path, monkeypatch):
     assert 2 <= len(sh._MEMO) < 10, len(sh._MEMO)
     assert sh.memo_bytes() == sum(cost for _, cost in sh._MEMO.values())
     # The most recent header is a hit: the same parsed entries, under the new path.
+    newest = next(reversed(sh._MEMO.values()))[0]
+    kept, held = len(sh._MEMO), sh.memo_bytes()
     other = tmp_path / "copy.safetensors"
     other.write_bytes(path.read_bytes())
     header = read_header(str(other))
-    assert header.path == str(other)
-    assert len(sh._MEMO) < 10 and sh.memo_bytes() <= 256 << 10
+    assert header.path == str(other) and newest.path == str(path)
+    assert header.tensors is newest.tensors  # not parsed again
+    assert (len(sh._MEMO), sh.memo_bytes()) == (kept, held)
 
 
 def test_header_larger_than_memo_budget_is_parsed_but_not_kept(tmp_path, monkeypatch):
