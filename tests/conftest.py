@@ -44,6 +44,20 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "server: starts a real sglang.launch_server on CPU")
 
 
+def pytest_sessionstart(session):
+    # Ranks and servers import the installed package: an install older than the checkout
+    # would pass or fail for code that is no longer there (tests/rig/installed_package.py).
+    from tests.rig.installed_package import installed_differences
+
+    stale = installed_differences()
+    if stale:
+        pytest.exit(
+            "the installed sglang_fastload is not this checkout's; reinstall it (bash ci/setup_env.sh):\n  "
+            + "\n  ".join(stale[:20]),
+            returncode=4,
+        )
+
+
 def pytest_sessionfinish(session, exitstatus):
     # Never leave a server behind, whatever happened to the tests that started it.
     try:

@@ -6,6 +6,7 @@ loading/updating at TP=1/2 (and EP=2), and a real CPU server with /generate and
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -71,6 +72,30 @@ def _probe(env_extra=None):
     env = dict(os.environ, **(env_extra or {}))
     proc = subprocess.run([sys.executable, "-c", STANDIN_PROBE], capture_output=True, text=True, env=env, timeout=120)
     return proc
+
+
+def test_installed_package_check_names_every_difference(tmp_path):
+    from tests.rig.installed_package import installed_differences, tree_differences
+
+    assert installed_differences() == []  # what the session started with (conftest.py)
+    source, installed = tmp_path / "source", tmp_path / "installed"
+    for root in (source, installed):
+        (root / "loader").mkdir(parents=True)
+        (root / "loader" / "plan.py").write_text("A = 1\n")
+        (root / "__init__.py").write_text("")
+    (installed / "_overlay").mkdir()
+    (installed / "_overlay" / "x.py").write_text("")
+    (installed / "loader" / "__pycache__").mkdir()
+    (installed / "loader" / "__pycache__" / "plan.cpython-311.pyc").write_bytes(b"\0")
+    assert tree_differences(str(source), str(installed), skip=frozenset({"_overlay"})) == []
+    (source / "loader" / "plan.py").write_text("A = 2\n")
+    (source / "loader" / "binding.py").write_text("")
+    (installed / "old.py").write_text("")
+    assert tree_differences(str(source), str(installed), skip=frozenset({"_overlay"})) == [
+        f"changed since installed: {os.path.join('loader', 'plan.py')}",
+        f"not installed: {os.path.join('loader', 'binding.py')}",
+        "installed, not in the checkout: old.py",
+    ]
 
 
 def test_standins_installed_and_current():
