@@ -8,8 +8,9 @@ The correctness columns come from ``.cache/model_support/results-<layout>.json``
 ``tests/loader/test_model_support.py`` writes on every run: a cell says "yes" only when that
 run found start-up (or update) parameters bit-identical to upstream's ``auto`` on every rank
 with the fast plan used on every rank. ``--measure`` loads a small release-shaped checkpoint
-(``SPEED_SIZES``) of every fast class at TP=1 with both loaders in one process, updates it
-A -> B -> A ... and records the median update seconds of a second round (``speed.json``).
+(``SPEED_SIZES``) of every fast class at TP=1 with both loaders (`auto` in upstream's own
+SGLang, the overlay off; `fast` with it), one process each, updates it A -> B -> A ... and
+records the median update seconds of a second round (``speed.json``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def measure(updates: int = 6) -> dict:
     """Median update seconds of ``auto`` and ``fast`` per fast class (TP=1, one process)."""
     sys.path.insert(0, str(ROOT))
     from sglang_fastload.model_support import SUPPORT_TABLE
-    from tests.rig.inprocess import CaseSpec, load_cases
+    from tests.rig.inprocess import CaseSpec, load_cases_beside_upstream
     from tests.rig.model_zoo import SPEED_SIZES, write_zoo_checkpoint
     from tests.rig.checkpoints import checkpoint_bytes
 
@@ -60,9 +61,9 @@ def measure(updates: int = 6) -> dict:
             for fmt in ("auto", "fast"):
                 cases.append(CaseSpec(a, fmt, chain))
                 keys.append((e.zoo, fmt))
-        # Two rounds in one process; only the second is kept (the first warms up code paths,
-        # thread pools and the page cache, which otherwise favour whichever class runs last).
-        results = dict(zip(keys, load_cases(cases * 2, tp_size=1, timeout=1800, env={"OMP_NUM_THREADS": "1"})[len(cases):]))
+        # Two rounds in each loader's process; only the second is kept (the first warms up code
+        # paths, thread pools and the page cache, which otherwise favour whichever class runs last).
+        results = dict(zip(keys, load_cases_beside_upstream(cases * 2, tp_size=1, timeout=1800, env={"OMP_NUM_THREADS": "1"})[len(cases):]))
     for e in entries:
         row = {"bytes": sizes[e.zoo]}
         for fmt in ("auto", "fast"):

@@ -315,73 +315,64 @@ def resolve_checkpoint_files(directory: str) -> CheckpointFiles:
     return CheckpointFiles(directory, files, None, None)
 
 
-def check_weight_map(files: CheckpointFiles, headers: Mapping[str, SafetensorsHeader]) -> None:
-    """Check that the index and the shard headers agree, tensor by tensor.
+def check_weight_map(files: CheckpointFiles, headers: Mapping[str, SafetensorsHeader]) -> Optional[str]:
+    """Check that no tensor name is in two shards, and say where the index disagrees with them.
 
-    ``headers`` maps each path of ``files.files`` to its header. With an index, every tensor
-    it maps to a shard must be in that shard's header, and every tensor in a header must be
-    mapped by the index to that same shard. Without an index, a tensor name may appear in
-    only one shard. Mismatches raise CheckpointIndexError naming the index (or the shard)
-    and the tensor.
+    ``headers`` maps each path of ``files.files`` to its header. Upstream's loader uses the
+    index only to choose the shards (every one must exist: ``resolve_checkpoint_files``), then
+    loads every tensor each chosen shard holds, wherever the index says it is; so does this
+    loader, and an index that maps a tensor elsewhere, names one no shard holds, or misses one
+    (a trainer that kept a base model's index, or dropped a tied ``lm_head``) is only noted.
+    What the model needs is checked by the replay against the headers. A tensor in two shards
+    is refused: upstream would keep whichever file comes last, without a word.
+
+    Returns:
+        None, or a note naming the first tensor on which the index and the headers disagree
+        and how many do.
+
+    Raises:
+        CheckpointIndexError: a tensor name in two shards, naming the second shard and the tensor.
     """
     missing = [f for f in files.files if f not in headers]
     if missing:
         raise ValueError(f"check_weight_map: no header given for {missing}")
     # An RL job checks the same index against the same headers every step: the map and the
-    # headers' tensor tables are the memoized objects, so a pair that passed passes again.
+    # headers' tensor tables are the memoized objects, so a pair checked before gives the same answer.
     tables = tuple(headers[f].tensors for f in files.files)
     key = (id(files.weight_map), files.files, tuple(map(id, tables)))
-    passed = _PASSED_WEIGHT_MAPS.get(key)
-    if passed is not None and passed[0] is files.weight_map and all(map(operator.is_, passed[1], tables)):
-        _PASSED_WEIGHT_MAPS.move_to_end(key)
-        return
-    _check_weight_map(files, headers)
-    _keep_recent(_PASSED_WEIGHT_MAPS, key, (files.weight_map, tables))  # holds them: the ids stay theirs
+    checked = _CHECKED_WEIGHT_MAPS.get(key)
+    if checked is not None and checked[0] is files.weight_map and all(map(operator.is_, checked[1], tables)):
+        _CHECKED_WEIGHT_MAPS.move_to_end(key)
+        return checked[2]
+    note = _check_weight_map(files, headers)
+    _keep_recent(_CHECKED_WEIGHT_MAPS, key, (files.weight_map, tables, note))  # holds them: the ids stay theirs
+    return note
 
 
-# (id of the weight map, shard paths, ids of the headers' tensor tables) of checks that passed.
-_PASSED_WEIGHT_MAPS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+# (id of the weight map, shard paths, ids of the headers' tensor tables) of checks made, with their notes.
+_CHECKED_WEIGHT_MAPS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 
 
-def _check_weight_map(files: CheckpointFiles, headers: Mapping[str, SafetensorsHeader]) -> None:
-    if files.weight_map is None:
-        owner: Dict[str, str] = {}
-        for shard in files.files:
-            for name in headers[shard].tensors:
-                if name in owner:
-                    raise CheckpointIndexError(
-                        shard,
-                        f"tensor is also in {owner[name]}; without {INDEX_NAME} a tensor may "
-                        f"appear in only one shard",
-                        name,
-                    )
-                owner[name] = shard
-        return
-
-    index_path = files.index_path or os.path.join(files.directory, INDEX_NAME)
-    weight_map = files.weight_map
+def _check_weight_map(files: CheckpointFiles, headers: Mapping[str, SafetensorsHeader]) -> Optional[str]:
+    owner: Dict[str, str] = {}
     for shard in files.files:
         for name in headers[shard].tensors:
-            mapped = weight_map.get(name)
-            if mapped is None:
+            if name in owner:
                 raise CheckpointIndexError(
-                    index_path, f"tensor is in shard {shard} but the index does not name it", name
-                )
-            if mapped != shard:
-                raise CheckpointIndexError(
-                    index_path,
-                    f"tensor is in shard {shard} but the index maps it to {mapped}",
+                    shard,
+                    f"tensor is also in {owner[name]}; a tensor may appear in only one shard "
+                    f"(upstream's loader would keep the last file's without a word)",
                     name,
                 )
-    # Every header tensor is mapped to its own shard (above); when the index has no more
-    # entries than the headers have tensors, it maps exactly those, and nothing is left.
-    if len(weight_map) == sum(len(headers[shard].tensors) for shard in files.files):
-        return
-    for name, shard in weight_map.items():
-        header = headers.get(shard)
-        if header is None:
-            raise ValueError(f"check_weight_map: no header given for {shard}")
-        if name not in header.tensors:
-            raise CheckpointIndexError(
-                index_path, f"index maps tensor to shard {shard}, which does not contain it", name
-            )
+            owner[name] = shard
+    weight_map = files.weight_map
+    if weight_map is None or weight_map == owner:
+        return None
+    index_path = files.index_path or os.path.join(files.directory, INDEX_NAME)
+    disagree = [(name, shard, weight_map.get(name)) for name, shard in owner.items() if weight_map.get(name) != shard]
+    disagree += [(name, None, shard) for name, shard in weight_map.items() if name not in owner]
+    name, held, mapped = disagree[0]
+    where = (f"{name!r} is in shard {os.path.basename(held)}" if held else f"{name!r} is in no shard") + (
+        f" but the index maps it to {os.path.basename(mapped)}" if mapped else " but the index does not name it")
+    return (f"{index_path} disagrees with the shards on {len(disagree)} tensor(s), e.g. {where}; every tensor "
+            f"is loaded from the shard that holds it, as upstream's loader does")

@@ -230,10 +230,13 @@ class PreparedLoad:
         if found is not None and found != "safetensors":
             # Upstream's `auto` loads these; the fast path plans safetensors only.
             raise UnsupportedModelError(f"the checkpoint has {found} weights, no safetensors")
-        validate.check_config(directory, type(model).__name__)
         files = resolve_checkpoint_files(directory)
         headers = {path: read_header(path) for path in files.files}
-        check_weight_map(files, headers)
+        # What config.json and the index say beyond what upstream's loader reads of them:
+        # noted, never a refusal (the replay checks every tensor against the model).
+        for note in (validate.config_note(directory, type(model).__name__), check_weight_map(files, headers)):
+            if note is not None:
+                logger.warning("sglang-fastload: %s", note)
         state = state_of(model)
         key = memory_plan_key(ckpt.loader, headers, target_device)
         plan = state.cached_plan(key)

@@ -4,45 +4,52 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Optional
 
-from sglang_fastload.errors import CheckpointError, CheckpointMismatchError
+from sglang_fastload.errors import CheckpointMismatchError
 
 # Tensors upstream's Qwen3 loaders skip on purpose: ignored without a warning.
 KNOWN_SKIPS = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+# A model's config.json is a few KB; only its "architectures" entry is looked at.
+CONFIG_READ_BYTES = 1 << 20
 
 
 def is_known_skip(name: str) -> bool:
     return any(s in name for s in KNOWN_SKIPS)
 
 
-def check_config(directory: str, architecture: str) -> None:
-    """A config.json in the directory must name the served architecture.
+def config_note(directory: str, architecture: str) -> Optional[str]:
+    """What to tell the user about the directory's config.json, if anything.
 
-    A weights-only directory (no config.json) is loaded with the served model's config, as
-    upstream does: the model it loads into is already built, and the replay checks every
-    tensor against it.
+    Never a reason to refuse: upstream's update never reads config.json, and at start-up
+    SGLang has already read it and chosen the served class, sometimes under another name
+    (its own renames, ``--json-model-override-args``). Which tensor feeds which parameter,
+    with which shape, is checked by the replay of the served model's own loaders. A
+    config.json naming other architectures, or one that cannot be read, is only worth a
+    line in the log (a mislabelled or half-written directory).
 
-    Raises:
-        CheckpointError: an unreadable config.json, or one naming other architectures.
+    Args:
+        directory: the checkpoint directory.
+        architecture: the class the server runs.
+
+    Returns:
+        A warning (naming config.json and the architectures), or None.
     """
     path = os.path.join(directory, "config.json")
     try:
         with open(path, "rb") as f:
-            config = json.loads(f.read(1 << 20))
+            config = json.loads(f.read(CONFIG_READ_BYTES))
     except FileNotFoundError:
-        return
+        return None  # a weights-only directory: the served model's config applies, as upstream's
     except (OSError, ValueError) as exc:
-        raise CheckpointError(path, f"unreadable: {exc}") from None
+        return f"{path} is unreadable ({exc}); its weights are loaded into the served {architecture}"
     if not isinstance(config, dict):
-        raise CheckpointError(path, f"unreadable: a JSON object was expected, got {type(config).__name__}")
+        return f"{path} is not a JSON object; its weights are loaded into the served {architecture}"
     archs = config.get("architectures")
-    if archs is None:
-        return  # names no architecture, so none that differs
-    if not isinstance(archs, list) or architecture not in archs:
-        raise CheckpointError(
-            path, f"describes architectures {archs!r}, but the server runs {architecture}"
-        )
+    if archs is None or (isinstance(archs, list) and architecture in archs):
+        return None
+    return (f"{path} describes architectures {archs!r}, but the server runs {architecture}; its weights "
+            f"are loaded into it as upstream's update would load them (every tensor checked against the model)")
 
 
 def check_coverage(

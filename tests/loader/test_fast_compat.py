@@ -45,6 +45,16 @@ def _write(kind: str, out: Path, seed: int) -> Path:
     return write_qwen3_moe(out, seed=seed, layout="split_layer")
 
 
+def _index_of_another_sharding(weight_map):
+    """The index a trainer kept from another save: every tensor of the first two shards mapped
+    to the other one, and one entry for a tensor no shard holds (upstream's loader reads the
+    index only to choose the files, then loads every tensor they hold)."""
+    first, second = sorted(set(weight_map.values()))[:2]
+    swapped = {name: {first: second, second: first}.get(shard, shard) for name, shard in weight_map.items()}
+    swapped["model.layers.0.mlp.dropped_by_the_trainer.weight"] = first
+    return swapped
+
+
 def build_sequence(root: Path, kind: str):
     """Start-up checkpoint and the updates every group runs (variants of two random seeds)."""
     a, b = _write(kind, root / "a", 11), _write(kind, root / "b", 22)
@@ -70,6 +80,7 @@ def build_sequence(root: Path, kind: str):
         Step("unused tensors present", derive(b, root / "b-extra", add=extras)),
         Step("unused tensors absent, weights only", derive(a, root / "a-weights", copy_config=False)),
         Step("shard linked to another step", derive(b, root / "step-12", link=[first_shard])),
+        Step("index of another sharding", derive(b, root / "b-index-swapped", index_edit=_index_of_another_sharding)),
         Step("pytorch .bin", write_bin_copy(a, root / "a-bin"), fast_path=False),
         Step("int16 matrix", derive(b, root / "b-int16", convert=to_dtype(torch.int16, names=[matrix])), matrix),
         Step("fp8 matrix", derive(b, root / "b-fp8", convert=to_dtype(torch.float8_e4m3fn, names=[matrix])), matrix),
@@ -166,6 +177,9 @@ def _check_fast_logs(fast, steps):
         assert len(warned) == 2, warned
         for count, names in warned:
             assert "v_head.summary.weight" in names and "inv_freq" not in names, warned
+        # An index that no longer says where the tensors are: one line, naming the index.
+        noted = [l for l in log.splitlines() if "disagrees with the shards" in l]
+        assert len(noted) == 1 and "model.safetensors.index.json" in noted[0], noted
 
 
 def test_bin_checkpoint_at_start_up_loads_through_upstream(tmp_path):

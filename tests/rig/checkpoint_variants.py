@@ -57,6 +57,7 @@ def derive(
     drop: Iterable[str] = (),
     copy_config: bool = True,
     link: Iterable[str] = (),
+    index_edit: Optional[Callable[[Dict[str, str]], Dict[str, str]]] = None,
 ) -> Path:
     """Write ``dst``: ``src``'s shards with tensors converted, added or dropped.
 
@@ -67,6 +68,8 @@ def derive(
         copy_config: False writes a weights-only directory (shards and index, no
             config.json, tokenizer or generation config).
         link: shard file names written as relative symlinks to ``src``'s files instead.
+        index_edit: ``weight map -> weight map`` applied to the index written (one that no
+            longer tells where the tensors are, as a trainer's copy of another save's index).
     """
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True)
@@ -92,6 +95,8 @@ def derive(
     if (src / INDEX_NAME).exists():
         index = json.loads((src / INDEX_NAME).read_text())
         index["weight_map"] = dict(sorted(placed.items()))
+        if index_edit is not None:
+            index["weight_map"] = index_edit(index["weight_map"])
         (dst / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     if copy_config:
         for p in src.iterdir():

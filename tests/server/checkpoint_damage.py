@@ -151,12 +151,12 @@ def empty_directory(ckpt):
     return None, None
 
 
-def other_architecture(ckpt):
+def config_naming_another_architecture(ckpt):
+    """A mislabelled config.json (upstream's update never reads it): the weights are B's."""
     path = Path(ckpt) / "config.json"
     config = json.loads(path.read_text())
     config["architectures"] = ["LlamaForCausalLM"]
     path.write_text(json.dumps(config))
-    return "config.json", None
 
 
 DAMAGES = {
@@ -170,7 +170,6 @@ DAMAGES = {
     "integer_dtype": integer_dtype,
     "index_names_missing_shard": index_names_missing_shard,
     "empty_directory": empty_directory,
-    "config_of_another_architecture": other_architecture,
 }
 
 
@@ -223,4 +222,5 @@ UPSTREAM_LOADS = {
     "weights_only_directory": weights_only,
     "unused_tensors": value_head_and_unused_tensors,
     "shard_symlinked_outside": shard_linked_to_another_directory,
+    "config_naming_another_architecture": config_naming_another_architecture,
 }
