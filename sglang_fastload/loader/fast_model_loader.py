@@ -32,9 +32,10 @@ from sglang_fastload.errors import CheckpointError, UnsupportedModelError
 from sglang_fastload.loader import collector_pause, shared_spans, startup_stream, validate
 from sglang_fastload.loader.checkpoint_state import state_of
 from sglang_fastload.loader.executor import DEFAULT_CHUNK_BYTES, DEFAULT_ZERO_COPY_SHARE, execute_plan, prepare_in_background
-from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, build_plan, cut_into_chunks, numel
+from sglang_fastload.loader.plan import DEFAULT_MIN_SEGMENT_BYTES, build_plan, cut_into_chunks
 from sglang_fastload.loader.dispatch import auto_means_fast
 from sglang_fastload.loader.replay import replay_load_weights
+from sglang_fastload.loader.settled_writes import settle_writes
 from sglang_fastload.loader import plan_store
 from sglang_fastload.loader.plan_key import KeyStart, LoadKnobs, expert_location_digest, key_start
 from sglang_fastload.loader.progress import ChunkProgress
@@ -335,10 +336,10 @@ class PreparedLoad:
     @staticmethod
     def _make_plan(ckpt, model, headers, tensors, directory, params, cut):
         loader = ckpt.loader
-        order = []  # upstream order: files sorted, tensors in file order
+        order = []  # upstream's order: files sorted, and the names in each file (safetensors' keys())
         locations = {}
         for path in sorted(headers):
-            for name, entry in headers[path].tensors.items():
+            for name, entry in sorted(headers[path].tensors.items()):
                 order.append((name, entry.shape, getattr(torch, torch_dtype_name(entry.dtype))))
                 locations[name] = (path, entry.start, entry.itemsize, order[-1][2])
         try:
@@ -347,24 +348,8 @@ class PreparedLoad:
             if exc.tensor in tensors:
                 raise type(exc)(tensors[exc.tensor][0], exc.reason, tensor=exc.tensor) from exc
             raise type(exc)(directory, exc.reason, tensor=exc.tensor) from exc
-        written: Dict[str, int] = {}
-        for c in result.copies:
-            written[c.param] = written.get(c.param, 0) + numel(c.dst)
-        for z in result.zeros:
-            written[z.param] = written.get(z.param, 0) + numel(z.dst)
-        # Tied parameters share storage; a write under one name feeds them all.
-        by_storage: Dict[int, int] = {}
-        for name, p in params.items():
-            key = p.untyped_storage()._cdata
-            by_storage[key] = by_storage.get(key, 0) + written.get(name, 0)
-        unique = {}
-        for name, p in params.items():
-            unique.setdefault(p.untyped_storage()._cdata, name)
-        validate.check_coverage(
-            {name: params[name].numel() for name in unique.values()},
-            {name: by_storage[k] for k, name in unique.items()},
-            directory,
-        )
+        # Every element fed, each by the write upstream makes last (tied parameters share storage).
+        settled = settle_writes(result, params, directory)
         unused = [n for n in tensors if n not in result.tensors_used and not validate.is_known_skip(n)]
         if unused:
             logger.warning(
@@ -373,8 +358,8 @@ class PreparedLoad:
                 len(unused), _rank_suffix(), unused[:3],
             )
         return build_plan(
-            result.copies,
-            result.zeros,
+            settled.copies,
+            settled.zeros,
             locations,
             {n: (tuple(p.shape), p.dtype) for n, p in params.items()},
             frozenset(result.tensors_used),

@@ -53,6 +53,8 @@ class ReplayResult:
     copies: List[RecordedCopy]
     zeros: List[RecordedZero]
     tensors_used: set  # checkpoint names that fed at least one parameter on this rank
+    # For each zero-fill, how many copies the loaders had made before it (their order).
+    zeros_after: List[int] = dataclasses.field(default_factory=list)
 
 
 # Widths a float checkpoint tensor may have when it feeds a float parameter of another dtype:
@@ -105,6 +107,7 @@ class _CopyRecorder(TorchDispatchMode):
         self.current: Optional[str] = None
         self.copies: List[RecordedCopy] = []
         self.zeros: List[RecordedZero] = []
+        self.zeros_after: List[int] = []
         self.used: set = set()
         # Most operations a loader runs are views (slice, select, detach: ~3 per expert
         # tensor of a MoE): each is classified once, then run with no further test, through
@@ -134,6 +137,7 @@ class _CopyRecorder(TorchDispatchMode):
             if target is None:
                 return func(*args, **kwargs)
             self.zeros.append(RecordedZero(target[0], _geometry(args[0], target[1])))
+            self.zeros_after.append(len(self.copies))
             return args[0]
         # A mutating operation (``fill_`` with another value included): refused on a parameter.
         for a in args:
@@ -234,4 +238,4 @@ def replay_load_weights(
                 f"upstream's weight loader rejects it: {type(exc).__name__}: {exc}",
                 tensor=recorder.current,
             ) from exc
-    return ReplayResult(recorder.copies, recorder.zeros, recorder.used)
+    return ReplayResult(recorder.copies, recorder.zeros, recorder.used, recorder.zeros_after)
