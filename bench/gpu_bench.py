@@ -658,6 +658,35 @@ def checksums(model) -> Dict[str, Tuple]:
     return out
 
 
+def save_reference_checksums(directory: str, key: str, model, overlay: Optional[dict]) -> str:
+    """Write ``checksums(model)`` of the reference (``auto``) after its last step to
+    ``directory/<key>.json``, for a run in another process to compare with
+    (``--reference-checksums``): run this one with ``SGLANG_FASTLOAD=0`` for upstream's own SGLang."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{key}.json")
+    sums = {name: [s1, s2, list(shape), dtype] for name, (s1, s2, shape, dtype) in checksums(model).items()}
+    with open(path, "w") as f:
+        json.dump({"overlay": overlay, "checksums": sums}, f)
+    return path
+
+
+def load_reference_checksums(directory: str, key: str) -> Dict[str, Tuple]:
+    """The checksums ``save_reference_checksums`` wrote for model ``key``, as ``checksums`` returns them.
+
+    Raises:
+        SystemExit: the file is missing, or was written by a process that ran the overlay.
+    """
+    path = os.path.join(directory, f"{key}.json")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise SystemExit(f"--reference-checksums: cannot read {path}: {exc}") from None
+    if (data.get("overlay") or {}).get("active"):
+        raise SystemExit(f"--reference-checksums: {path} was written with the overlay active, not by upstream's own SGLang")
+    return {name: (s1, s2, tuple(shape), dtype) for name, (s1, s2, shape, dtype) in data["checksums"].items()}
+
+
 def compare_models(ref, other, *, limit: int = 20) -> Dict:
     """torch.equal on integer views, tensor by tensor, on the device (nothing copied)."""
     import torch
@@ -1239,7 +1268,9 @@ def run_model(key: str, spec, args, session_box: Dict, results: Results, budget:
     steps = plan_steps(args)
     order = [REFERENCE] + [c for c in args.contenders if c != REFERENCE] if REFERENCE in args.contenders else list(args.contenders)
     ref_model = None
-    ref_sums = None
+    ref_sums = load_reference_checksums(args.reference_checksums, key) if args.reference_checksums else None
+    if ref_sums is not None:
+        mres["reference"] = f"upstream's own SGLang in another process ({args.reference_checksums})"
     for cname in order:
         cont = CONTENDERS[cname]
         cres = mres["contenders"].setdefault(cname, {"description": cont.description, "load_format": cont.load_format, "extra_config": cont.extra, "steps": []})
@@ -1262,7 +1293,8 @@ def run_model(key: str, spec, args, session_box: Dict, results: Results, budget:
             log(f"{cname}: skipped (time budget)")
             results.save()
             continue
-        is_ref = cname == REFERENCE
+        # With checksums of upstream's own SGLang, every contender here is compared with them.
+        is_ref = cname == REFERENCE and ref_sums is None
         if not is_ref and ref_model is not None and args.device == "cuda":
             import torch
 
@@ -1300,6 +1332,9 @@ def run_model(key: str, spec, args, session_box: Dict, results: Results, budget:
             log(f"{cname}: FAILED: {exc}\n{cres['traceback']}")
         if is_ref and model is not None:
             ref_model = model
+            if args.save_reference_checksums:
+                path = save_reference_checksums(args.save_reference_checksums, key, model, results.data.get("overlay"))
+                log(f"{cname}: parameter checksums written to {path}")
         alive = weakref.ref(model) if (model is not None and not is_ref) else None
         model = None
         free_memory(args.device)
@@ -1525,6 +1560,11 @@ def parse_args(argv=None):
     p.add_argument("--cold-ceiling-gb", type=float, default=8.0, help="bytes of the cold ceiling read")
     p.add_argument("--h2d-gib", type=float, default=4.0)
     p.add_argument("--verify", choices=("auto", "direct", "checksum", "none"), default="auto")
+    p.add_argument("--save-reference-checksums", default=None, metavar="DIR",
+                   help="write auto's parameter checksums after its last step to DIR/<model>.json "
+                        "(run with SGLANG_FASTLOAD=0: upstream's own SGLang)")
+    p.add_argument("--reference-checksums", default=None, metavar="DIR",
+                   help="compare every contender with the checksums in DIR/<model>.json (same --phases and --cache)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the tiny warm-up load per model class")
     p.add_argument("--no-poison", dest="poison", action="store_false", help="do not poison parameters before the last update")
     p.add_argument("--time-budget-s", type=float, default=540.0, help="skip steps that would end after this (from start)")
