@@ -91,6 +91,24 @@ def _what(result: ReplayResult, write: _Write) -> str:
     return "a zero-fill" if write[1] else repr(result.copies[write[2]].tensor)
 
 
+def _check_overlaps(result: ReplayResult, param: str, runs: List[Tuple[int, int, int]], kept: List[_Write]) -> None:
+    """Raise unless every two kept writes that share elements are a zero-fill and a later write
+    (the executor zero-fills first, as upstream did then). Runs only where runs overlap."""
+    active: List[Tuple[int, int]] = []  # (end, position in kept) of the runs not yet passed
+    for start, end, k in runs:
+        active = [(e, j) for e, j in active if e > start]
+        for _, j in active:
+            if j == k:
+                continue
+            earlier, later = sorted((kept[j], kept[k]))
+            if not earlier[1]:
+                raise UnsupportedModelError(
+                    f"the loaders write {_what(result, earlier)} and then {_what(result, later)} into partly "
+                    f"the same elements of parameter {param!r}: only upstream's loader runs such writes in order"
+                )
+        active.append((end, k))
+
+
 def _settle_one(result: ReplayResult, param: str, writes: List[_Write], regions: List[Tuple[int, int, str]],
                 directory: str) -> Optional[List[_Write]]:
     """The writes to keep on one storage (``regions``: its parameters' ``(start, end, name)``),
@@ -102,22 +120,16 @@ def _settle_one(result: ReplayResult, param: str, writes: List[_Write], regions:
     if runs is None:
         return None
     covered: List[List[int]] = []  # merged [start, end) of what the kept writes reach
-    reach, owner = None, None
-    for start, end, k in runs:
-        if reach is not None and start < reach and k != owner:
-            earlier, later = sorted((kept[k], kept[owner]))
-            if not earlier[1]:  # zero-fills run first, as an earlier one did upstream
-                raise UnsupportedModelError(
-                    f"the loaders write {_what(result, earlier)} and then {_what(result, later)} into partly "
-                    f"the same elements of parameter {param!r}: only upstream's loader runs such writes in order"
-                )
+    overlap = False
+    for start, end, _ in runs:
         if covered and start <= covered[-1][1]:
+            overlap = overlap or start < covered[-1][1]
             if end > covered[-1][1]:
                 covered[-1][1] = end
         else:
             covered.append([start, end])
-        if reach is None or end > reach:
-            reach, owner = end, k
+    if overlap:
+        _check_overlaps(result, param, runs, kept)
     starts = [c[0] for c in covered]
     for start, end, name in regions:
         i = bisect.bisect_right(starts, start) - 1

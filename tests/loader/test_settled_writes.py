@@ -69,6 +69,13 @@ def test_zero_fill_then_copies_run_as_the_executor_runs_them():
         settle(first, zeros=[whole], zeros_after=[1])
 
 
+def test_copies_that_overlap_inside_a_zero_fill_are_left_to_upstream():
+    whole = RecordedZero("w", rows(0, 4))
+    copies = [copy("a", "w", rows(0, 3)), copy("b", "w", rows(2, 2))]
+    with pytest.raises(UnsupportedModelError, match="write 'a' and then 'b'"):
+        settle(copies, zeros=[whole], zeros_after=[0])
+
+
 def test_a_zero_fill_replaced_whole_by_a_copy_and_the_other_way_round():
     zero, full = RecordedZero("w", rows(0, 4)), copy("a", "w", rows(0, 4))
     assert settle([full], zeros=[zero], zeros_after=[0]) == type(settle([full]))([full], [])
