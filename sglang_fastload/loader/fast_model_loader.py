@@ -279,9 +279,11 @@ class PreparedLoad:
                     tensors[name] = (path, entry.shape, entry.dtype)
             # A first start reads the whole checkpoint while the plan is built (startup_stream.py).
             stamps = stamp_files(headers)  # before any byte is read
-            stream = startup_stream.maybe_start(
-                ckpt.loader, headers, not state.loaded, _single_rank(), torch.device(target_device)
-            )
+            # Only a start-up streams: an update (or its restore) of a model another loader
+            # started has no room reserved for the scratch, and nothing would end the stream
+            # if upstream's restore pass failed before the load.
+            startup = not state.loaded and update_guard.current_update() is None
+            stream = startup_stream.maybe_start(ckpt.loader, headers, startup, _single_rank(), torch.device(target_device))
             try:
                 # A streamed start copies its plan out of the scratch, in whole steps: the
                 # steps are cut into chunks where the plan is stored (``_store_plan``), and

@@ -441,3 +441,21 @@ def test_on_the_device_the_stream_writes_what_the_executor_writes(checkpoint):
     assert stream.finish(plan, streamed) is not None
     _assert_bits(streamed, _expected(t))
     assert (str(device), 4096) not in staging._WORKER_POOL
+
+
+def test_an_update_never_streams_even_the_first_fast_load_of_a_model_started_by_another_loader(tmp_path):
+    # A start-up from PyTorch .bin files goes through upstream's path; the first update from
+    # safetensors is then the model's first fast load, with the stream asked for. It is an
+    # update (no room reserved for a scratch, upstream's restore pass before it), so it reads
+    # the files after the plan, as every update does.
+    from tests.rig.checkpoint_variants import write_bin_copy
+    from tests.rig.checkpoints import write_qwen3
+    from tests.rig.inprocess import compare_params, load_params, upstream_params
+
+    a = write_bin_copy(write_qwen3(tmp_path / "a", tied=False, seed=7, layout="single"), tmp_path / "a-bin")
+    b = write_qwen3(tmp_path / "b", tied=False, seed=8, layout="sharded")
+    res = load_params(a, load_format="fast", update_path=b, extra_config={"startup_stream": "on"})
+    log = res[0].log
+    assert res[0].error is None and "has no fast-load plan" in log and "sglang-fastload: loaded" in log, log[-3000:]
+    assert "of it while the plan was built" not in log, log[-3000:]
+    assert not compare_params(upstream_params(b)[0].params, res[0].params)
