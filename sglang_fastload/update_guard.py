@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -25,7 +26,7 @@ import gc
 import logging
 import os
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 from sglang_fastload import constants, parallel_ranks
 from sglang_fastload.errors import RollbackError
@@ -149,6 +150,27 @@ def _served_before(updater, model) -> ServedCheckpoint:
     return ServedCheckpoint(path, _load_format_name(get_model().load_format), None)
 
 
+@contextlib.contextmanager
+def _recapture_deferred(updater) -> Iterator[List[bool]]:
+    """While upstream's update runs, its CUDA-graph recapture is only noted (in the list yielded).
+
+    The recapture makes collective calls on every rank; a rank whose load failed is in the
+    guard's vote by then, and the two would wait for each other for ever. The guard recaptures
+    once every rank has succeeded. (``WeightUpdater`` is a frozen dataclass: its field is set
+    past the freeze, and always put back.)
+    """
+    requested: List[bool] = []
+    real = getattr(updater, "recapture_cuda_graph", None)
+    if real is None:
+        yield requested
+        return
+    object.__setattr__(updater, "recapture_cuda_graph", lambda: requested.append(True))
+    try:
+        yield requested
+    finally:
+        object.__setattr__(updater, "recapture_cuda_graph", real)
+
+
 def guard_update_weights_from_disk(original: Callable) -> Callable:
     """Wrap ``WeightUpdater.update_weights_from_disk`` (see the module docstring).
 
@@ -176,14 +198,17 @@ def guard_update_weights_from_disk(original: Callable) -> Callable:
             )
         token = _CURRENT.set(update)
         failure: Optional[BaseException] = None
-        try:
-            ok, message = original(self, model_path, load_format, *args, **kwargs)
-        except Exception as exc:  # upstream's own rollback re-read raised, or ours refused it
-            ok, message, failure = False, None, exc
-        finally:
-            _CURRENT.reset(token)
+        with _recapture_deferred(self) as recapture:
+            try:
+                ok, message = original(self, model_path, load_format, *args, **kwargs)
+            except Exception as exc:  # upstream's own rollback re-read raised, or ours refused it
+                ok, message, failure = False, None, exc
+            finally:
+                _CURRENT.reset(token)
         if all_ranks_ok(ok):
             record_served(self.get_model(), model_path, load_format)
+            if recapture:
+                self.recapture_cuda_graph()
             return ok, message
         reason = update.first_error or failure or message or "another tensor-parallel rank failed"
         if all_ranks_ok(update.certainly_untouched(message)):
