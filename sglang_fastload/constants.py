@@ -126,3 +126,14 @@ UPSTREAM_WALK_SOURCES = {
     # idle_restores.py: skipped when every hook in it would do nothing.
     "DefaultModelLoader.restore_weights_before_loading": "0802a5551be6af3dc9ff45d6d16a78cee63d5cc728d280564fcbd40eca8d581b",
 }
+
+# SGLang's ``WeightUpdater`` methods that write parameters from a trainer's tensors, not from
+# disk (the overlay's weight_updater fork marks the model's served checkpoint as replaced
+# when one runs: served_checkpoint.record_replaced). Absent ones are skipped.
+TENSOR_UPDATE_METHODS = (
+    "update_weights_from_tensor",
+    "update_weights_from_ipc",
+    "receive_weights_from_distributed",
+    "load_weights_from_distributed",
+    "begin_weight_update",
+)

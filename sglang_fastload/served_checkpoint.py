@@ -10,6 +10,7 @@ load, and ``is_intact`` compares them with what the directory holds now.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Dict, Optional, Tuple
 
@@ -30,11 +31,14 @@ class ServedCheckpoint:
         load_format: the load format it was loaded with (a string).
         files: identity of each weight file at the end of that load; None when the load
             was not observed (e.g. a start-up load through upstream's own path).
+        replaced_by: the update API that has written the parameters since (from a trainer's
+            tensors, not from disk: no checkpoint holds the served weights), or None.
     """
 
     path: str
     load_format: str
     files: Optional[Dict[str, FileIdentity]]
+    replaced_by: Optional[str] = None
 
     def is_intact(self, next_path: str) -> bool:
         """True when re-reading ``path`` would give back exactly the served weights.
@@ -47,6 +51,8 @@ class ServedCheckpoint:
         Returns:
             Whether ``path`` still holds the checkpoint the model was serving.
         """
+        if self.replaced_by is not None:
+            return False
         if not os.path.isdir(self.path):
             # A hub id resolves to an immutable cache snapshot; a missing directory is gone.
             return not os.path.isabs(self.path) and not os.path.exists(self.path)
@@ -56,6 +62,8 @@ class ServedCheckpoint:
 
     def describe_loss(self) -> str:
         """Why ``path`` no longer holds the served weights, in words (for messages)."""
+        if self.replaced_by is not None:
+            return f"the served weights came from {self.replaced_by} after {self.path} was loaded"
         if not os.path.exists(self.path):
             return f"{self.path} no longer exists"
         if self.files is None:
@@ -108,6 +116,41 @@ def record_served(model, path: str, load_format, files: Optional[Dict[str, FileI
     record = ServedCheckpoint(str(path), str(getattr(load_format, "value", load_format)), files)
     model.__dict__[_ATTR] = record
     return record
+
+
+def keep_record(model, record: ServedCheckpoint) -> None:
+    """Make ``record`` the model's record again (its weights were restored from a host snapshot
+    of what it described)."""
+    model.__dict__[_ATTR] = record
+
+
+def record_replaced(model, api: str) -> None:
+    """Remember that ``api`` (an update from tensors, not from disk) is writing ``model``'s
+    parameters: no checkpoint on disk holds them any more, so a failed disk update cannot
+    roll back by reading one (the host snapshot still can)."""
+    record = served_by(model)
+    path, load_format = (record.path, record.load_format) if record is not None else ("", "")
+    model.__dict__[_ATTR] = ServedCheckpoint(path, load_format, None, api)
+
+
+def forget_on_update(api: str, original):
+    """Wrap a ``WeightUpdater`` method that writes parameters from a trainer's tensors so
+    that it calls ``record_replaced`` first.
+
+    Args:
+        api: the method's name, for messages.
+        original: upstream's method.
+
+    Returns:
+        The method to install in its place.
+    """
+
+    @functools.wraps(original)
+    def update(self, *args, **kwargs):
+        record_replaced(self.get_model(), api)
+        return original(self, *args, **kwargs)
+
+    return update
 
 
 def served_by(model) -> Optional[ServedCheckpoint]:

@@ -30,7 +30,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 from sglang_fastload import constants, parallel_ranks
 from sglang_fastload.errors import RollbackError
-from sglang_fastload.served_checkpoint import ServedCheckpoint, record_served, served_by
+from sglang_fastload.served_checkpoint import ServedCheckpoint, keep_record, record_served, served_by
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def _server_load_settings() -> Tuple[Optional[str], dict]:
 def _served_before(updater, model) -> ServedCheckpoint:
     record = served_by(model)
     path = updater.model_config.model_path
-    if record is not None and record.path == path:
+    if record is not None and (record.path == path or record.replaced_by is not None):
         return record
     from sglang.srt.runtime_context import get_model
 
@@ -289,7 +289,7 @@ def _restore(updater, previous: ServedCheckpoint, target: str, load_format, reas
         err = _attempt("restoring the host snapshot", lambda: snapshot_of(model).restore(model))
         if all_ranks_ok(err is None):
             _set_model_fields(updater, previous.path, previous.load_format)
-            record_served(model, previous.path, previous.load_format, previous.files)
+            keep_record(model, previous)
             logger.info("sglang-fastload: previous weights restored from the host snapshot")
             return False, (
                 f"Failed to update weights: {reason}.\nRolled back to the previous weights "

@@ -35,3 +35,32 @@ def test_a_missing_checkpoint_is_gone(tmp_path):
     served = ServedCheckpoint(str(tmp_path / "gone"), "fast", {})
     assert not served.is_intact(str(tmp_path / "b"))
     assert served.describe_loss().endswith("no longer exists")
+
+
+def test_an_update_from_tensors_leaves_no_checkpoint_to_roll_back_to(tmp_path):
+    # Start-up from A, then weights pushed from a trainer's tensors: A is still on disk as it
+    # was, but no longer what the model serves, so a failed disk update must not "roll back"
+    # to it (the host snapshot still can). SGLang's own WeightUpdater methods are wrapped.
+    import types
+
+    import torch
+    from sglang.srt.model_executor.model_runner_components import weight_updater
+
+    from sglang_fastload import constants, update_guard
+    from sglang_fastload.served_checkpoint import forget_on_update, record_served, served_by
+
+    a = _checkpoint(tmp_path / "a")
+    model = torch.nn.Module()
+    record_served(model, a, "fast")
+    updater = types.SimpleNamespace(get_model=lambda: model, model_config=types.SimpleNamespace(model_path=a))
+    assert update_guard._served_before(updater, model).is_intact(str(tmp_path / "b"))
+    calls = []
+    push = forget_on_update("update_weights_from_tensor", lambda self, *args: calls.append(args) or (True, "ok"))
+    assert push(updater, "named tensors") == (True, "ok") and calls == [("named tensors",)]
+    previous = update_guard._served_before(updater, model)
+    assert previous is served_by(model) and previous.path == a
+    assert not previous.is_intact(str(tmp_path / "b"))
+    assert previous.describe_loss() == f"the served weights came from update_weights_from_tensor after {a} was loaded"
+    wrapped = [n for n in constants.TENSOR_UPDATE_METHODS if hasattr(weight_updater.WeightUpdater, n)]
+    assert "update_weights_from_tensor" in wrapped
+    assert all(getattr(weight_updater.WeightUpdater, n).__wrapped__ for n in wrapped)

@@ -466,6 +466,15 @@ WeightUpdater.update_weights_from_disk = guard_update_weights_from_disk(
 )
 # OVERLAY: end
 
+# OVERLAY: begin sglang-fastload: an update from a trainer's tensors leaves no checkpoint on disk to roll a failed disk update back to (sglang_fastload/served_checkpoint.py)
+from sglang_fastload.constants import TENSOR_UPDATE_METHODS
+from sglang_fastload.served_checkpoint import forget_on_update
+
+for _name in TENSOR_UPDATE_METHODS:
+    if hasattr(WeightUpdater, _name):
+        setattr(WeightUpdater, _name, forget_on_update(_name, getattr(WeightUpdater, _name)))
+# OVERLAY: end
+
 # OVERLAY: begin sglang-fastload: the derived-weight-cache check answered from one walk whose missing attributes do not raise (sglang_fastload/module_walks.py)
 from sglang_fastload.module_walks import faster_derived_weight_cache_check
 
