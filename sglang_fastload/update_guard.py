@@ -143,11 +143,13 @@ def _server_load_settings() -> Tuple[Optional[str], dict]:
 def _served_before(updater, model) -> ServedCheckpoint:
     record = served_by(model)
     path = updater.model_config.model_path
-    if record is not None and (record.path == path or record.replaced_by is not None):
+    if record is not None and record.path == path and record.replaced_by is None:
         return record
     from sglang.srt.runtime_context import get_model
 
-    return ServedCheckpoint(path, _load_format_name(get_model().load_format), None)
+    # Weights written from a trainer's tensors since: no checkpoint holds them (is_intact).
+    replaced_by = record.replaced_by if record is not None else None
+    return ServedCheckpoint(path, _load_format_name(get_model().load_format), None, replaced_by)
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ import torch
 from sglang_fastload import constants
 from sglang_fastload.errors import CheckpointError
 from sglang_fastload.loader import host_memory, shared_layout, shared_spans
-from sglang_fastload.loader.binding import Binding, BoundChunk, bind, direct_runtime
+from sglang_fastload.loader.binding import Binding, BoundChunk, _param_view, bind, direct_runtime
 from sglang_fastload.loader.execution_stats import ExecutionStats
 from sglang_fastload.loader.plan import CopyStep, LoadPlan
 from sglang_fastload.loader.staging import Worker, prepare_in_background, read_exact, reader_pool
@@ -478,9 +478,14 @@ def execute_plan(
     shared_stats = ExecutionStats()
     rounds = None
     if node is not None:
+        # Zero-fills before any copy, as upstream ran them before the copies into them
+        # (settled_writes.py): the rounds start copying as soon as they are started.
+        for z in plan.zeros:
+            _param_view(params[z.param], z.dst).zero_()
         plan, rounds = _share_with_node(plan, params, device, num_threads, cache, node, fault, on_bytes, shared_stats)
     try:
-        stats = _execute_alone(plan, params, device, num_threads, chunk_bytes, on_bytes, cache, zero_copy_share, fault)
+        stats = _execute_alone(plan, params, device, num_threads, chunk_bytes, on_bytes, cache, zero_copy_share, fault,
+                               zeros_done=node is not None)
     except BaseException:
         if rounds is not None:
             rounds.join(failed=True)
@@ -503,15 +508,17 @@ def _execute_alone(
     cache: Optional[dict],
     zero_copy_share: float,
     fault: _FaultBudget,
+    zeros_done: bool = False,
 ) -> ExecutionStats:
-    """``execute_plan`` of the steps this rank loads by itself (see there)."""
+    """``execute_plan`` of the steps this rank loads by itself (see there; ``zeros_done``: the
+    plan's zero-fills were made already)."""
     t_setup = time.perf_counter()
     bound = bind(plan, params, device, num_threads, chunk_bytes, cache, zero_copy_share)
     workers = bound.workers
     for w in workers:
         w.stats = ExecutionStats()
         w.runtime = bound.runtime  # workers are shared by bindings made with and without it
-    for view in bound.zeros:
+    for view in () if zeros_done else bound.zeros:
         view.zero_()
     paths = [fp.path for fp in plan.files]
     fds = {path: os.open(path, os.O_RDONLY) for path in paths}

@@ -217,6 +217,11 @@ def contiguous_runs(geometry: Geometry) -> Tuple[int, List[int]]:
     return run, _run_starts(geometry, outer)
 
 
+def run_length(geometry: Geometry) -> int:
+    """Elements in each run of consecutive elements of a view (``contiguous_runs``), 0 when empty."""
+    return _run_and_outer_dims(geometry)[0]
+
+
 def _run_starts(geometry: Geometry, outer: int) -> List[int]:
     """Start offsets of the runs, enumerating the ``outer`` leading dimensions."""
     offset, sizes, strides = geometry

@@ -37,7 +37,7 @@ def test_a_missing_checkpoint_is_gone(tmp_path):
     assert served.describe_loss().endswith("no longer exists")
 
 
-def test_an_update_from_tensors_leaves_no_checkpoint_to_roll_back_to(tmp_path):
+def test_an_update_from_tensors_leaves_no_checkpoint_to_roll_back_to(tmp_path, monkeypatch):
     # Start-up from A, then weights pushed from a trainer's tensors: A is still on disk as it
     # was, but no longer what the model serves, so a failed disk update must not "roll back"
     # to it (the host snapshot still can). SGLang's own WeightUpdater methods are wrapped.
@@ -49,6 +49,9 @@ def test_an_update_from_tensors_leaves_no_checkpoint_to_roll_back_to(tmp_path):
     from sglang_fastload import constants, update_guard
     from sglang_fastload.served_checkpoint import forget_on_update, record_served, served_by
 
+    from sglang.srt import runtime_context
+
+    monkeypatch.setattr(runtime_context, "get_model", lambda: types.SimpleNamespace(load_format="dummy"))
     a = _checkpoint(tmp_path / "a")
     model = torch.nn.Module()
     record_served(model, a, "fast")
@@ -57,10 +60,17 @@ def test_an_update_from_tensors_leaves_no_checkpoint_to_roll_back_to(tmp_path):
     calls = []
     push = forget_on_update("update_weights_from_tensor", lambda self, *args: calls.append(args) or (True, "ok"))
     assert push(updater, "named tensors") == (True, "ok") and calls == [("named tensors",)]
+    assert served_by(model).replaced_by == "update_weights_from_tensor"
     previous = update_guard._served_before(updater, model)
-    assert previous is served_by(model) and previous.path == a
+    assert (previous.path, previous.replaced_by) == (a, "update_weights_from_tensor")
     assert not previous.is_intact(str(tmp_path / "b"))
     assert previous.describe_loss() == f"the served weights came from update_weights_from_tensor after {a} was loaded"
+    # A server started with no record (--load-format dummy): the path and format still come
+    # from the server, never empty.
+    fresh = torch.nn.Module()
+    push(types.SimpleNamespace(get_model=lambda: fresh), "named tensors")
+    previous = update_guard._served_before(updater, fresh)
+    assert (previous.path, previous.load_format, previous.is_intact(a)) == (a, "dummy", False)
     wrapped = [n for n in constants.TENSOR_UPDATE_METHODS if hasattr(weight_updater.WeightUpdater, n)]
     assert "update_weights_from_tensor" in wrapped
     assert all(getattr(weight_updater.WeightUpdater, n).__wrapped__ for n in wrapped)

@@ -96,3 +96,20 @@ def test_a_parameter_that_is_not_contiguous_is_counted():
     assert settle(copies, params=params).copies == copies
     with pytest.raises(CheckpointMismatchError, match="only partly fed"):
         settle(copies[:1], params=params)
+
+
+def test_writes_of_very_many_runs_are_counted_not_compared(monkeypatch):
+    # A [4, 4] parameter written column by column: 16 runs of one element, more than the limit
+    # set here, so elements are counted (as for a [E, H, 2I] expert layout at real sizes).
+    from sglang_fastload.loader import settled_writes
+
+    columns = [copy(f"c{j}", "w", (j, (4, 1), (4, 1))) for j in range(4)]
+    monkeypatch.setattr(settled_writes, "MAX_EXACT_RUNS", 8)
+    assert settle(columns).copies == columns
+    with pytest.raises(CheckpointMismatchError, match="only partly fed"):
+        settle(columns[:3])
+    twice = columns[:3] + [copy("c0_again", "w", (0, (4, 1), (4, 1)))]
+    assert settle(twice).copies == twice  # counted: 16 of 16, the overlap not seen
+    monkeypatch.setattr(settled_writes, "MAX_EXACT_RUNS", 16)
+    with pytest.raises(CheckpointMismatchError, match=r"only partly fed \(12 of 16"):
+        settle(twice)
