@@ -34,9 +34,10 @@ import torch
 from sglang_fastload import constants
 from sglang_fastload.errors import CheckpointError
 from sglang_fastload.loader import host_memory, shared_layout, shared_spans
-from sglang_fastload.loader.binding import Binding, BoundChunk, _param_view, bind, direct_runtime
+from sglang_fastload.loader.binding import Binding, BoundChunk, bind, direct_runtime
 from sglang_fastload.loader.execution_stats import ExecutionStats
 from sglang_fastload.loader.plan import CopyStep, LoadPlan
+from sglang_fastload.loader.scratch_copies import zero_fills
 from sglang_fastload.loader.staging import Worker, prepare_in_background, read_exact, reader_pool
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_ZERO_COPY_SHARE", "ExecutionStats", "execute_plan", "prepare_in_background"]
@@ -480,8 +481,7 @@ def execute_plan(
     if node is not None:
         # Zero-fills before any copy, as upstream ran them before the copies into them
         # (settled_writes.py): the rounds start copying as soon as they are started.
-        for z in plan.zeros:
-            _param_view(params[z.param], z.dst).zero_()
+        zero_fills(plan, params)
         plan, rounds = _share_with_node(plan, params, device, num_threads, cache, node, fault, on_bytes, shared_stats)
     try:
         stats = _execute_alone(plan, params, device, num_threads, chunk_bytes, on_bytes, cache, zero_copy_share, fault,
