@@ -12,10 +12,12 @@ tile the data section exactly from byte 0 to the end of the file with no gap, ov
 trailing byte). On top of those it refuses, on purpose:
 
 * duplicate keys anywhere in the header (the library keeps the last tensor of a name);
-* keys other than ``dtype``/``shape``/``data_offsets`` in a tensor entry;
 * the sub-byte dtypes ``F4``, ``F6_E2M3``, ``F6_E3M2`` (torch has no element type for them:
   the only 4-bit one packs two values per element, which changes the shape);
 * dimensions or element counts above ``2**63 - 1``, which torch cannot represent.
+
+Keys other than ``dtype``/``shape``/``data_offsets`` in a tensor entry are ignored, as the
+library ignores them (``SafetensorsHeader.ignored_keys`` lists them, for a note).
 
 Nothing is ever allocated in proportion to a number read from the file: the header
 length is checked against :data:`MAX_HEADER_BYTES` and the real file size before the
@@ -36,7 +38,7 @@ import stat
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from sglang_fastload.errors import HeaderError
 
@@ -159,6 +161,21 @@ class SafetensorsHeader:
     data_start: int
     tensors: Dict[str, TensorEntry]
     metadata: Optional[Dict[str, str]]
+    # (tensor name, keys) of entries with keys beyond dtype, shape and data_offsets, which
+    # safetensors ignores (and so upstream's loader): ignored here too, and noted.
+    ignored_keys: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
+
+    def ignored_keys_note(self) -> Optional[str]:
+        """One line naming the file, a tensor and the keys safetensors ignores, or None."""
+        if not self.ignored_keys:
+            return None
+        name, keys = self.ignored_keys[0]
+        more = len(self.ignored_keys) - 1
+        return (
+            f"{self.path}: tensor entry {name!r} has key(s) {_short(list(keys))} besides 'dtype', 'shape' and "
+            f"'data_offsets'" + (f" (and {more} more entries)" if more else "")
+            + "; ignored, as safetensors (and upstream's loader) ignores them"
+        )
 
     def layout_key(self) -> tuple:
         """Hashable identity of the file's byte layout (sizes, names, dtypes, shapes, offsets)."""
@@ -331,8 +348,9 @@ def _plain_entry(value, data_len: int):
     return dtype, tuple(shape), begin, end
 
 
-def _parse_entry(path: str, name: str, value, data_len: int):
-    """Check one tensor entry; returns (dtype, shape, begin, end) relative to the data section."""
+def _parse_entry(path: str, name: str, value, data_len: int, ignored: list):
+    """Check one tensor entry; returns (dtype, shape, begin, end) relative to the data section.
+    Keys beyond the three are appended to ``ignored`` as ``(name, keys)``."""
     if type(value) is _Pairs:
         plain = _plain_entry(value, data_len)
         if plain is not None:
@@ -346,12 +364,9 @@ def _parse_entry(path: str, name: str, value, data_len: int):
         fields[key] = item
     extra = [k for k in fields if k not in _ENTRY_KEYS]
     if extra:
-        raise HeaderError(
-            path,
-            f"unexpected key(s) {_short(extra)} in tensor entry; only 'dtype', 'shape' and "
-            f"'data_offsets' are allowed",
-            name,
-        )
+        # safetensors ignores keys it does not know, whatever their values: so does this
+        # parser (a misspelt one of the three is still refused: that key is then missing).
+        ignored.append((name, tuple(extra)))
     missing = [k for k in _ENTRY_KEYS if k not in fields]
     if missing:
         raise HeaderError(path, f"tensor entry is missing key(s) {missing}", name)
@@ -491,11 +506,12 @@ def parse_header(path: str, prefix: bytes, file_size: int) -> SafetensorsHeader:
 
     metadata: Optional[Dict[str, str]] = None
     raw = []
+    ignored: List[Tuple[str, Tuple[str, ...]]] = []
     for name, value in root:
         if name == _METADATA_KEY:
             metadata = _parse_metadata(path, value)
         else:
-            dtype, shape, begin, end = _parse_entry(path, name, value, data_len)
+            dtype, shape, begin, end = _parse_entry(path, name, value, data_len, ignored)
             raw.append((begin, end, name, dtype, shape))
 
     # The data section must be tiled exactly: sorted by offsets, each tensor begins where
@@ -531,7 +547,7 @@ def parse_header(path: str, prefix: bytes, file_size: int) -> SafetensorsHeader:
             f"{data_len - position} trailing bytes after the last tensor: the data section "
             f"({data_len} bytes) must be covered exactly by the tensors",
         )
-    return SafetensorsHeader(path, file_size, data_start, tensors, metadata)
+    return SafetensorsHeader(path, file_size, data_start, tensors, metadata, tuple(ignored))
 
 
 # ---------------------------------------------------------------------------- file

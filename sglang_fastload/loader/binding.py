@@ -379,6 +379,12 @@ def bind(
     Reused from ``cache`` while the parameters and the workers' buffers stay where they
     were (checked by address on every call); a plan rebound to other files of the same
     layout reuses it too.
+
+    Every reader's chunks are bound here, before the first read. Binding each chunk in the
+    reader that comes to it instead was measured slower on H200 hosts three times (readers'
+    threads 0.04-0.19 s longer: binding holds the interpreter between a reader's read and
+    copy calls, and sixteen readers wait for it in turn; docs/benchmarks.md, "binding by
+    the readers").
     """
     cache = {} if cache is None else cache
     steps_lists = tuple(fp.steps for fp in plan.files)

@@ -233,9 +233,11 @@ class PreparedLoad:
             raise UnsupportedModelError(f"the checkpoint has {found} weights, no safetensors")
         files = resolve_checkpoint_files(directory)
         headers = {path: read_header(path) for path in files.files}
-        # What config.json and the index say beyond what upstream's loader reads of them:
-        # noted, never a refusal (the replay checks every tensor against the model).
-        for note in (validate.config_note(directory, type(model).__name__), check_weight_map(files, headers)):
+        # What config.json, the index and the headers say beyond what upstream's loader reads
+        # of them: noted, never a refusal (the replay checks every tensor against the model).
+        notes = [validate.config_note(directory, type(model).__name__), check_weight_map(files, headers)]
+        notes += [header.ignored_keys_note() for header in headers.values()]
+        for note in notes:
             if note is not None:
                 logger.warning("sglang-fastload: %s", note)
         state = state_of(model)

@@ -159,7 +159,6 @@ HEADER_RULES = [
     ("entry-null", _raw('{"a":null}', b"xx"), "tensor entry must be a JSON object, got null", "a", True),
     ("entry-missing-key", _mutated(lambda h, d: h[EMB].pop("data_offsets") and None), "missing key(s) ['data_offsets']", EMB, True),
     ("entry-missing-dtype", _mutated(lambda h, d: h[NORM].pop("dtype") and None), "missing key(s) ['dtype']", NORM, True),
-    ("entry-extra-key", _set(EMB, "offset", 3), "unexpected key(s) ['offset']", EMB, False),
     ("entry-duplicate-key", _raw('{"a":{"dtype":"U8","dtype":"U8","shape":[2],"data_offsets":[0,2]}}', b"xx"), "duplicate key 'dtype' in tensor entry", "a", True),
     ("dtype-unknown", _set(EMB, "dtype", "BF17"), "unknown dtype 'BF17'", EMB, True),
     ("dtype-lowercase", _set(NORM, "dtype", "i32"), "unknown dtype 'i32'", NORM, True),
@@ -344,6 +343,8 @@ def test_dtype_tables():
         pytest.param('{"a":{"dtype":"U8","shape":[],"data_offsets":[0,1]}}', b"x", id="scalar"),
         pytest.param('{"a":{"dtype":"U8","shape":[0,1099511627776,1099511627776],"data_offsets":[0,0]}}', b"", id="empty-with-huge-dims"),
         pytest.param('{"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}', b"", id="two-empty-at-0"),
+        pytest.param('{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2],"offset":0}}', b"xx", id="entry-extra-key"),
+        pytest.param('{"a":{"offset":[1],"dtype":"U8","crc":{"x":null},"shape":[2],"data_offsets":[0,2]}}', b"xx", id="entry-extra-keys-anywhere"),
     ],
 )
 def test_valid_edge_cases_agree_with_safe_open(tmp_path, header, data):
@@ -581,3 +582,28 @@ def test_header_larger_than_memo_budget_is_parsed_but_not_kept(tmp_path, monkeyp
     _header_with_step(path, 1)
     assert len(read_header(str(path)).tensors) == 64
     assert len(sh._MEMO) == 0 and sh.memo_bytes() == 0
+
+
+def test_keys_safetensors_ignores_are_ignored_and_noted(tmp_path):
+    """A tensor entry's keys beyond dtype, shape and data_offsets: safetensors ignores them,
+    whatever their values, so upstream loads the file; so does the parser, which names
+    them for a note. A plain file has none."""
+    path = write_raw(
+        tmp_path / "x.safetensors",
+        '{"b":{"dtype":"U8","shape":[2],"data_offsets":[2,4]},'
+        '"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2],"offset":0,"crc32":"1a2b"}}',
+        b"\x01\x02\x03\x04",
+    )
+    header = read_header(str(path))
+    assert safe_open_accepts(path)
+    assert [(e.name, e.shape, e.start - header.data_start, e.end - header.data_start)
+            for e in header.tensors.values()] == [("a", (2,), 0, 2), ("b", (2,), 2, 4)]
+    assert header.ignored_keys == (("a", ("offset", "crc32")),)
+    note = header.ignored_keys_note()
+    assert str(path) in note and "'a'" in note and "offset" in note and "crc32" in note
+    plain = write_raw(tmp_path / "p.safetensors", '{"a":' + ENTRY + "}", b"xx")
+    assert read_header(str(plain)).ignored_keys == () and read_header(str(plain)).ignored_keys_note() is None
+    # A misspelt one of the three is still refused: that key is then missing.
+    bad = write_raw(tmp_path / "m.safetensors", '{"a":{"dtype":"U8","shape":[2],"data_offset":[0,2]}}', b"xx")
+    with pytest.raises(HeaderError, match=r"missing key\(s\) \['data_offsets'\]"):
+        read_header(str(bad))

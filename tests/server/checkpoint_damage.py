@@ -216,6 +216,16 @@ def shard_linked_to_another_directory(ckpt):
     path.symlink_to(Path("..") / stored.name / path.name)
 
 
+def keys_safetensors_ignores(ckpt):
+    """A writer that adds its own keys to every tensor entry (safetensors ignores them)."""
+    for path in shards(ckpt):
+        header, body = read_raw(path)
+        for name in header:
+            if name != "__metadata__":
+                header[name] = dict(header[name], writer_offset=header[name]["data_offsets"][0], crc32="0")
+        write_raw(path, header, body)
+
+
 UPSTREAM_LOADS = {
     "float32_weights": float32_weights,
     "float64_norms": float64_norms,
@@ -223,4 +233,5 @@ UPSTREAM_LOADS = {
     "unused_tensors": value_head_and_unused_tensors,
     "shard_symlinked_outside": shard_linked_to_another_directory,
     "config_naming_another_architecture": config_naming_another_architecture,
+    "keys_safetensors_ignores": keys_safetensors_ignores,
 }

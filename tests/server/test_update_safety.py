@@ -61,8 +61,13 @@ def test_checkpoint_upstream_loads_is_accepted(serving_a, dense_pair, upstream_o
     weights-only directory, a shard linked to another directory."""
     changed = copy_checkpoint(dense_pair[1], tmp_path / "b")
     UPSTREAM_LOADS[change](changed)
+    loaded_before = serving_a.log_text().count("sglang-fastload: loaded")
     status, body = update(serving_a, changed)
     assert status == 200 and body["success"], body
+    log = serving_a.log_text()
+    assert log.count("sglang-fastload: loaded") == loaded_before + 1, log[-3000:]  # by the fast path
+    if change == "keys_safetensors_ignores":  # noted, naming a file and the keys
+        assert "'writer_offset', 'crc32'] besides 'dtype', 'shape' and 'data_offsets'" in log, log[-3000:]
     assert outputs(serving_a) == upstream_outputs["B"]
 
 
