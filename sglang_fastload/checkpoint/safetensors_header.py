@@ -17,7 +17,9 @@ trailing byte). On top of those it refuses, on purpose:
 * dimensions or element counts above ``2**63 - 1``, which torch cannot represent.
 
 Keys other than ``dtype``/``shape``/``data_offsets`` in a tensor entry are ignored, as the
-library ignores them (``SafetensorsHeader.ignored_keys`` lists them, for a note).
+library ignores them (``SafetensorsHeader.ignored_keys`` lists them, for a note); an entry
+written as the array ``[dtype, shape, data_offsets]`` and a dtype written as
+``{"<dtype>": null}`` are read as the library (serde) reads them.
 
 Nothing is ever allocated in proportion to a number read from the file: the header
 length is checked against :data:`MAX_HEADER_BYTES` and the real file size before the
@@ -355,25 +357,40 @@ def _parse_entry(path: str, name: str, value, data_len: int, ignored: list):
         plain = _plain_entry(value, data_len)
         if plain is not None:
             return plain
-    if not isinstance(value, _Pairs):
+    if type(value) is list:
+        # The library (serde) also reads an entry written as the array of its three fields.
+        if len(value) != len(_ENTRY_KEYS):
+            raise HeaderError(
+                path, f"tensor entry written as an array must hold 3 items (dtype, shape, data_offsets), "
+                f"got {len(value)}", name,
+            )
+        fields = dict(zip(_ENTRY_KEYS, value))
+    elif isinstance(value, _Pairs):
+        fields = {}
+        extra = []
+        for key, item in value:
+            if key in _ENTRY_KEYS:
+                if key in fields:
+                    raise HeaderError(path, f"duplicate key {_short(key)} in tensor entry", name)
+                fields[key] = item
+            elif key not in extra:
+                extra.append(key)
+        if extra:
+            # safetensors ignores keys it does not know, whatever their values (repeated
+            # ones too): so does this parser (a misspelt one of the three is still refused:
+            # that key is then missing).
+            ignored.append((name, tuple(extra)))
+        missing = [k for k in _ENTRY_KEYS if k not in fields]
+        if missing:
+            raise HeaderError(path, f"tensor entry is missing key(s) {missing}", name)
+    else:
         raise HeaderError(path, f"tensor entry must be a JSON object, got {_json_type(value)}", name)
-    fields = {}
-    for key, item in value:
-        if key in fields:
-            raise HeaderError(path, f"duplicate key {_short(key)} in tensor entry", name)
-        fields[key] = item
-    extra = [k for k in fields if k not in _ENTRY_KEYS]
-    if extra:
-        # safetensors ignores keys it does not know, whatever their values: so does this
-        # parser (a misspelt one of the three is still refused: that key is then missing).
-        ignored.append((name, tuple(extra)))
-    missing = [k for k in _ENTRY_KEYS if k not in fields]
-    if missing:
-        raise HeaderError(path, f"tensor entry is missing key(s) {missing}", name)
 
     dtype = fields["dtype"]
+    if type(dtype) is _Pairs and len(dtype) == 1 and dtype[0][1] is None:
+        dtype = dtype[0][0]  # serde's other spelling of a dtype: {"BF16": null}
     if type(dtype) is not str:
-        raise HeaderError(path, f"dtype must be a string, got {_json_type(dtype)}", name)
+        raise HeaderError(path, f"dtype must be a string (or {{\"<dtype>\": null}}), got {_json_type(dtype)}", name)
     if dtype in SUB_BYTE_DTYPES:
         raise HeaderError(
             path,

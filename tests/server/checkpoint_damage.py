@@ -216,13 +216,17 @@ def shard_linked_to_another_directory(ckpt):
     path.symlink_to(Path("..") / stored.name / path.name)
 
 
-def keys_safetensors_ignores(ckpt):
-    """A writer that adds its own keys to every tensor entry (safetensors ignores them)."""
+def header_spellings_safetensors_reads(ckpt):
+    """Tensor entries as the safetensors library also reads them: with a writer's own keys
+    (ignored), written as the array [dtype, shape, data_offsets], a dtype as {"BF16": null}."""
     for path in shards(ckpt):
         header, body = read_raw(path)
-        for name in header:
-            if name != "__metadata__":
-                header[name] = dict(header[name], writer_offset=header[name]["data_offsets"][0], crc32="0")
+        names = [name for name in header if name != "__metadata__"]
+        for name in names[2:]:
+            header[name] = dict(header[name], writer_offset=header[name]["data_offsets"][0], crc32="0")
+        first, second = (header[n] for n in names[:2])
+        header[names[0]] = [first["dtype"], first["shape"], first["data_offsets"]]
+        header[names[1]] = dict(second, dtype={second["dtype"]: None})
         write_raw(path, header, body)
 
 
@@ -233,5 +237,5 @@ UPSTREAM_LOADS = {
     "unused_tensors": value_head_and_unused_tensors,
     "shard_symlinked_outside": shard_linked_to_another_directory,
     "config_naming_another_architecture": config_naming_another_architecture,
-    "keys_safetensors_ignores": keys_safetensors_ignores,
+    "header_spellings_safetensors_reads": header_spellings_safetensors_reads,
 }

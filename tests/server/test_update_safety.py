@@ -66,7 +66,7 @@ def test_checkpoint_upstream_loads_is_accepted(serving_a, dense_pair, upstream_o
     assert status == 200 and body["success"], body
     log = serving_a.log_text()
     assert log.count("sglang-fastload: loaded") == loaded_before + 1, log[-3000:]  # by the fast path
-    if change == "keys_safetensors_ignores":  # noted, naming a file and the keys
+    if change == "header_spellings_safetensors_reads":  # keys ignored are noted, naming them
         assert "'writer_offset', 'crc32'] besides 'dtype', 'shape' and 'data_offsets'" in log, log[-3000:]
     assert outputs(serving_a) == upstream_outputs["B"]
 
