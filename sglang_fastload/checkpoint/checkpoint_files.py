@@ -55,21 +55,6 @@ class CheckpointFiles:
 # ------------------------------------------------------------------------- index
 
 
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
-
-
-def _no_duplicates(pairs):
-    result = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
-
-
 def _check_shard_name(index_path: str, tensor: str, shard) -> None:
     def bad(reason: str):
         return CheckpointIndexError(index_path, f"weight_map entry {_short(shard)}: {reason}", tensor)
@@ -113,9 +98,9 @@ def parse_index(index_path: str, data: bytes) -> Dict[str, str]:
             index_path, f"index is not valid UTF-8 (bad byte at offset {e.start})"
         ) from None
     try:
-        root = json.loads(text, object_pairs_hook=_no_duplicates)
-    except _DuplicateKey as e:
-        raise CheckpointIndexError(index_path, f"duplicate key {_short(e.key)} in index JSON") from None
+        # A repeated key keeps its last value, as in upstream's ``json.load`` of the index:
+        # the index only chooses the shards, and the replay checks what they hold.
+        root = json.loads(text)
     except RecursionError:
         raise CheckpointIndexError(index_path, "index is not valid JSON: nested too deeply") from None
     except ValueError as e:

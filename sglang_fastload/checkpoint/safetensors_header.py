@@ -11,7 +11,7 @@ UTF-8, strict JSON, known dtypes, ``end - begin`` equal to the tensor's size, te
 tile the data section exactly from byte 0 to the end of the file with no gap, overlap or
 trailing byte). On top of those it refuses, on purpose:
 
-* duplicate keys anywhere in the header (the library keeps the last tensor of a name);
+* a tensor name given twice (the library keeps the last entry of a name);
 * the sub-byte dtypes ``F4``, ``F6_E2M3``, ``F6_E3M2`` (torch has no element type for them:
   the only 4-bit one packs two values per element, which changes the shape);
 * dimensions or element counts above ``2**63 - 1``, which torch cannot represent.
@@ -309,8 +309,7 @@ def _parse_metadata(path: str, value) -> Optional[Dict[str, str]]:
     for key, item in value:
         if not _is_unicode(key):
             raise HeaderError(path, f"'__metadata__' key {_short(key)} is not valid Unicode")
-        if key in metadata:
-            raise HeaderError(path, f"duplicate key {_short(key)} in '__metadata__'")
+        # A repeated key: the library keeps its last value (metadata never decides a weight).
         if type(item) is not str:
             raise HeaderError(
                 path,
