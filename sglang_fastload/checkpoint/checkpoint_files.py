@@ -1,12 +1,14 @@
 """Find the safetensors shards of a checkpoint directory and check its index.
 
-With a ``model.safetensors.index.json`` the shards are exactly the files its
-``weight_map`` names (as SGLang does, other ``*.safetensors`` files in the directory are
-ignored); without one, every ``*.safetensors`` file directly in the directory is a shard.
+The shards are chosen as upstream's loader chooses them: the directory's own
+``*.safetensors`` files (names not starting with ``.``); with a
+``model.safetensors.index.json`` that is a regular file, only those its ``weight_map``
+names, and every file it names must exist; without one, all of them (but for a
+``consolidated.safetensors`` beside a ``model.safetensors``, which upstream skips).
 
-Shard names in an index must be plain file names of the directory. Symlinks are followed
-wherever they lead when their final target is a readable regular file; dangling links,
-loops and other targets are refused. ``docs/checkpoint-safety.md`` has the details.
+Whatever an index names, only files of the directory are loaded. Symlinks among them are
+followed wherever they lead when their final target is a readable regular file; dangling
+links, loops and other targets are refused. ``docs/checkpoint-safety.md`` has the details.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import stat
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
-from sglang_fastload.checkpoint.safetensors_header import SafetensorsHeader, _is_unicode, _short
+from sglang_fastload.checkpoint.safetensors_header import SafetensorsHeader, _short
 from sglang_fastload.errors import CheckpointIndexError
 
 __all__ = [
@@ -50,41 +52,18 @@ class CheckpointFiles:
     files: Tuple[str, ...]
     weight_map: Optional[Dict[str, str]]
     index_path: Optional[str]
+    # What upstream passes over without a word and the log should say (None: nothing).
+    note: Optional[str] = None
 
 
 # ------------------------------------------------------------------------- index
 
 
-def _check_shard_name(index_path: str, tensor: str, shard) -> None:
-    def bad(reason: str):
-        return CheckpointIndexError(index_path, f"weight_map entry {_short(shard)}: {reason}", tensor)
-
-    if type(shard) is not str:
-        raise CheckpointIndexError(
-            index_path, f"weight_map value must be a shard file name (string), got {_short(shard)}", tensor
-        )
-    if not _is_unicode(shard):
-        raise bad("shard name is not valid Unicode")
-    if "\x00" in shard:
-        raise bad("shard name contains a NUL character")
-    if "/" in shard or "\\" in shard:
-        raise bad(
-            "shard name contains a path separator; shards must be plain file names in the "
-            "checkpoint directory"
-        )
-    if shard in ("", ".", ".."):
-        raise bad("shard name is not a file name")
-    if shard.startswith("."):
-        raise bad("shard name is a hidden file name (starts with '.')")
-    if not shard.endswith(SHARD_SUFFIX) or shard == SHARD_SUFFIX:
-        raise bad(f"shard name must end with {SHARD_SUFFIX!r}")
-
-
 def parse_index(index_path: str, data: bytes) -> Dict[str, str]:
     """Validate the bytes of a ``model.safetensors.index.json``.
 
-    Returns its ``weight_map``: tensor name -> shard file name (checked to be a plain
-    ``*.safetensors`` file name, not yet checked to exist). Raises CheckpointIndexError.
+    Returns its ``weight_map``: tensor name -> file name, as written (not yet checked to
+    exist). Raises CheckpointIndexError where upstream's reading of it fails.
     """
     index_path = os.fspath(index_path)
     if len(data) > MAX_INDEX_BYTES:
@@ -118,13 +97,13 @@ def parse_index(index_path: str, data: bytes) -> Dict[str, str]:
         )
     if not weight_map:
         raise CheckpointIndexError(index_path, "'weight_map' is empty")
-    checked = set()  # a checkpoint names a few shards thousands of times: each is checked once
     for tensor, shard in weight_map.items():
-        if not _is_unicode(tensor):
-            raise CheckpointIndexError(index_path, "tensor name is not valid Unicode", tensor)
-        if type(shard) is not str or shard not in checked:
-            _check_shard_name(index_path, tensor, shard)
-            checked.add(shard)
+        if type(shard) is not str:  # upstream's os.path.join of it raises
+            raise CheckpointIndexError(
+                index_path, f"weight_map value must be a shard file name (string), got {_short(shard)}", tensor
+            )
+    # Any name is taken as upstream takes it: joined to the directory, where it must exist;
+    # only the directory's own *.safetensors files among them are loaded (resolve_checkpoint_files).
     return dict(weight_map)
 
 
@@ -217,7 +196,7 @@ def weights_format(directory: str) -> Optional[str]:
     """Which weights upstream's ``auto`` would load from ``directory``, found as it finds them.
 
     Returns:
-        ``"safetensors"`` (an index or ``*.safetensors`` files), else ``"bin"`` or ``"pt"``
+        ``"safetensors"`` (``*.safetensors`` files), else ``"bin"`` or ``"pt"``
         (PyTorch pickles, which the fast path leaves to upstream), else None (no weights,
         or the directory cannot be listed: ``resolve_checkpoint_files`` says why).
     """
@@ -225,7 +204,7 @@ def weights_format(directory: str) -> Optional[str]:
         names = [n for n in os.listdir(directory) if not n.startswith(".") and n not in _NOT_WEIGHTS]
     except OSError:
         return None
-    if INDEX_NAME in names or any(n.endswith(SHARD_SUFFIX) for n in names):
+    if any(n.endswith(SHARD_SUFFIX) for n in names):  # upstream's first pattern (an index alone is none)
         return "safetensors"
     for suffix in (".bin", ".pt"):
         if any(n.endswith(suffix) for n in names):
@@ -264,8 +243,31 @@ def _weight_map_of(directory: str, names: Dict[str, str]) -> Tuple[list, Tuple[s
     return shards, files, weight_map
 
 
+def _safetensors_names(directory: str) -> list:
+    """The names upstream's ``glob("*.safetensors")`` lists in ``directory``, sorted."""
+    try:
+        entries = os.listdir(directory)
+    except OSError as e:
+        raise CheckpointIndexError(directory, f"cannot list checkpoint directory: {e.strerror or e}") from None
+    return sorted(n for n in entries if n.endswith(SHARD_SUFFIX) and not n.startswith("."))
+
+
+def _without_consolidated(names: list) -> list:
+    """Upstream's rule for Mistral releases without an index: of exactly a
+    ``consolidated.safetensors`` and a ``model.safetensors``, only the latter is loaded."""
+    if len(names) == 2 and names[0].endswith("consolidated.safetensors") and names[1].endswith("model.safetensors"):
+        return names[1:]
+    return names
+
+
 def resolve_checkpoint_files(directory: str) -> CheckpointFiles:
-    """List the shards to load from ``directory`` and the index's weight map, if any."""
+    """List the shards to load from ``directory`` and the index's weight map, if any.
+
+    Raises:
+        CheckpointIndexError: no such directory, no safetensors file, an index upstream
+            cannot read or naming a file that does not exist, or a shard that is not a
+            readable regular file (naming it).
+    """
     directory = os.path.abspath(os.fspath(directory))
     try:
         st = os.stat(directory)
@@ -275,29 +277,48 @@ def resolve_checkpoint_files(directory: str) -> CheckpointFiles:
         raise CheckpointIndexError(directory, f"cannot access checkpoint directory: {e.strerror or e}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise CheckpointIndexError(directory, "checkpoint path is not a directory")
+    names = _safetensors_names(directory)
+    index = os.path.join(directory, INDEX_NAME)
 
-    if os.path.lexists(os.path.join(directory, INDEX_NAME)):
-        index_path, names = _read_index(directory)
-        shards, files, weight_map = _weight_map_of(directory, names)
-        for shard in shards:
-            _check_member(directory, shard, index_path, f"shard {shard!r} named by the index")
-        return CheckpointFiles(directory, files, weight_map, index_path)
+    if os.path.isfile(index):  # upstream's test: a regular file, links followed
+        index_path, weights = _read_index(directory)
+        named, files, weight_map = _weight_map_of(directory, weights)
+        missing = [n for n in named if not os.path.isfile(os.path.join(directory, n))]
+        if missing:  # upstream refuses these too ("references shard file(s) missing")
+            label = f"shard {_short(missing[0])} named by the index"
+            if os.path.lexists(os.path.join(directory, missing[0])):
+                _check_member(directory, missing[0], index_path, label)  # says what it is instead
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointIndexError(index_path, f"{label} does not exist in {directory}{more}")
+        chosen = set(names)
+        files = tuple(f for n, f in zip(named, files) if n in chosen)
+        if not files:
+            raise CheckpointIndexError(
+                index_path, f"the index names no *{SHARD_SUFFIX} file of {directory} (it names {_short(named)})"
+            )
+        for path in files:
+            name = os.path.basename(path)
+            _check_member(directory, name, index_path, f"shard {name!r} named by the index")
+        others = [n for n in named if n not in chosen]
+        note = None
+        if others:
+            listed = ", ".join(map(repr, others[:5])) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            note = (f"{index_path} also names {listed}, which upstream's loader does not load either "
+                    f"(not a *{SHARD_SUFFIX} file of the directory): skipped")
+        return CheckpointFiles(directory, files, weight_map, index_path, note)
 
-    try:
-        entries = os.listdir(directory)
-    except OSError as e:
-        raise CheckpointIndexError(directory, f"cannot list checkpoint directory: {e.strerror or e}") from None
-    shards = sorted(
-        n for n in entries if n.endswith(SHARD_SUFFIX) and not n.startswith(".")
-    )
-    if not shards:
+    note = None
+    if os.path.lexists(index):
+        note = (f"{index} is not a regular file (a dangling link or a directory): loading every "
+                f"*{SHARD_SUFFIX} file of the directory, as upstream's loader does")
+    if not names:
         raise CheckpointIndexError(
             directory, f"no safetensors files (*{SHARD_SUFFIX}) and no {INDEX_NAME} in the directory"
         )
     files = tuple(
-        _check_member(directory, s, os.path.join(directory, s), f"shard {s!r}") for s in shards
+        _check_member(directory, s, os.path.join(directory, s), f"shard {s!r}") for s in _without_consolidated(names)
     )
-    return CheckpointFiles(directory, files, None, None)
+    return CheckpointFiles(directory, files, None, None, note)
 
 
 def check_weight_map(files: CheckpointFiles, headers: Mapping[str, SafetensorsHeader]) -> Optional[str]:

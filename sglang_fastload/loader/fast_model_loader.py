@@ -235,7 +235,7 @@ class PreparedLoad:
         headers = {path: read_header(path) for path in files.files}
         # What config.json, the index and the headers say beyond what upstream's loader reads
         # of them: noted, never a refusal (the replay checks every tensor against the model).
-        notes = [validate.config_note(directory, type(model).__name__), check_weight_map(files, headers)]
+        notes = [validate.config_note(directory, type(model).__name__), files.note, check_weight_map(files, headers)]
         notes += [header.ignored_keys_note() for header in headers.values()]
         for note in notes:
             if note is not None:

@@ -228,8 +228,9 @@ def replay_load_weights(
         except (UnsupportedModelError, CheckpointMismatchError):
             raise
         except Exception as exc:
-            if "meta" in str(exc):
-                # The loader needs real values (e.g. .item() on a scale): not plannable.
+            if isinstance(exc, NotImplementedError) or "meta" in str(exc).lower():
+                # The loader needs real values (e.g. .item() on a scale; an operator with no
+                # kernel for meta tensors): not plannable, and upstream's path loads it.
                 raise UnsupportedModelError(
                     f"weight loader needs tensor values while loading {recorder.current!r}: {exc}"
                 ) from exc

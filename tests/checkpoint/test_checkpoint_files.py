@@ -14,6 +14,7 @@ from sglang_fastload.checkpoint.checkpoint_files import (
     check_weight_map,
     parse_index,
     resolve_checkpoint_files,
+    weights_format,
 )
 from sglang_fastload.checkpoint.safetensors_header import read_header
 from sglang_fastload.errors import CheckpointError, CheckpointIndexError
@@ -107,6 +108,64 @@ def test_index_with_one_shard_among_several(tmp_path):
     assert files.files == (str(tmp_path / SHARD1),)
 
 
+def test_index_naming_files_upstream_does_not_load_chooses_only_the_directorys_shards(sharded, tmp_path):
+    """Upstream joins each name the index gives to the directory, requires it to exist, and
+    loads only the directory's own *.safetensors files among them: a value head kept as a
+    .bin, a hidden file, one in a subfolder or outside are never read, only noted."""
+    (sharded / "value_head.bin").write_bytes(b"pickle")
+    (sharded / ".hidden.safetensors").write_bytes(b"junk")
+    (sharded / "extras").mkdir()
+    write_shard(sharded / "extras" / "v.safetensors", ["v_head.weight"])
+    outside = write_shard(tmp_path / "outside.safetensors", ["v_head.bias"])
+    extra = {"v_head.a": "value_head.bin", "v_head.b": ".hidden.safetensors", "v_head.c": "extras/v.safetensors",
+             "v_head.d": str(outside), "v_head.e": f"../{outside.name}"}
+    write_index(sharded, {**default_map(), **extra})
+    files = resolve_checkpoint_files(str(sharded))
+    assert files.files == (str(sharded / SHARD1), str(sharded / SHARD2))
+    for name in ("value_head.bin", ".hidden.safetensors", "extras/v.safetensors", "outside.safetensors"):
+        assert name in files.note, files.note
+    assert files.note.startswith(str(sharded / INDEX_NAME))
+    note = check_weight_map(files, headers_of(files))  # the unloaded names hold no tensor of the shards
+    assert note is not None and "v_head." in note
+
+
+@pytest.mark.parametrize("index_kind", ["dangling-link", "directory"])
+def test_an_index_that_is_not_a_regular_file_is_no_index_as_upstream_sees_it(sharded, index_kind):
+    index = sharded / INDEX_NAME
+    index.unlink()
+    if index_kind == "dangling-link":
+        index.symlink_to(sharded / "gone.json")
+    else:
+        index.mkdir()
+    write_shard(sharded / "extra.safetensors", ["extra.weight"])
+    files = resolve_checkpoint_files(str(sharded))
+    # upstream's os.path.isfile(index) is False: every *.safetensors file loads
+    assert files.files == tuple(str(sharded / n) for n in ("extra.safetensors", SHARD1, SHARD2))
+    assert files.weight_map is None and files.index_path is None
+    assert str(index) in files.note and "not a regular file" in files.note
+
+
+def test_consolidated_beside_model_without_index_loads_model_only_as_upstream(tmp_path):
+    """Upstream's rule for Mistral releases: of exactly consolidated.safetensors and
+    model.safetensors (same tensors twice), only model.safetensors."""
+    write_shard(tmp_path / "consolidated.safetensors", ["a", "b"])
+    write_shard(tmp_path / "model.safetensors", ["a", "b"])
+    files = resolve_checkpoint_files(str(tmp_path))
+    assert files.files == (str(tmp_path / "model.safetensors"),)
+    check_weight_map(files, headers_of(files))  # no tensor in two loaded shards
+    write_shard(tmp_path / "other.safetensors", ["c"])  # three files: the rule does not apply
+    assert len(resolve_checkpoint_files(str(tmp_path)).files) == 3
+
+
+def test_bin_weights_beside_a_leftover_safetensors_index_are_bin_weights(tmp_path):
+    """Upstream globs *.safetensors first, then *.bin; an index alone is no safetensors file."""
+    torch.save({"a": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    write_index(tmp_path, {"a": SHARD1})
+    assert weights_format(str(tmp_path)) == "bin"
+    write_shard(tmp_path / SHARD1, ["a"])
+    assert weights_format(str(tmp_path)) == "safetensors"
+
+
 # ------------------------------------------------------------------ directory errors
 
 
@@ -154,21 +213,24 @@ INDEX_RULES = [
     ("value-not-string", {"weight_map": {"a": 1}}, "weight_map value must be a shard file name (string), got 1", "a"),
     ("value-list", {"weight_map": {"a": [SHARD1]}}, "must be a shard file name", "a"),
     ("repeated-weight-map-last-empty", b'{"weight_map": {"a": "x.safetensors"}, "weight_map": {}}', "'weight_map' is empty", None),
-    ("parent-dir", {"weight_map": {"a": "../x.safetensors"}}, "contains a path separator", "a"),
-    ("absolute", {"weight_map": {"a": "/etc/x.safetensors"}}, "contains a path separator", "a"),
-    ("subfolder", {"weight_map": {"a": "sub/x.safetensors"}}, "contains a path separator", "a"),
-    ("backslash", {"weight_map": {"a": "..\\x.safetensors"}}, "contains a path separator", "a"),
-    ("dotdot", {"weight_map": {"a": ".."}}, "not a file name", "a"),
-    ("dot", {"weight_map": {"a": "."}}, "not a file name", "a"),
-    ("empty-name", {"weight_map": {"a": ""}}, "not a file name", "a"),
-    ("hidden", {"weight_map": {"a": ".x.safetensors"}}, "hidden file name", "a"),
-    ("bare-suffix", {"weight_map": {"a": ".safetensors"}}, "hidden file name", "a"),
-    ("not-safetensors", {"weight_map": {"a": "pytorch_model-00001.bin"}}, "must end with '.safetensors'", "a"),
-    ("nul", {"weight_map": {"a": "x\x00.safetensors"}}, "NUL character", "a"),
-    ("surrogate-shard", b'{"weight_map": {"a": "\\udc80.safetensors"}}', "shard name is not valid Unicode", "a"),
-    ("surrogate-tensor", b'{"weight_map": {"\\ud800": "x.safetensors"}}', "tensor name is not valid Unicode", "\ud800"),
+    # Any name is joined to the directory as upstream joins it, and must exist there (upstream:
+    # "references shard file(s) missing"); nothing it names outside is ever loaded.
+    ("parent-dir", {"weight_map": {"a": "../x.safetensors"}}, "shard '../x.safetensors' named by the index does not exist", None),
+    ("absolute", {"weight_map": {"a": "/nonexistent/x.safetensors"}}, "named by the index does not exist", None),
+    ("subfolder", {"weight_map": {"a": "sub/x.safetensors"}}, "named by the index does not exist", None),
+    ("backslash", {"weight_map": {"a": "..\\x.safetensors"}}, "named by the index does not exist", None),
+    ("dotdot", {"weight_map": {"a": ".."}}, "shard '..' named by the index", None),  # a directory:
+    ("dot", {"weight_map": {"a": "."}}, "is not a regular file", None),  # said so
+    ("empty-name", {"weight_map": {"a": ""}}, "shard '' named by the index", None),
+    ("hidden", {"weight_map": {"a": ".x.safetensors"}}, "named by the index does not exist", None),
+    ("not-safetensors", {"weight_map": {"a": "pytorch_model-00001.bin"}}, "named by the index does not exist", None),
+    ("nul", {"weight_map": {"a": "x\x00.safetensors"}}, "named by the index does not exist", None),
+    ("surrogate-shard", b'{"weight_map": {"a": "\\udc80.safetensors"}}', "named by the index does not exist", None),
+    ("surrogate-tensor", b'{"weight_map": {"\\ud800": "x.safetensors"}}', "shard 'x.safetensors' named by the index does not exist", None),
+    ("only-unloaded-files", {"weight_map": {"a": "dir.safetensors/../model-00001-of-00002.safetensors"}}, "the index names no *.safetensors file of", None),
     ("missing-shard", {"weight_map": {"a": SHARD1, "b": "model-00003-of-00002.safetensors"}}, "shard 'model-00003-of-00002.safetensors' named by the index does not exist", None),
     ("shard-is-directory", {"weight_map": {"a": "dir.safetensors"}}, "shard 'dir.safetensors' named by the index", None),
+    ("shard-is-directory-said-so", {"weight_map": {"a": "dir.safetensors"}}, "is not a regular file", None),
 ]
 
 
@@ -444,7 +506,7 @@ def test_hf_cache_link_into_other_repo_followed(tmp_path):
     "contents,expected",
     [
         ([SHARD1], "safetensors"),
-        ([INDEX_NAME], "safetensors"),
+        ([INDEX_NAME], None),  # an index alone names no weights upstream globs
         (["model.safetensors", "pytorch_model.bin"], "safetensors"),  # upstream prefers safetensors
         (["pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"], "bin"),
         (["model.pt"], "pt"),

@@ -83,9 +83,11 @@ def test_a_float_checkpoint_of_another_width_is_converted_as_upstream_copies_it(
         (lambda m, w: torch.empty(3, device="meta", dtype=torch.bfloat16).copy_(w["c.bias"]),
          UnsupportedModelError, "temporary"),
         (lambda m, w: m.bias.data.copy_(w["c.bias"].reshape(3)[0].item()), UnsupportedModelError, "needs tensor values"),
+        # An operator with no meta kernel (its message says "Meta"): values needed, not a bad checkpoint.
+        (lambda m, w: torch.equal(w["c.bias"], w["c.bias"]), UnsupportedModelError, "needs tensor values"),
         (lambda m, w: m.bias.data[:2].copy_(w["c.bias"]), CheckpointMismatchError, r"\[3\] into \[2\]"),
     ],
-    ids=["mutating-op", "computed-tensor", "temporary", "needs-values", "shape"],
+    ids=["mutating-op", "computed-tensor", "temporary", "needs-values", "needs-values-no-meta-kernel", "shape"],
 )
 def test_what_is_not_a_strided_copy_is_refused(body, error, match):
     with pytest.raises(error, match=match) as info:

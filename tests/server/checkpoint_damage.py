@@ -230,6 +230,23 @@ def header_spellings_safetensors_reads(ckpt):
         write_raw(path, header, body)
 
 
+def index_naming_files_upstream_skips(ckpt):
+    """An index that also names a value head kept as a .bin file and one in a subfolder:
+    upstream requires them to exist and loads neither (not *.safetensors files of the directory)."""
+    torch.save({"v_head.summary.weight": torch.zeros(1, 8)}, Path(ckpt) / "value_head.bin")
+    (Path(ckpt) / "extras").mkdir()
+    save_file({"v_head.summary.bias": torch.zeros(1)}, str(Path(ckpt) / "extras" / "v_head.safetensors"))
+    update_index(ckpt, lambda m: m.update({"v_head.summary.weight": "value_head.bin",
+                                           "v_head.summary.bias": "extras/v_head.safetensors"}))
+
+
+def index_left_dangling(ckpt):
+    """The index is a link to a file that is gone: for upstream there is no index."""
+    index = Path(ckpt) / "model.safetensors.index.json"
+    index.unlink()
+    index.symlink_to(Path(ckpt) / "gone.index.json")
+
+
 UPSTREAM_LOADS = {
     "float32_weights": float32_weights,
     "float64_norms": float64_norms,
@@ -238,4 +255,6 @@ UPSTREAM_LOADS = {
     "shard_symlinked_outside": shard_linked_to_another_directory,
     "config_naming_another_architecture": config_naming_another_architecture,
     "header_spellings_safetensors_reads": header_spellings_safetensors_reads,
+    "index_naming_files_upstream_skips": index_naming_files_upstream_skips,
+    "index_left_dangling": index_left_dangling,
 }
