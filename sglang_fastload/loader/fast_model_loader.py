@@ -236,7 +236,10 @@ class PreparedLoad:
         # What config.json, the index and the headers say beyond what upstream's loader reads
         # of them: noted, never a refusal (the replay checks every tensor against the model).
         notes = [validate.config_note(directory, type(model).__name__), files.note, check_weight_map(files, headers)]
-        notes += [header.ignored_keys_note() for header in headers.values()]
+        header_notes = [n for n in (header.ignored_keys_note() for header in headers.values()) if n is not None]
+        if header_notes:  # one line per load, however many shards a writer marks alike
+            more = len(header_notes) - 1
+            notes.append(header_notes[0] + (f" (and in {more} more files)" if more else ""))
         for note in notes:
             if note is not None:
                 logger.warning("sglang-fastload: %s", note)
