@@ -182,11 +182,12 @@ def bind_chunk(
                 address += n
         else:
             staged.append(step)
+    # Fields in order, positionally (half the time of keywords; a start binds thousands):
+    # file, nbytes, direct, gathers, buffer, segments, places, staged_bytes, copies,
+    # copy_views, dsts, srcs, device, fault_bytes.
     bound = BoundChunk(
-        file=file_index, nbytes=chunk.nbytes,
-        direct=[(_writable_view(a, n), off) for a, off, n in direct],
-        gathers=gathers, buffer=-1, segments=[], places=[], staged_bytes=0, copies=[], copy_views=[],
-        dsts=[], srcs=[], device=None, fault_bytes=chunk.nbytes,
+        file_index, chunk.nbytes, [(_writable_view(a, n), off) for a, off, n in direct],
+        gathers, -1, [], [], 0, [], [], [], [], None, chunk.nbytes,
     )
     if not staged:
         return bound
@@ -281,10 +282,9 @@ def _bind_lone_straight(chunk: Chunk, file_index: int, params: Dict[str, torch.T
         copies, copy_views = [(param.data_ptr() + at, buf.data_ptr(), n)], []
     else:
         copies, copy_views = [], [(_device_bytes(param, at, n), buf.narrow(0, 0, n))]
-    return BoundChunk(
-        file=file_index, nbytes=chunk.nbytes, direct=[], gathers=[], buffer=turn,
-        segments=[(worker.buffer_bytes(turn)[0:n], off)], places=[(off, n, 0)], staged_bytes=n,
-        copies=copies, copy_views=copy_views, dsts=[], srcs=[], device=None, fault_bytes=chunk.nbytes,
+    return BoundChunk(  # positionally, in field order (``bind_chunk``)
+        file_index, chunk.nbytes, [], [], turn, [(worker.buffer_bytes(turn)[0:n], off)], [(off, n, 0)], n,
+        copies, copy_views, [], [], None, chunk.nbytes,
     )
 
 
