@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -18,6 +18,7 @@ from sglang_fastload import constants
 from sglang_fastload.loader import cuda_runtime
 from sglang_fastload.loader.plan import STAGING_ALIGN, CopyStep, LoadPlan, staging_aligned
 from sglang_fastload.loader.staging import Worker, reserve, wait_prepared, workers_for
+from sglang_fastload.loader.straight_pieces import StraightPiece, file_items
 
 
 @dataclasses.dataclass
@@ -32,6 +33,17 @@ class Chunk:
 def chunks_of(plan: LoadPlan, chunk_bytes: int) -> List[Chunk]:
     """Each file's steps, in file order, in full chunks of at most ``chunk_bytes`` (``sized_chunks``)."""
     return [Chunk(fp.path, steps, nbytes) for fp in plan.files for steps, nbytes in fp.chunks(chunk_bytes)]
+
+
+# What a reader stages in one buffer: a chunk of steps, or a piece of a large straight step.
+Staged = Union[Chunk, StraightPiece]
+
+
+def staged_items(plan: LoadPlan, chunk_bytes: int, params: Dict[str, torch.Tensor]) -> List[Staged]:
+    """A CUDA load's chunks, in file order: large steps that land straight in their parameters
+    as pieces (``straight_pieces``), every other step in chunks as ``chunks_of`` groups them."""
+    return [item if isinstance(item, StraightPiece) else Chunk(path, *item)
+            for path, items in file_items(plan, chunk_bytes, params) for item in items]
 
 
 def _writable_view(address: int, nbytes: int) -> memoryview:
@@ -101,7 +113,7 @@ class Binding:
     # What a reader needs to bind a chunk dealt to another (``bind_taken``): the unbound
     # chunks in the order of ``per_worker`` and each file's index (no tensors: a binding
     # kept in the cache must not keep replaced parameters alive).
-    dealt: List[List[Chunk]] = dataclasses.field(default_factory=list)
+    dealt: List[List[Staged]] = dataclasses.field(default_factory=list)
     file_index: Dict[str, int] = dataclasses.field(default_factory=dict)
 
     def bind_taken(self, owner: int, index: int, reader: int, turn: int, params: Dict[str, torch.Tensor]) -> BoundChunk:
@@ -117,7 +129,7 @@ class Binding:
             The chunk bound for that reader.
         """
         chunk = self.dealt[owner][index]
-        return bind_chunk(chunk, self.file_index[chunk.path], params, self.workers[reader], turn)
+        return bind_staged(chunk, self.file_index[chunk.path], params, self.workers[reader], turn)
 
 
 def _reads_into_parameter(step: CopyStep, param_dtype: torch.dtype) -> bool:
@@ -288,8 +300,46 @@ def _bind_lone_straight(chunk: Chunk, file_index: int, params: Dict[str, torch.T
     )
 
 
-def staged_size(chunk: Chunk, cuda: bool, params: Dict[str, torch.Tensor], via_scratch: bool = False) -> Tuple[int, int]:
-    """Upper bounds of the host buffer and device scratch bytes ``bind_chunk`` uses for a chunk."""
+def bind_piece(piece: StraightPiece, file_index: int, params: Dict[str, torch.Tensor], worker: Worker, turn: int) -> BoundChunk:
+    """Bind a piece of a large straight step (CUDA): one read into the start of buffer
+    ``turn``, one copy into its parameter; the chunk ``_bind_lone_straight`` makes of a step
+    of the same bytes.
+
+    Args:
+        piece: the piece.
+        file_index: its file's index in the plan.
+        params: ``{name: parameter data}``.
+        worker: the reader that runs it (its buffers reserved, its runtime set).
+        turn: which of the reader's two host buffers stages it.
+
+    Returns:
+        The bound chunk.
+    """
+    param = params[piece.param]
+    off, n, at = piece.offset, piece.nbytes, piece.at
+    buf = worker.buffers[turn]
+    if worker.runtime is not None:
+        copies, copy_views = [(param.data_ptr() + at, buf.data_ptr(), n)], []
+    else:
+        copies, copy_views = [], [(_device_bytes(param, at, n), buf.narrow(0, 0, n))]
+    return BoundChunk(  # positionally, in field order (``bind_chunk``)
+        file_index, n, [], [], turn, [(worker.buffer_bytes(turn)[0:n], off)], [(off, n, 0)], n,
+        copies, copy_views, [], [], None, n,
+    )
+
+
+def bind_staged(item: Staged, file_index: int, params: Dict[str, torch.Tensor], worker: Worker, turn: int,
+                via_scratch: bool = False) -> BoundChunk:
+    """``bind_piece`` for a piece, ``bind_chunk`` for a chunk (same arguments)."""
+    if type(item) is StraightPiece:
+        return bind_piece(item, file_index, params, worker, turn)
+    return bind_chunk(item, file_index, params, worker, turn, via_scratch)
+
+
+def staged_size(chunk: Staged, cuda: bool, params: Dict[str, torch.Tensor], via_scratch: bool = False) -> Tuple[int, int]:
+    """Upper bounds of the host buffer and device scratch bytes ``bind_staged`` uses for a chunk."""
+    if type(chunk) is StraightPiece:
+        return chunk.nbytes, 0
     if cuda:  # every step is staged
         total = 0
         scratch = via_scratch
@@ -330,7 +380,7 @@ def dealing() -> str:
     return value if value == constants.DEAL_ROUND_ROBIN else constants.DEAL_RUNS
 
 
-def deal(chunks: List[Chunk], readers: int, how: str = constants.DEAL_RUNS) -> List[List[Chunk]]:
+def deal(chunks: List[Staged], readers: int, how: str = constants.DEAL_RUNS) -> List[List[Staged]]:
     """Split ``chunks`` (in file order) among ``readers``.
 
     ``runs``: each reader a contiguous run, of about equal bytes (a chunk goes to the reader
@@ -348,7 +398,7 @@ def deal(chunks: List[Chunk], readers: int, how: str = constants.DEAL_RUNS) -> L
     if how == constants.DEAL_ROUND_ROBIN:
         return [chunks[k::readers] for k in range(readers)]
     total = sum(c.nbytes for c in chunks) or 1
-    out: List[List[Chunk]] = [[] for _ in range(readers)]
+    out: List[List[Staged]] = [[] for _ in range(readers)]
     seen = 0
     for c in chunks:
         middle = seen + c.nbytes / 2
@@ -400,7 +450,11 @@ def bind(
         all(x is y for x, y in zip(tuple(w.buffers) + (w.scratch,), b)) for w, b in zip(bound.workers, bound.buffers)
     ):
         return bound
-    lane_chunks, chunks = split_for_lane(chunks_of(plan, chunk_bytes), share)
+    if cuda and not share:
+        # Large straight steps as pieces: no step, chunk or general binding per piece.
+        lane_chunks, chunks = [], staged_items(plan, chunk_bytes, params)
+    else:
+        lane_chunks, chunks = split_for_lane(chunks_of(plan, chunk_bytes), share)
     wait_prepared(device, chunk_bytes)
     threads = max(1, min(threads, len(chunks)))
     workers = workers_for(device, threads + (1 if lane_chunks else 0), chunk_bytes)
@@ -420,7 +474,7 @@ def bind(
     per_worker = []
     for k, (w, mine) in enumerate(zip(workers, dealt)):
         w.runtime = runtime  # bind_chunk binds addresses (runtime) or tensors (torch)
-        per_worker.append([bind_chunk(c, file_index[c.path], params, w, i % 2, k == lane) for i, c in enumerate(mine)])
+        per_worker.append([bind_staged(c, file_index[c.path], params, w, i % 2, k == lane) for i, c in enumerate(mine)])
     bound = Binding(
         steps_lists=steps_lists,
         param_ptrs=ptrs,

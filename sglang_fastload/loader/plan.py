@@ -502,9 +502,10 @@ def build_plan(
         max_step_bytes: the executor's chunk size: steps larger than this are split so
             buffers stay bounded, and steps are cut so that chunks of this size are full
             (``sized_chunks``; a plan stored with them needs no cutting when loaded).
-        cut: cut the steps into chunks now (``cut_into_chunks``); False for a plan whose
-            first load copies it out of a scratch (a streamed first start), which needs no
-            chunks: its steps are cut where it is stored, off the load's path.
+        cut: cut the steps into chunks now (``cut_into_chunks``); False for a first start's
+            plan, whose first load copies it out of a scratch (a streamed start) or cuts its
+            large straight steps by arithmetic (``straight_pieces``): its steps are cut
+            where it is stored, off the load's path.
 
     Returns:
         The plan, with each file's steps in file-offset order.

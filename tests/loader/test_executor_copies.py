@@ -193,3 +193,82 @@ def test_a_lone_straight_chunk_binds_as_the_general_loop_and_lands(data_file, mo
     params["h"] = torch.full((FLOATS,), -1.0, dtype=torch.float16)  # converted by the copy
     for step in (transposed, shard, _gathered(), dataclasses.replace(straight, param="h", src_dtype=torch.float32)):
         assert binding._bind_lone_straight(binding.Chunk(path, [step], step.nbytes), 0, params, worker, 0) is None
+
+
+def _fake_cuda_readers(monkeypatch, count_and_runtime):
+    """``binding.bind``'s readers as CUDA readers over host memory (copies are ``memmove``s)."""
+    made = []
+
+    def workers_for(device, count, chunk_bytes):
+        while len(made) < count:
+            w = staging.Worker(torch.device("cpu"), chunk_bytes)
+            w.cuda = True
+            w.stream = CompletedStream()
+            made.append(w)
+        return made[:count]
+
+    monkeypatch.setattr(binding, "workers_for", workers_for)
+    monkeypatch.setattr(binding, "wait_prepared", lambda device, chunk_bytes: None)
+    monkeypatch.setattr(binding, "direct_runtime", lambda: count_and_runtime)
+    if count_and_runtime is None:
+        monkeypatch.setattr(torch.cuda, "Event", CompletedEvent)
+    return made
+
+
+@pytest.mark.parametrize("through", ["runtime", "torch"])
+def test_large_straight_steps_bind_as_pieces_and_every_byte_lands(tmp_path, monkeypatch, through):
+    # A first start's plan keeps its steps whole; a CUDA bind cuts a large step whose bytes
+    # land straight in its parameter into pieces by arithmetic (straight_pieces.py) and
+    # groups every other step as before.
+    from sglang_fastload.loader.plan import FilePlan, LoadPlan
+    from sglang_fastload.loader.straight_pieces import StraightPiece, file_items
+
+    data = torch.arange(3 * FLOATS, dtype=torch.float32)
+    path = str(tmp_path / "model.safetensors")
+    with open(path, "wb") as f:
+        f.write(data.numpy().tobytes())
+    unit = 4096
+    chunk_bytes = unit + 32  # pieces of the chunk size rounded down to the staging alignment
+    big = CopyStep("a", "d", (16, (3000,), (1,)), ((400, 12000),), (0, (3000,), (1,)), 4)
+    small = CopyStep("b", "s", (0, (64,), (1,)), ((12400, 256),), (0, (64,), (1,)), 4)
+    transposed = CopyStep("c", "t", (0, (32, 32), (1, 32)), ((16384, 4096),), (0, (32, 32), (32, 1)), 4)
+    # Larger than a chunk but converted by its copy (float32 into a float16 parameter): grouped.
+    converted = CopyStep("e", "h", (0, (2000,), (1,)), ((20480, 8000),), (0, (2000,), (1,)), 4, torch.float32)
+    steps = [big, small, transposed, converted]
+    shapes = {"d": ((FLOATS,), torch.float32), "s": ((64,), torch.float32), "t": ((1024,), torch.float32),
+              "h": ((2000,), torch.float16)}
+    plan = LoadPlan([FilePlan(path, steps)], [], shapes, frozenset("abce"), 4)
+    params = {n: torch.full(shape, -1.0, dtype=dtype) for n, (shape, dtype) in shapes.items()}
+
+    [(_, items)] = file_items(plan, chunk_bytes, params)
+    pieces = [i for i in items if isinstance(i, StraightPiece)]
+    assert [(p.offset, p.nbytes, p.at) for p in pieces] == [
+        (400, 4096, 64), (4496, 4096, 64 + 4096), (8592, 3808, 64 + 8192)]
+    assert all(not isinstance(i, StraightPiece) for i in items[len(pieces):])
+
+    runtime = HostMemmoveRuntime() if through == "runtime" else None
+    readers = _fake_cuda_readers(monkeypatch, runtime)
+    bound = binding.bind(plan, params, torch.device("cuda", 0), 2, chunk_bytes, {})
+    for reader, chunks in zip(readers, bound.per_worker):
+        for chunk in chunks:
+            _run_from_file(chunk, path, reader)
+    want = {n: torch.full(shape, -1.0, dtype=dtype) for n, (shape, dtype) in shapes.items()}
+    want["d"][16:3016] = data[100:3100]
+    want["s"][:] = data[3100:3164]
+    want["t"].as_strided((32, 32), (1, 32)).copy_(data[4096:5120].view(32, 32))
+    want["h"][:] = data[5120:7120].to(torch.float16)
+    for name in shapes:
+        assert torch.equal(params[name], want[name]), name
+    # A piece taken by another reader lands there too.
+    params["d"].fill_(-1.0)
+    owner = next(k for k, dealt in enumerate(bound.dealt) if any(isinstance(c, StraightPiece) for c in dealt))
+    index = next(i for i, c in enumerate(bound.dealt[owner]) if isinstance(c, StraightPiece))
+    piece = bound.dealt[owner][index]
+    thief = 1 - owner
+    _run_from_file(bound.bind_taken(owner, index, thief, 1, params), path, readers[thief])
+    first = (piece.offset - 400) // 4
+    assert torch.equal(params["d"][16 + first:16 + first + piece.nbytes // 4], data[100 + first:100 + first + piece.nbytes // 4])
+    # A plan cut when it was built (or where it was stored) keeps its grouping: no pieces.
+    cut = dataclasses.replace(plan, files=[FilePlan(path, steps)])
+    cut.files[0].chunks(chunk_bytes)
+    assert not any(isinstance(i, StraightPiece) for _, its in file_items(cut, chunk_bytes, params) for i in its)
