@@ -1,7 +1,7 @@
 """Time binding a plan as a CUDA reader does (the set-up part of a start-up load), on CPU.
 
     .venv/bin/python bench/bind_bench.py [--layers 16 --experts 128 --repeats 5 --profile] [--ref REF | --ref-dir DIR]
-    .venv/bin/python bench/bind_bench.py --model dense [--repeats 11 --ref REF]
+    .venv/bin/python bench/bind_bench.py --model dense [--repeats 11 --ref REF] [--first-start]
 
 Loads the CPU Qwen3-MoE checkpoint of ``bench/cpu_bench.py`` once with ``fast`` (16 layers x
 128 experts: 6,291 tensors, like the 16-layer GPU benchmark), takes its plan, then binds it
@@ -61,6 +61,10 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-mib", type=float, default=0.2)
     p.add_argument("--with-build", action="store_true",
                    help="time build_plan on the load's recorded copies too (a first start's cutting before it binds)")
+    p.add_argument("--first-start", action="store_true",
+                   help="also time a first start's plan and binding both ways, alternated: steps cut when the "
+                        "plan is built then bound chunk by chunk, against steps left whole and large straight "
+                        "steps bound as pieces (binding.staged_items, what the loader does)")
     p.add_argument("--streamed-build", action="store_true",
                    help="also time build_plan as a streamed first start calls it (steps left whole: cut=False)")
     ref = p.add_mutually_exclusive_group()
@@ -150,6 +154,8 @@ def main(argv=None) -> int:
         print(f"build_plan, this tree, alternated: cut into chunks (unstreamed start) median "
               f"{statistics.median(cut) * 1e3:.1f} ms; steps left whole (streamed start) median "
               f"{statistics.median(whole) * 1e3:.1f} ms")
+    if args.first_start:
+        first_start_ab(args, recorded["args"], plan_module, binding, params, workers, chunk)
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
@@ -158,6 +164,38 @@ def main(argv=None) -> int:
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(15)
     return 0
+
+
+def first_start_ab(args, build_args, plan_module, binding, params, workers, chunk) -> None:
+    """Print a first start's ``build_plan`` and binding (chunks, sizes, bound chunks) both ways."""
+    a, kw = build_args
+
+    def cut_then_bound():
+        plan = plan_module.build_plan(*a, **dict(kw, cut=True))
+        items = binding.chunks_of(plan, chunk)
+        return plan, items, binding.bind_chunk
+
+    def whole_then_pieces():
+        plan = plan_module.build_plan(*a, **dict(kw, cut=False))
+        items = binding.staged_items(plan, chunk, params)
+        return plan, items, binding.bind_staged
+
+    ways = {"cut at build, chunk by chunk": cut_then_bound, "whole steps, pieces": whole_then_pieces}
+    times = {label: [] for label in ways}
+    counts = {}
+    for _ in range(args.repeats):
+        for label, way in ways.items():
+            t0 = time.perf_counter()
+            _, items, bind = way()
+            for c in items:
+                binding.staged_size(c, True, params)
+            for i, c in enumerate(items):
+                bind(c, 0, params, workers[i % 16], (i // 16) % 2)
+            times[label].append(time.perf_counter() - t0)
+            counts[label] = len(items)
+    for label, ts in times.items():
+        print(f"first start, {label}: plan and binding median {statistics.median(ts) * 1e3:.2f} ms "
+              f"({counts[label]} chunks)")
 
 
 def plan_tensors(plan) -> int:
