@@ -288,15 +288,21 @@ def _bind_lone_straight(chunk: Chunk, file_index: int, params: Dict[str, torch.T
     if not _lands_as_staged(step, param.dtype):
         return None
     off, n = step.reads[0]
+    return _read_and_copy_straight(file_index, chunk.nbytes, param, off, n, step.dst[0] * param.element_size(), worker, turn)
+
+
+def _read_and_copy_straight(file_index: int, nbytes: int, param: torch.Tensor, off: int, n: int, at: int,
+                            worker: Worker, turn: int) -> BoundChunk:
+    """A CUDA chunk of one read (``n`` bytes at file offset ``off``) into the start of buffer
+    ``turn``, copied to byte ``at`` of ``param``; ``nbytes``: the chunk's size for progress."""
     buf = worker.buffers[turn]
-    at = step.dst[0] * param.element_size()
     if worker.runtime is not None:
         copies, copy_views = [(param.data_ptr() + at, buf.data_ptr(), n)], []
     else:
         copies, copy_views = [], [(_device_bytes(param, at, n), buf.narrow(0, 0, n))]
     return BoundChunk(  # positionally, in field order (``bind_chunk``)
-        file_index, chunk.nbytes, [], [], turn, [(worker.buffer_bytes(turn)[0:n], off)], [(off, n, 0)], n,
-        copies, copy_views, [], [], None, chunk.nbytes,
+        file_index, nbytes, [], [], turn, [(worker.buffer_bytes(turn)[0:n], off)], [(off, n, 0)], n,
+        copies, copy_views, [], [], None, nbytes,
     )
 
 
@@ -315,17 +321,8 @@ def bind_piece(piece: StraightPiece, file_index: int, params: Dict[str, torch.Te
     Returns:
         The bound chunk.
     """
-    param = params[piece.param]
-    off, n, at = piece.offset, piece.nbytes, piece.at
-    buf = worker.buffers[turn]
-    if worker.runtime is not None:
-        copies, copy_views = [(param.data_ptr() + at, buf.data_ptr(), n)], []
-    else:
-        copies, copy_views = [], [(_device_bytes(param, at, n), buf.narrow(0, 0, n))]
-    return BoundChunk(  # positionally, in field order (``bind_chunk``)
-        file_index, n, [], [], turn, [(worker.buffer_bytes(turn)[0:n], off)], [(off, n, 0)], n,
-        copies, copy_views, [], [], None, n,
-    )
+    n = piece.nbytes
+    return _read_and_copy_straight(file_index, n, params[piece.param], piece.offset, n, piece.at, worker, turn)
 
 
 def bind_staged(item: Staged, file_index: int, params: Dict[str, torch.Tensor], worker: Worker, turn: int,
