@@ -18,7 +18,7 @@ from sglang_fastload import constants
 from sglang_fastload.loader import cuda_runtime
 from sglang_fastload.loader.plan import STAGING_ALIGN, CopyStep, LoadPlan, staging_aligned
 from sglang_fastload.loader.staging import Worker, reserve, wait_prepared, workers_for
-from sglang_fastload.loader.straight_pieces import StraightPiece, file_items
+from sglang_fastload.loader.straight_pieces import StraightPiece, file_items, lands_straight
 
 
 @dataclasses.dataclass
@@ -282,10 +282,8 @@ def _bind_lone_straight(chunk: Chunk, file_index: int, params: Dict[str, torch.T
     The same result as the general loop (one segment at the buffer's start, one copy), with
     none of its per-step bookkeeping: a Qwen3-8B start binds ~2,700 such chunks."""
     step = chunk.steps[0]
-    if step.gather or len(step.reads) != 1:
-        return None
     param = params[step.param]
-    if not _lands_as_staged(step, param.dtype):
+    if not lands_straight(step, param.dtype):
         return None
     off, n = step.reads[0]
     return _read_and_copy_straight(file_index, chunk.nbytes, param, off, n, step.dst[0] * param.element_size(), worker, turn)

@@ -195,7 +195,7 @@ def test_a_lone_straight_chunk_binds_as_the_general_loop_and_lands(data_file, mo
         assert binding._bind_lone_straight(binding.Chunk(path, [step], step.nbytes), 0, params, worker, 0) is None
 
 
-def _fake_cuda_readers(monkeypatch, count_and_runtime):
+def _fake_cuda_readers(monkeypatch, runtime):
     """``binding.bind``'s readers as CUDA readers over host memory (copies are ``memmove``s)."""
     made = []
 
@@ -209,8 +209,8 @@ def _fake_cuda_readers(monkeypatch, count_and_runtime):
 
     monkeypatch.setattr(binding, "workers_for", workers_for)
     monkeypatch.setattr(binding, "wait_prepared", lambda device, chunk_bytes: None)
-    monkeypatch.setattr(binding, "direct_runtime", lambda: count_and_runtime)
-    if count_and_runtime is None:
+    monkeypatch.setattr(binding, "direct_runtime", lambda: runtime)
+    if runtime is None:
         monkeypatch.setattr(torch.cuda, "Event", CompletedEvent)
     return made
 
